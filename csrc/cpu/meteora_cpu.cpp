@@ -1,0 +1,227 @@
+// CPU kernels of the meteora ops. Routing is a hand-written top-k loop (k <= 8, N <= 64);
+// the LoRA experts are grouped GEMMs: tokens are bucketed by expert so that each expert's A and B
+// are applied once, as one matrix product over its tokens (no per-token weight copies).
+// Everything is computed in fp32 (fp64 for fp64 inputs) and cast back at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+
+namespace meteora {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename scalar_t>
+void topk_softmax_rows(const scalar_t* logits, const bool* mask, int64_t tokens, int64_t experts,
+                       int64_t top_k, double temperature, scalar_t* weight_out, int64_t* idx_out) {
+  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* row = logits + t * experts;
+      bool taken[kMaxExperts] = {};
+      scalar_t selected[kMaxTopK];
+      for (int64_t j = 0; j < top_k; ++j) {
+        int64_t best = -1;
+        scalar_t best_value = neg_inf;
+        for (int64_t e = 0; e < experts; ++e) {
+          if (taken[e]) continue;
+          const scalar_t v = (mask == nullptr || mask[e]) ? row[e] : neg_inf;
+          // Strictly greater: among equal logits the lower index wins.
+          if (best < 0 || v > best_value) {
+            best = e;
+            best_value = v;
+          }
+        }
+        taken[best] = true;
+        selected[j] = best_value;
+        idx_out[t * top_k + j] = best;
+      }
+      // selected[0] is the largest; it is -inf only when every expert is masked.
+      const scalar_t top = selected[0];
+      scalar_t denom = 0;
+      for (int64_t j = 0; j < top_k; ++j) {
+        const scalar_t e = (top == neg_inf) ? scalar_t(0)
+                                            : std::exp((selected[j] - top) / scalar_t(temperature));
+        weight_out[t * top_k + j] = e;
+        denom += e;
+      }
+      for (int64_t j = 0; j < top_k; ++j) {
+        weight_out[t * top_k + j] = denom > 0 ? weight_out[t * top_k + j] / denom : scalar_t(0);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
+    const at::Tensor& x, const at::Tensor& gate_weight,
+    const std::optional<at::Tensor>& expert_mask, int64_t top_k, double temperature) {
+  check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
+  const auto compute = compute_type(x);
+  const int64_t tokens = x.size(0), experts = gate_weight.size(0);
+  at::Tensor gate_logits = at::matmul(x.to(compute), gate_weight.to(compute).t()).contiguous();
+  at::Tensor expert_weight = at::empty({tokens, top_k}, x.options().dtype(compute));
+  at::Tensor expert_idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
+  at::Tensor mask;
+  if (expert_mask.has_value()) mask = expert_mask->contiguous();
+  AT_DISPATCH_FLOATING_TYPES(compute, "meteora_route_cpu", [&] {
+    topk_softmax_rows<scalar_t>(gate_logits.data_ptr<scalar_t>(),
+                                mask.defined() ? mask.data_ptr<bool>() : nullptr, tokens, experts,
+                                top_k, temperature, expert_weight.data_ptr<scalar_t>(),
+                                expert_idx.data_ptr<int64_t>());
+  });
+  return {gate_logits, expert_weight, expert_idx};
+}
+
+std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
+    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_weight,
+    const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& expert_weight,
+    const at::Tensor& expert_idx, double temperature) {
+  const auto compute = compute_type(x);
+  const int64_t tokens = x.size(0), experts = gate_weight.size(0);
+  at::Tensor grad_z = grad_logits.has_value() ? grad_logits->to(compute).clone()
+                                              : at::zeros({tokens, experts}, x.options().dtype(compute));
+  if (grad_weight.has_value()) {
+    // w = softmax(v / tau)  =>  dv_j = w_j (dw_j - sum_l w_l dw_l) / tau
+    const at::Tensor w = expert_weight.to(compute);
+    const at::Tensor gw = grad_weight->to(compute);
+    const at::Tensor grad_v = w * (gw - (w * gw).sum(-1, true)) / temperature;
+    grad_z.scatter_add_(1, expert_idx, grad_v);
+  }
+  at::Tensor grad_x = at::matmul(grad_z, gate_weight.to(compute)).to(x.scalar_type());
+  at::Tensor grad_gate = at::matmul(grad_z.t(), x.to(compute)).to(gate_weight.scalar_type());
+  return {grad_x, grad_gate};
+}
+
+// Positions (t * k + j) of the (token, slot) pairs routed to each expert, grouped by expert.
+struct ExpertGroups {
+  at::Tensor positions;          // (T * k,) int64, sorted by expert (stable)
+  std::vector<int64_t> offsets;  // N + 1
+};
+
+ExpertGroups group_by_expert(const at::Tensor& expert_idx, int64_t experts) {
+  const at::Tensor flat = expert_idx.reshape({-1});
+  const int64_t total = flat.numel();
+  auto idx = flat.contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  ExpertGroups groups;
+  groups.offsets.assign(experts + 1, 0);
+  for (int64_t i = 0; i < total; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < experts, "meteora.lora_experts: expert_idx holds ", p[i],
+                ", outside [0, N=", experts, ")");
+    ++groups.offsets[p[i] + 1];
+  }
+  for (int64_t e = 0; e < experts; ++e) groups.offsets[e + 1] += groups.offsets[e];
+  groups.positions = at::empty({total}, idx.options());
+  int64_t* out = groups.positions.data_ptr<int64_t>();
+  std::vector<int64_t> cursor(groups.offsets.begin(), groups.offsets.end() - 1);
+  for (int64_t i = 0; i < total; ++i) out[cursor[p[i]]++] = i;
+  return groups;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_experts_cpu(
+    const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const at::Tensor& expert_idx, const at::Tensor& expert_weight,
+    const std::optional<at::Tensor>& base) {
+  check_lora_inputs(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base);
+  const auto compute = compute_type(x);
+  const int64_t tokens = x.size(0), top_k = expert_idx.size(1);
+  const int64_t experts = lora_a.size(0), rank = lora_a.size(1), d_out = lora_b.size(1);
+  const auto opts = x.options().dtype(compute);
+
+  at::Tensor out = base.has_value() ? base->to(compute, /*non_blocking=*/false, /*copy=*/true)
+                                    : at::zeros({tokens, d_out}, opts);
+  at::Tensor hidden = at::zeros({tokens * top_k, rank}, opts);
+  if (tokens > 0) {
+    const ExpertGroups groups = group_by_expert(expert_idx, experts);
+    const at::Tensor xc = x.to(compute);
+    const at::Tensor weight = expert_weight.reshape({-1}).to(compute);
+    const at::Tensor scale = scaling.to(at::kDouble).contiguous();
+    const double* scale_p = scale.data_ptr<double>();
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t count = groups.offsets[e + 1] - groups.offsets[e];
+      if (count == 0) continue;
+      const at::Tensor pos = groups.positions.narrow(0, groups.offsets[e], count);
+      const at::Tensor tok = pos.div(top_k, "floor");
+      const at::Tensor h = at::matmul(xc.index_select(0, tok), lora_a[e].to(compute).t());
+      hidden.index_copy_(0, pos, h);
+      const at::Tensor coef = weight.index_select(0, pos).mul(scale_p[e]).unsqueeze(1);
+      out.index_add_(0, tok, at::matmul(h * coef, lora_b[e].to(compute).t()));
+    }
+  }
+  return {out.to(x.scalar_type()), hidden.view({tokens, top_k, rank})};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_hidden, const at::Tensor& x,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
+    const at::Tensor& expert_idx, const at::Tensor& expert_weight, const at::Tensor& hidden,
+    bool need_x, bool need_weight, bool need_lora) {
+  check_lora_inputs(x, lora_a, lora_b, scaling, expert_idx, expert_weight, std::nullopt);
+  const auto compute = compute_type(x);
+  const int64_t tokens = x.size(0), d_in = x.size(1), top_k = expert_idx.size(1);
+  const int64_t experts = lora_a.size(0), rank = lora_a.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == tokens &&
+                  grad_out.size(1) == lora_b.size(1),
+              "meteora.lora_experts_backward: grad_out must be (T, d_out), got ", grad_out.sizes());
+  TORCH_CHECK(hidden.numel() == tokens * top_k * rank,
+              "meteora.lora_experts_backward: hidden must be (T, k, r), got ", hidden.sizes());
+  const auto opts = x.options().dtype(compute);
+
+  at::Tensor grad_x = need_x ? at::zeros({tokens, d_in}, opts) : at::Tensor();
+  at::Tensor grad_w = need_weight ? at::zeros({tokens * top_k}, opts) : at::Tensor();
+  at::Tensor grad_a = need_lora ? at::zeros(lora_a.sizes(), opts) : at::Tensor();
+  at::Tensor grad_b = need_lora ? at::zeros(lora_b.sizes(), opts) : at::Tensor();
+  if (tokens > 0 && (need_x || need_weight || need_lora)) {
+    const ExpertGroups groups = group_by_expert(expert_idx, experts);
+    const at::Tensor go = grad_out.to(compute);
+    const at::Tensor xc = x.to(compute);
+    const at::Tensor hid = hidden.reshape({tokens * top_k, rank}).to(compute);
+    at::Tensor g_hid;
+    if (grad_hidden.has_value()) g_hid = grad_hidden->reshape({tokens * top_k, rank}).to(compute);
+    const at::Tensor weight = expert_weight.reshape({-1}).to(compute);
+    const at::Tensor scale = scaling.to(at::kDouble).contiguous();
+    const double* scale_p = scale.data_ptr<double>();
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t count = groups.offsets[e + 1] - groups.offsets[e];
+      if (count == 0) continue;
+      const at::Tensor pos = groups.positions.narrow(0, groups.offsets[e], count);
+      const at::Tensor tok = pos.div(top_k, "floor");
+      const at::Tensor g = go.index_select(0, tok);                     // (n, d_out)
+      const at::Tensor h = hid.index_select(0, pos);                    // (n, r)
+      const at::Tensor bt_g = at::matmul(g, lora_b[e].to(compute));     // (n, r) = B^T g
+      const at::Tensor coef = weight.index_select(0, pos).mul(scale_p[e]).unsqueeze(1);
+      if (need_weight) grad_w.index_copy_(0, pos, (bt_g * h).sum(1).mul(scale_p[e]));
+      at::Tensor g_h = bt_g * coef;                                     // dL/dhidden
+      if (g_hid.defined()) g_h = g_h + g_hid.index_select(0, pos);
+      if (need_x) grad_x.index_add_(0, tok, at::matmul(g_h, lora_a[e].to(compute)));
+      if (need_lora) {
+        grad_a[e].copy_(at::matmul(g_h.t(), xc.index_select(0, tok)));
+        grad_b[e].copy_(at::matmul((g * coef).t(), h));
+      }
+    }
+  }
+  const at::Tensor empty = at::empty({0}, x.options());
+  return {need_x ? grad_x.to(x.scalar_type()) : empty,
+          need_weight ? grad_w.view({tokens, top_k}).to(expert_weight.scalar_type()) : empty,
+          need_lora ? grad_a.to(lora_a.scalar_type()) : empty,
+          need_lora ? grad_b.to(lora_b.scalar_type()) : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(meteora, CPU, m) {
+  m.impl("route", &route_cpu);
+  m.impl("route_backward", &route_backward_cpu);
+  m.impl("lora_experts", &lora_experts_cpu);
+  m.impl("lora_experts_backward", &lora_experts_backward_cpu);
+}
+
+}  // namespace meteora

@@ -1,0 +1,42 @@
+// The one schema file: every meteora op is declared here; each device registers its kernels
+// in its own file (cpu/, cuda/). Shapes: T tokens, N experts, k selected, r (padded) rank.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(meteora, m) {
+  // gate_logits (T, N) = x (T, d_in) @ gate_weight (N, d_in)^T accumulated in fp32 (fp64 for
+  // fp64 x), raw (before expert_mask); expert_idx (T, k) int64 are the top-k of the masked logits
+  // in descending order, ties toward the lower index; expert_weight (T, k) =
+  // softmax(selected logits / temperature).
+  m.def("route(Tensor x, Tensor gate_weight, Tensor? expert_mask, int top_k, float temperature)"
+        " -> (Tensor gate_logits, Tensor expert_weight, Tensor expert_idx)");
+  m.def("route_backward(Tensor? grad_logits, Tensor? grad_expert_weight, Tensor x,"
+        " Tensor gate_weight, Tensor expert_weight, Tensor expert_idx, float temperature)"
+        " -> (Tensor grad_x, Tensor grad_gate_weight)");
+  // out (T, d_out) = base + sum_j expert_weight[:, j] * scaling[e_j] * B[e_j] (A[e_j] x),
+  // e_j = expert_idx[:, j]; lora_a (N, r, d_in), lora_b (N, d_out, r); hidden (T, k, r) =
+  // A[e_j] x in fp32 (fp64 for fp64 x), kept for the backward pass.
+  m.def("lora_experts(Tensor x, Tensor lora_a, Tensor lora_b, Tensor scaling, Tensor expert_idx,"
+        " Tensor expert_weight, Tensor? base) -> (Tensor out, Tensor hidden)");
+  // Gradients the flags ask for; the others come back as empty tensors.
+  m.def("lora_experts_backward(Tensor grad_out, Tensor? grad_hidden, Tensor x, Tensor lora_a,"
+        " Tensor lora_b, Tensor scaling, Tensor expert_idx, Tensor expert_weight, Tensor hidden,"
+        " bool need_x, bool need_weight, bool need_lora)"
+        " -> (Tensor grad_x, Tensor grad_expert_weight, Tensor grad_lora_a, Tensor grad_lora_b)");
+}
+
+// The Python module only loads this library (its static initialisers register the ops).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                   "meteora kernels; the ops live in torch.ops.meteora", -1,
+                                   nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) {
+#ifdef METEORA_WITH_CUDA
+    PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+    PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  }
+  return module;
+}

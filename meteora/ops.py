@@ -1,0 +1,199 @@
+"""Python face of the meteora ops: fake (meta) kernels, autograd, and the choice of kernel.
+
+The ops live in ``torch.ops.meteora`` (declared in csrc/ops.cpp, CPU kernels in csrc/cpu/, CUDA
+kernels in csrc/cuda/). They are torch custom ops, so they trace under torch.compile and CUDA
+graph capture. When the compiled extension is missing, or was built without the kernels for a
+tensor's device, the same functions run ``meteora.reference`` (plain PyTorch) instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import reference
+
+log = logging.getLogger("meteora")
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.meteora.*)
+
+    HAS_EXTENSION = True
+    WITH_CUDA = bool(_C.WITH_CUDA)
+except ImportError as err:  # pragma: no cover - depends on how the package was installed
+    HAS_EXTENSION = False
+    WITH_CUDA = False
+    log.warning(
+        "meteora: compiled kernels not available (%s); using the plain-PyTorch reference. "
+        "Build them with `pip install --no-build-isolation .`",
+        err,
+    )
+
+IMPLS = ("auto", "kernel", "reference")
+
+
+def kernel_available(device: torch.device | str) -> bool:
+    """Whether compiled meteora kernels exist for tensors on ``device``."""
+    device_type = torch.device(device).type
+    return HAS_EXTENSION and (device_type == "cpu" or (device_type == "cuda" and WITH_CUDA))
+
+
+def _use_kernel(impl: str, device: torch.device) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"meteora: impl={impl!r} must be one of {IMPLS}")
+    if impl == "reference":
+        return False
+    available = kernel_available(device)
+    if impl == "kernel" and not available:
+        raise RuntimeError(f"meteora: no compiled kernel for device {device} (impl='kernel')")
+    return available
+
+
+def route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    expert_mask: torch.Tensor | None = None,
+    top_k: int = 2,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing: ``(gate_logits (T, N), expert_weight (T, k), expert_idx (T, k))``.
+
+    x: (T, d_in); gate_weight: (N, d_in); expert_mask: (N,) bool, False = absent expert.
+    gate_logits and expert_weight are fp32 (fp64 for fp64 x); see ``meteora.reference.route``.
+    """
+    if _use_kernel(impl, x.device):
+        return torch.ops.meteora.route(x, gate_weight, expert_mask, int(top_k), float(temperature))
+    _check_routing_args(gate_weight.shape[0], top_k, temperature)
+    return reference.route(x, gate_weight, expert_mask, top_k, temperature)
+
+
+def lora_experts(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    expert_idx: torch.Tensor,
+    expert_weight: torch.Tensor,
+    base: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``base + sum_j w_j s_{i_j} B_{i_j} A_{i_j} x`` for every token: (T, d_out) in x's dtype.
+
+    x: (T, d_in); lora_a: (N, r, d_in); lora_b: (N, d_out, r); scaling: (N,);
+    expert_idx: (T, k) int64; expert_weight: (T, k); base: (T, d_out) or None.
+    """
+    if _use_kernel(impl, x.device):
+        out, _ = torch.ops.meteora.lora_experts(
+            x, lora_a, lora_b, scaling, expert_idx, expert_weight, base
+        )
+        return out
+    out, _ = reference.lora_experts(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
+    return out
+
+
+def _check_routing_args(num_experts: int, top_k: int, temperature: float) -> None:
+    # The compiled ops check the same in C++; the reference path must fail the same way.
+    if not 1 <= top_k <= min(num_experts, 8):
+        raise ValueError(f"meteora.route: top_k={top_k} must be in [1, min(N={num_experts}, 8)]")
+    if not (temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"meteora.route: temperature={temperature} must be a finite number > 0")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("meteora::route")
+    def _route_fake(x, gate_weight, expert_mask, top_k, temperature):
+        torch._check(x.dim() == 2 and gate_weight.dim() == 2 and x.shape[1] == gate_weight.shape[1])
+        torch._check(1 <= top_k <= gate_weight.shape[0])
+        tokens, experts = x.shape[0], gate_weight.shape[0]
+        dtype = _compute_dtype(x)
+        return (
+            x.new_empty((tokens, experts), dtype=dtype),
+            x.new_empty((tokens, top_k), dtype=dtype),
+            x.new_empty((tokens, top_k), dtype=torch.long),
+        )
+
+    @torch.library.register_fake("meteora::route_backward")
+    def _route_backward_fake(grad_logits, grad_weight, x, gate_weight, expert_weight, expert_idx, temperature):
+        return torch.empty_like(x), torch.empty_like(gate_weight)
+
+    @torch.library.register_fake("meteora::lora_experts")
+    def _lora_experts_fake(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base):
+        torch._check(x.dim() == 2 and lora_a.dim() == 3 and lora_b.dim() == 3)
+        torch._check(lora_a.shape[2] == x.shape[1] and lora_b.shape[2] == lora_a.shape[1])
+        torch._check(expert_idx.shape[0] == x.shape[0])
+        tokens, top_k = expert_idx.shape
+        return (
+            x.new_empty((tokens, lora_b.shape[1])),
+            x.new_empty((tokens, top_k, lora_a.shape[1]), dtype=_compute_dtype(x)),
+        )
+
+    @torch.library.register_fake("meteora::lora_experts_backward")
+    def _lora_experts_backward_fake(
+        grad_out, grad_hidden, x, lora_a, lora_b, scaling, expert_idx, expert_weight, hidden,
+        need_x, need_weight, need_lora,
+    ):
+        empty = x.new_empty((0,))
+        return (
+            torch.empty_like(x) if need_x else empty,
+            torch.empty_like(expert_weight) if need_weight else empty,
+            torch.empty_like(lora_a) if need_lora else empty,
+            torch.empty_like(lora_b) if need_lora else empty,
+        )
+
+    def _route_setup_context(ctx, inputs, output):
+        x, gate_weight, _mask, _top_k, temperature = inputs
+        _logits, expert_weight, expert_idx = output
+        ctx.save_for_backward(x, gate_weight, expert_weight, expert_idx)
+        ctx.temperature = temperature
+
+    def _route_backward(ctx, grad_logits, grad_weight, _grad_idx):
+        x, gate_weight, expert_weight, expert_idx = ctx.saved_tensors
+        grad_x, grad_gate = torch.ops.meteora.route_backward(
+            grad_logits, grad_weight, x, gate_weight, expert_weight, expert_idx, ctx.temperature
+        )
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, grad_gate if needs[1] else None, None, None, None)
+
+    torch.library.register_autograd(
+        "meteora::route", _route_backward, setup_context=_route_setup_context
+    )
+
+    def _lora_setup_context(ctx, inputs, output):
+        x, lora_a, lora_b, scaling, expert_idx, expert_weight, base = inputs
+        _out, hidden = output
+        ctx.save_for_backward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, hidden)
+        ctx.base_dtype = None if base is None else base.dtype
+
+    def _lora_backward(ctx, grad_out, grad_hidden):
+        x, lora_a, lora_b, scaling, expert_idx, expert_weight, hidden = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_x, need_lora, need_weight = needs[0], needs[1] or needs[2], needs[5]
+        if grad_out is None:
+            grad_out = x.new_zeros((x.shape[0], lora_b.shape[1]))
+        grad_x, grad_w, grad_a, grad_b = torch.ops.meteora.lora_experts_backward(
+            grad_out, grad_hidden, x, lora_a, lora_b, scaling, expert_idx, expert_weight, hidden,
+            need_x, need_weight, need_lora,
+        )
+        grad_base = None
+        if ctx.base_dtype is not None and needs[6]:
+            grad_base = grad_out.to(ctx.base_dtype)
+        return (
+            grad_x if need_x else None,
+            grad_a if needs[1] else None,
+            grad_b if needs[2] else None,
+            None,
+            None,
+            grad_w if need_weight else None,
+            grad_base,
+        )
+
+    torch.library.register_autograd(
+        "meteora::lora_experts", _lora_backward, setup_context=_lora_setup_context
+    )
