@@ -42,6 +42,8 @@ def route(
     expert_idx = order[:, :top_k]
     selected = masked.gather(1, expert_idx)
     expert_weight = torch.softmax(selected / temperature, dim=-1)
+    # A token whose every expert is masked adds nothing (softmax of all -inf would be NaN).
+    expert_weight = torch.where(torch.isneginf(selected[:, :1]), 0.0, expert_weight)
     return gate_logits, expert_weight, expert_idx
 
 

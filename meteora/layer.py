@@ -1,0 +1,136 @@
+"""MeteoRALinear: a frozen base linear, N LoRA experts and a top-k gate (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+class Routing(NamedTuple):
+    """What one MeteoRA linear decided for T tokens in one forward."""
+
+    gate_logits: torch.Tensor  # (T, N) fp32, raw (before the expert mask)
+    expert_weight: torch.Tensor  # (T, k) fp32
+    expert_idx: torch.Tensor  # (T, k) int64
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling of B A x: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
+    if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
+        raise ValueError(f"meteora: top_k={top_k!r} must be an int in [1, min(N={num_experts}, 8)]")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"meteora: temperature={temperature!r} must be a finite number > 0")
+
+
+class MeteoRALinear(nn.Module):
+    """``y = base(x) + sum_j w_j s_{i_j} B_{i_j} A_{i_j} dropout(x)`` with top-k gating per token.
+
+    Parameters: ``lora_A`` (N, r, d_in), ``lora_B`` (N, d_out, r), both zero-padded to the largest
+    rank r of the module's experts; ``gate.weight`` (N, d_in). Buffers: ``scaling`` (N,) fp32,
+    ``ranks`` (N,) int64 and ``expert_mask`` (N,) bool (False: the adapter does not touch this
+    module; it is a zero expert the gate never picks). ``top_k`` and ``temperature`` may change at
+    any time. With ``record_routing`` set, ``routing`` holds the last forward's decisions (with
+    autograd history, for the gate loss); ``routing_hook`` is called with every ``Routing``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        rank: int,
+        top_k: int = 2,
+        temperature: float = 1.0,
+        lora_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"meteora: MeteoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if not 1 <= num_experts <= 64:
+            raise ValueError(f"meteora: number of experts N={num_experts} must be in [1, 64]")
+        if not 1 <= rank <= 64:
+            raise ValueError(f"meteora: LoRA rank r={rank} must be in [1, 64]")
+        check_routing(num_experts, top_k, temperature)
+        self.base_layer = base_layer.requires_grad_(False)
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank, **factory))
+        self.gate = nn.Linear(d_in, num_experts, bias=False, **factory)
+        self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
+        self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
+        self.register_buffer("expert_mask", torch.zeros(num_experts, dtype=torch.bool, device=factory["device"]))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.top_k = top_k
+        self.temperature = float(temperature)
+        self.impl = "auto"
+        self.forced_mask: torch.Tensor | None = None  # (N,) bool: restrict the choice (ablations)
+        self.record_routing = False
+        self.routing: Routing | None = None
+        self.routing_hook: Callable[[Routing], None] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_A.shape[1]
+
+    @torch.no_grad()
+    def set_expert(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Put one adapter's ``lora_a`` (r, d_in) and ``lora_b`` (d_out, r) in slot ``index``."""
+        rank = lora_a.shape[0]
+        d_out, d_in = self.lora_B.shape[1], self.lora_A.shape[2]
+        if lora_a.shape != (rank, d_in) or lora_b.shape != (d_out, rank) or rank > self.max_rank:
+            raise ValueError(
+                f"meteora: expert {index} needs lora_A (r<={self.max_rank}, {d_in}) and lora_B ({d_out}, r); "
+                f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+            )
+        self.lora_A[index].zero_()
+        self.lora_B[index].zero_()
+        self.lora_A[index, :rank].copy_(lora_a)
+        self.lora_B[index, :, :rank].copy_(lora_b)
+        self.scaling[index] = scaling
+        self.ranks[index] = rank
+        self.expert_mask[index] = True
+
+    def set_routing(self, top_k: int | None = None, temperature: float | None = None) -> None:
+        top_k = self.top_k if top_k is None else top_k
+        temperature = self.temperature if temperature is None else temperature
+        check_routing(self.num_experts, top_k, temperature)
+        self.top_k, self.temperature = top_k, float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> (..., d_out)."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        mask = self.expert_mask if self.forced_mask is None else self.expert_mask & self.forced_mask
+        routing = Routing(*ops.route(x2, self.gate.weight, mask, self.top_k, self.temperature, impl=self.impl))
+        base = self.base_layer(x2)
+        x_lora = self.lora_dropout(x2)
+        if x_lora.dtype != self.lora_A.dtype:
+            x_lora = x_lora.to(self.lora_A.dtype)
+        out = ops.lora_experts(
+            x_lora, self.lora_A, self.lora_B, self.scaling, routing.expert_idx, routing.expert_weight,
+            base.to(self.lora_A.dtype), impl=self.impl,
+        )
+        if self.record_routing:
+            self.routing = routing
+        if self.routing_hook is not None:
+            self.routing_hook(routing)
+        return out.to(base.dtype).reshape(*lead, out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, rank={self.max_rank}, top_k={self.top_k}, "
+            f"temperature={self.temperature:g}"
+        )

@@ -1,0 +1,370 @@
+"""Embed N PEFT LoRA adapters in a Hugging Face causal LM as MeteoRA layers; save and load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import AdapterError, LoraAdapter, load_adapter
+from .layer import MeteoRALinear, Routing, check_routing
+
+CONFIG_NAME = "meteora_config.json"
+WEIGHTS_NAME = "meteora_model.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A MeteoRA checkpoint that does not match its config or its base model."""
+
+
+class MeteoRAModel(nn.Module):
+    """A causal LM whose adapted linears are MeteoRALinear layers.
+
+    Calls go to the wrapped Hugging Face model (``forward``, ``generate``, ``config``...). Experts are
+    ordered as ``adapter_names``; a token's task label is its adapter's index in that list.
+    """
+
+    def __init__(self, model: nn.Module, adapter_names: Sequence[str], base_model_id: str, lora_dropout: float):
+        super().__init__()
+        self.model = model
+        self.adapter_names = list(adapter_names)
+        self.base_model_id = base_model_id
+        self.lora_dropout = lora_dropout
+
+    # -- delegation -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- routing ----------------------------------------------------------------------------
+    def meteora_layers(self) -> dict[str, MeteoRALinear]:
+        """Every MeteoRA linear, by its module name in the wrapped model."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, MeteoRALinear)}
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.adapter_names)
+
+    @property
+    def top_k(self) -> int:
+        return next(iter(self.meteora_layers().values())).top_k
+
+    @property
+    def temperature(self) -> float:
+        return next(iter(self.meteora_layers().values())).temperature
+
+    def set_routing(self, top_k: int | None = None, temperature: float | None = None) -> None:
+        """Change k and the softmax temperature of every gate (takes effect at the next forward)."""
+        check_routing(self.num_experts, self.top_k if top_k is None else top_k,
+                      self.temperature if temperature is None else temperature)
+        for layer in self.meteora_layers().values():
+            layer.set_routing(top_k, temperature)
+
+    def adapter_index(self, adapter: str | int) -> int:
+        if isinstance(adapter, int):
+            if not 0 <= adapter < self.num_experts:
+                raise ValueError(f"meteora: adapter index {adapter} outside [0, {self.num_experts})")
+            return adapter
+        if adapter not in self.adapter_names:
+            raise ValueError(f"meteora: unknown adapter {adapter!r}; known: {', '.join(self.adapter_names)}")
+        return self.adapter_names.index(adapter)
+
+    def force_adapter(self, adapter: str | int | None) -> None:
+        """Send every token to one adapter with weight 1 (None restores the gates' choice).
+
+        Uses the normal routing path with every other expert masked out, so the result equals
+        running that adapter alone (a module it does not adapt gets no LoRA term).
+        """
+        for layer in self.meteora_layers().values():
+            if adapter is None:
+                layer.forced_mask = None
+            else:
+                mask = torch.zeros_like(layer.expert_mask)
+                mask[self.adapter_index(adapter)] = True
+                layer.forced_mask = mask
+
+    def record_routing(self, enabled: bool = True) -> None:
+        """Keep each layer's last Routing (with autograd history) for the gate loss."""
+        for layer in self.meteora_layers().values():
+            layer.record_routing = enabled
+            if not enabled:
+                layer.routing = None
+
+    @contextlib.contextmanager
+    def trace_routing(self) -> Iterator["RoutingTrace"]:
+        """Collect every routing decision (detached) while the block runs, e.g. over generate()."""
+        trace = RoutingTrace(self.num_experts)
+        layers = self.meteora_layers()
+        for name, layer in layers.items():
+            layer.routing_hook = trace.hook(name)
+        try:
+            yield trace
+        finally:
+            for layer in layers.values():
+                layer.routing_hook = None
+
+    # -- parameters -------------------------------------------------------------------------
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [layer.gate.weight for layer in self.meteora_layers().values()]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.meteora_layers().values() for p in (layer.lora_A, layer.lora_B)]
+
+    def set_trainable(self, gates: bool = True, loras: bool = False) -> None:
+        """Freeze everything but the gates (the paper) or gates and LoRAs (the authors' script)."""
+        self.model.requires_grad_(False)
+        for p in self.gate_parameters():
+            p.requires_grad_(gates)
+        for p in self.lora_parameters():
+            p.requires_grad_(loras)
+
+    # -- persistence ------------------------------------------------------------------------
+    def meteora_config(self) -> dict:
+        layers = self.meteora_layers()
+        return {
+            "format": "meteora",
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model_id,
+            "adapters": self.adapter_names,
+            "top_k": self.top_k,
+            "temperature": self.temperature,
+            "lora_dropout": self.lora_dropout,
+            "modules": {
+                name: {
+                    "in_features": layer.lora_A.shape[2],
+                    "out_features": layer.lora_B.shape[1],
+                    "ranks": [int(r) for r in layer.ranks.tolist()],  # 0: adapter absent here
+                    "scalings": [float(s) for s in layer.scaling.tolist()],
+                }
+                for name, layer in layers.items()
+            },
+        }
+
+    def meteora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what MeteoRA adds: per module lora_A, lora_B (padded) and the gate."""
+        state = {}
+        for name, layer in self.meteora_layers().items():
+            state[f"{name}.lora_A"] = layer.lora_A.detach()
+            state[f"{name}.lora_B"] = layer.lora_B.detach()
+            state[f"{name}.gate"] = layer.gate.weight.detach()
+        return state
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write meteora_config.json + meteora_model.safetensors (each file written atomically;
+        the config last, so a folder with a config is complete). The base model is not copied."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous().cpu() for k, v in self.meteora_state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config = json.dumps(self.meteora_config(), indent=2)
+        _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
+        return path
+
+
+class RoutingTrace:
+    """Routing decisions collected by ``MeteoRAModel.trace_routing``, in call order per layer."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.steps: dict[str, list[Routing]] = defaultdict(list)
+
+    def hook(self, name: str):
+        def record(routing: Routing) -> None:
+            self.steps[name].append(Routing(*(t.detach() for t in routing)))
+
+        return record
+
+    def expert_weights(self, name: str) -> torch.Tensor:
+        """(T, N): each token's weight on each expert in layer ``name``, over all recorded calls."""
+        rows = []
+        for r in self.steps[name]:
+            dense = torch.zeros(r.expert_idx.shape[0], self.num_experts, device=r.expert_idx.device)
+            rows.append(dense.scatter_add_(1, r.expert_idx, r.expert_weight.float()))
+        return torch.cat(rows) if rows else torch.zeros(0, self.num_experts)
+
+    def token_adapter_weights(self) -> torch.Tensor:
+        """(T, N): per token, the expert weights averaged over every MeteoRA layer."""
+        if not self.steps:
+            return torch.zeros(0, self.num_experts)
+        return torch.stack([self.expert_weights(name).cpu() for name in self.steps]).mean(0)
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _base_model_id(model: nn.Module) -> str:
+    return getattr(model, "meteora_base_id", None) or getattr(model.config, "_name_or_path", "") or ""
+
+
+def _check_linear(model: nn.Module, module: str, owner: str) -> nn.Linear:
+    try:
+        linear = model.get_submodule(module)
+    except AttributeError:
+        raise AdapterError(
+            f"{owner} has weights for '{module}', which the base model does not have "
+            f"(an adapter for a different base model?)"
+        ) from None
+    if not isinstance(linear, nn.Linear):
+        raise AdapterError(f"{owner}: base model module '{module}' is {type(linear).__name__}, not nn.Linear")
+    return linear
+
+
+def from_adapters(
+    base_model: nn.Module,
+    adapters: Mapping[str, str | os.PathLike | LoraAdapter],
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    lora_dropout: float | None = None,
+) -> MeteoRAModel:
+    """Embed N PEFT LoRA adapters ``{name: folder or hub id}`` in ``base_model`` (changed in place).
+
+    Every linear that any adapter adapts becomes a MeteoRALinear with N experts; an adapter that
+    does not touch a module is a masked zero expert there. Gates start at nn.Linear's default
+    initialisation and are what MeteoRA training learns. ``top_k`` defaults to min(2, N);
+    ``lora_dropout`` defaults to the largest
+    of the adapters' own.
+    """
+    if not adapters:
+        raise ValueError("meteora: from_adapters needs at least one adapter")
+    loaded = [a if isinstance(a, LoraAdapter) else load_adapter(name, a) for name, a in adapters.items()]
+    names = list(adapters)
+    top_k = min(2, len(loaded)) if top_k is None else top_k
+    check_routing(len(loaded), top_k, temperature)
+    dropout = max(a.lora_dropout for a in loaded) if lora_dropout is None else lora_dropout
+
+    modules = sorted({m for a in loaded for m in a.modules})
+    for adapter in loaded:
+        for module in adapter.modules:
+            linear = _check_linear(base_model, module, f"adapter '{adapter.name}' ({adapter.source})")
+            a, b = adapter.lora_a[module], adapter.lora_b[module]
+            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+                raise AdapterError(
+                    f"adapter '{adapter.name}' ({adapter.source}): '{module}' has lora_A {tuple(a.shape)} and "
+                    f"lora_B {tuple(b.shape)} but the base linear is {linear.in_features} -> "
+                    f"{linear.out_features} (an adapter for a different base model?)"
+                )
+    for module in modules:
+        linear = base_model.get_submodule(module)
+        rank = max(a.lora_a[module].shape[0] for a in loaded if module in a.lora_a)
+        layer = MeteoRALinear(linear, len(loaded), rank, top_k, temperature, dropout)
+        for index, adapter in enumerate(loaded):
+            if module in adapter.lora_a:
+                layer.set_expert(index, adapter.lora_a[module], adapter.lora_b[module], adapter.scaling[module])
+        _replace_module(base_model, module, layer)
+    base_model.requires_grad_(False)
+    model = MeteoRAModel(base_model, names, _base_model_id(base_model), dropout)
+    model.set_trainable(gates=True, loras=False)
+    return model
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def load(
+    path: str | os.PathLike,
+    base_model: nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> MeteoRAModel:
+    """Load a MeteoRA checkpoint written by ``save_pretrained``.
+
+    ``base_model`` defaults to the one named in the config (a local folder, a hub id, or
+    ``smollm2`` for the embedded default), loaded with ``meteora.load_base_model``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"meteora: {config_file} not found (not a MeteoRA checkpoint?)")
+    if not weights_file.is_file():
+        raise CheckpointError(f"meteora: {weights_file} not found")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"meteora: {config_file} is not valid JSON ({err})") from None
+    for key in ("adapters", "top_k", "temperature", "modules", "base_model"):
+        if key not in config:
+            raise CheckpointError(f"meteora: {config_file} lacks field '{key}'")
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise CheckpointError(f"meteora: {config_file} has format_version {config['format_version']}, "
+                              f"newer than this meteora reads ({FORMAT_VERSION})")
+    if base_model is None:
+        from .base import load_base_model
+
+        base_model, _ = load_base_model(config["base_model"], dtype=dtype, device=device)
+    names = list(config["adapters"])
+    n = len(names)
+    check_routing(n, config["top_k"], config["temperature"])
+    dropout = float(config.get("lora_dropout", 0.0))
+    with safe_open(str(weights_file), framework="pt") as f:
+        stored = set(f.keys())
+        expected = {f"{m}.{t}" for m in config["modules"] for t in ("lora_A", "lora_B", "gate")}
+        if stored != expected:
+            extra, missing = sorted(stored - expected), sorted(expected - stored)
+            raise CheckpointError(
+                f"meteora: {weights_file} does not match {config_file}: "
+                + (f"missing tensors {missing[:3]}" if missing else "")
+                + (f" unexpected tensors {extra[:3]}" if extra else "")
+            )
+        for module, spec in config["modules"].items():
+            ranks, scalings = spec.get("ranks"), spec.get("scalings")
+            if not (isinstance(ranks, list) and isinstance(scalings, list) and len(ranks) == len(scalings) == n):
+                raise CheckpointError(f"meteora: {config_file} modules['{module}'] needs {n} ranks and scalings")
+            linear = _check_linear(base_model, module, f"checkpoint {path}")
+            a, b, g = f.get_tensor(f"{module}.lora_A"), f.get_tensor(f"{module}.lora_B"), f.get_tensor(f"{module}.gate")
+            rank = max(ranks)
+            want = {
+                "lora_A": (n, rank, linear.in_features),
+                "lora_B": (n, linear.out_features, rank),
+                "gate": (n, linear.in_features),
+            }
+            for tname, tensor in (("lora_A", a), ("lora_B", b), ("gate", g)):
+                if tuple(tensor.shape) != want[tname]:
+                    raise CheckpointError(
+                        f"meteora: {weights_file} tensor '{module}.{tname}' has shape {tuple(tensor.shape)} but "
+                        f"{config_file} and the base model give {want[tname]}"
+                    )
+            layer = MeteoRALinear(linear, n, rank, config["top_k"], config["temperature"], dropout)
+            with torch.no_grad():
+                for index, r in enumerate(ranks):
+                    if r > 0:
+                        layer.set_expert(index, a[index, :r], b[index, :, :r], scalings[index])
+                layer.gate.weight.copy_(g)
+            _replace_module(base_model, module, layer)
+    base_model.requires_grad_(False)
+    model = MeteoRAModel(base_model, names, config["base_model"], dropout)
+    model.set_trainable(gates=True, loras=False)
+    model.eval()
+    return model

@@ -1,0 +1,214 @@
+"""MeteoRA on a real LLaMA-family model: SmolLM2-135M with real PEFT adapters (and tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import meteora
+from conftest import ALL_LINEARS, make_adapter, tiny_model
+
+PROMPT = "The three primary colours are red, yellow and"
+
+
+def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def peft_logits(base_model, adapters, active, input_ids):
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base_model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.set_adapter(active)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.slow
+def test_forced_routing_equals_peft(smollm2_adapters):
+    base, tok = meteora.load_base_model()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    model = meteora.from_adapters(base, smollm2_adapters, top_k=2).eval()
+    layers = model.meteora_layers()
+    assert len(layers) == 30 * 7
+    # The r=16 adapter is absent from k/gate/up projections: a masked zero expert there.
+    assert layers["model.layers.0.self_attn.k_proj"].expert_mask.tolist() == [True, False]
+    assert layers["model.layers.0.self_attn.q_proj"].ranks.tolist() == [8, 16]
+    with torch.no_grad():
+        base_logits = meteora.load_base_model()[0](ids).logits
+        for name in smollm2_adapters:
+            model.force_adapter(name)
+            ours = model(ids).logits
+            theirs = peft_logits(meteora.load_base_model()[0], smollm2_adapters, name, ids)
+            assert max_rel_error(ours, theirs) <= 1e-4, name
+            assert max_rel_error(theirs, base_logits) > 1e-2  # the adapter really changes the output
+        model.force_adapter(None)
+        mixed = model(ids).logits
+    assert max_rel_error(mixed, ours) > 1e-3  # the gates route differently from forcing one adapter
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_forced_routing_equals_peft_tiny(arch, tmp_path):
+    base = tiny_model(arch)
+    adapters = {
+        "a": make_adapter(base, tmp_path / "a", r=4, alpha=8, targets=ALL_LINEARS, seed=3),
+        "b": make_adapter(base, tmp_path / "b", r=12, alpha=12, targets=["q_proj", "down_proj"], seed=4),
+        "c": make_adapter(base, tmp_path / "c", r=8, alpha=4, targets=["v_proj", "up_proj"], seed=5, use_rslora=True),
+    }
+    ids = torch.randint(0, 97, (2, 11))
+    model = meteora.from_adapters(tiny_model(arch), adapters, top_k=3).eval()
+    with torch.no_grad():
+        for name in adapters:
+            model.force_adapter(name)
+            assert max_rel_error(model(ids).logits, peft_logits(tiny_model(arch), adapters, name, ids)) <= 1e-4
+
+
+def test_routing_settings(tmp_path):
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("abc")}
+    model = meteora.from_adapters(tiny_model(), adapters, top_k=2, temperature=1.0).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    model.record_routing()
+    model.set_routing(top_k=1)
+    with torch.no_grad():
+        model(ids)
+    for layer in model.meteora_layers().values():
+        assert layer.top_k == 1 and torch.equal(layer.routing.expert_weight, torch.ones(9, 1))
+        assert torch.equal(layer.routing.expert_idx[:, 0], layer.routing.gate_logits.argmax(-1))
+    model.set_routing(top_k=3, temperature=15.0)
+    with torch.no_grad():
+        model(ids)
+    layer = model.meteora_layers()["model.layers.1.mlp.down_proj"]
+    r = layer.routing
+    torch.testing.assert_close(r.expert_weight, torch.softmax(r.gate_logits.gather(1, r.expert_idx) / 15.0, -1))
+    with pytest.raises(ValueError, match="top_k=4"):
+        model.set_routing(top_k=4)
+    with pytest.raises(ValueError, match="temperature=0"):
+        model.set_routing(temperature=0)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        meteora.from_adapters(tiny_model(), adapters, temperature=-1)
+    with pytest.raises(ValueError, match="top_k=4"):
+        meteora.from_adapters(tiny_model(), adapters, top_k=4)
+    assert model.top_k == 3 and model.temperature == 15.0  # failed calls changed nothing
+
+
+@pytest.mark.slow
+def test_save_load_roundtrip_and_generate(smollm2_adapters, tmp_path):
+    base, tok = meteora.load_base_model()
+    model = meteora.from_adapters(base, smollm2_adapters, top_k=2, temperature=2.0).eval()
+    with torch.no_grad():  # gates away from their initialisation, so the round trip checks them
+        for layer in model.meteora_layers().values():
+            layer.gate.weight.normal_(0, 0.05)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "meteora_config.json").read_text())
+    assert config["adapters"] == ["all7_r8", "qvod_r16"] and config["top_k"] == 2 and config["temperature"] == 2.0
+    assert config["base_model"] == "smollm2"
+    assert config["modules"]["model.layers.3.mlp.up_proj"]["ranks"] == [8, 0]
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ckpt").iterdir())
+
+    loaded = meteora.load(tmp_path / "ckpt")  # base model from the config: the embedded default
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+    # generate() with the KV cache: deterministic under greedy, same tokens as without the cache.
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    with loaded.trace_routing() as trace:
+        out1 = loaded.generate(ids, **kwargs)
+    out2 = loaded.generate(ids, **kwargs)
+    out3 = loaded.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(out1, out2) and torch.equal(out1, out3)
+    steps = trace.steps["model.layers.0.self_attn.q_proj"]
+    assert steps[0].expert_idx.shape[0] == ids.shape[1] and all(s.expert_idx.shape[0] == 1 for s in steps[1:])
+    weights = trace.token_adapter_weights()
+    assert weights.shape == (out1.shape[1] - 1, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
+
+
+def test_gate_loss_trains_only_gates(tmp_path):
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model(), adapters, top_k=1)
+    model.train()
+    model.record_routing()
+    ids = torch.randint(0, 97, (4, 16))
+    task = torch.tensor([0, 1, 0, 1])[:, None].expand(4, 16).clone()
+    task[:, :3] = -100  # ignored tokens
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p is g for p, g in zip(params, model.gate_parameters()))
+    opt = torch.optim.Adam(params, lr=3e-2)
+    losses = []
+    for _ in range(15):
+        out = model(ids, labels=ids)
+        loss, parts = meteora.meteora_loss(out.loss, model, task, gate_weight=50.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(parts["gate"].item())
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        model(ids)
+    assert meteora.gate_accuracy(model, task).item() > 0.9
+    with pytest.raises(ValueError, match="task_labels has 8 tokens"):
+        meteora.gate_loss(model, task[:, :2])
+
+
+# ---- bad input: one clear line naming the culprit ----------------------------------------------
+
+def test_missing_adapter_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(meteora.AdapterError, match=r"adapter 'x': .*empty/adapter_config.json not found"):
+        meteora.from_adapters(tiny_model(), {"x": tmp_path / "empty"})
+    path = make_adapter(tiny_model(), tmp_path / "noweights", r=4, alpha=8, targets=["q_proj"], seed=0)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(meteora.AdapterError, match="no adapter_model.safetensors"):
+        meteora.from_adapters(tiny_model(), {"y": path})
+    with pytest.raises(meteora.AdapterError, match="not a local folder"):
+        meteora.load_adapter("z", tmp_path / "does-not-exist")
+
+
+def test_adapter_for_another_base_model(tmp_path):
+    other = make_adapter(tiny_model(hidden=32), tmp_path / "other", r=4, alpha=8, targets=["q_proj"], seed=0)
+    with pytest.raises(meteora.AdapterError, match=r"adapter 'other'.*q_proj.*base linear is 64 -> 64.*different base model"):
+        meteora.from_adapters(tiny_model(), {"other": other})
+
+
+def test_unsupported_modules_and_config(tmp_path):
+    path = make_adapter(tiny_model(), tmp_path / "lm_head", r=4, alpha=8, targets=["q_proj", "lm_head"], seed=0)
+    with pytest.raises(meteora.AdapterError, match=r"adapts 'lm_head'; meteora supports only the linears q_proj"):
+        meteora.from_adapters(tiny_model(), {"h": path})
+    path = make_adapter(tiny_model(), tmp_path / "dora", r=4, alpha=8, targets=["q_proj"], seed=0)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(meteora.AdapterError, match="field 'use_dora'"):
+        meteora.from_adapters(tiny_model(), {"d": path})
+
+
+def test_checkpoint_that_does_not_match_its_config(tmp_path):
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model(), adapters)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    assert torch.equal(meteora.load(ckpt, base_model=tiny_model()).meteora_state_dict()["model.layers.0.mlp.up_proj.gate"],
+                       model.meteora_state_dict()["model.layers.0.mlp.up_proj.gate"])
+    config_file = ckpt / "meteora_config.json"
+    config = json.loads(config_file.read_text())
+    config["modules"]["model.layers.1.mlp.up_proj"]["ranks"] = [8, 4]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(meteora.CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.lora_A' has shape \(2, 4, 64\)"):
+        meteora.load(ckpt, base_model=tiny_model())
+    del config["modules"]["model.layers.1.mlp.up_proj"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(meteora.CheckpointError, match="unexpected tensors"):
+        meteora.load(ckpt, base_model=tiny_model())
+    with pytest.raises(meteora.CheckpointError, match="meteora_config.json not found"):
+        meteora.load(tmp_path / "a", base_model=tiny_model())
