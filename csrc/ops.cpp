@@ -26,7 +26,7 @@ TORCH_LIBRARY(meteora, m) {
 }
 
 // The Python module only loads this library (its static initialisers register the ops).
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "meteora kernels; the ops live in torch.ops.meteora", -1,
                                    nullptr};

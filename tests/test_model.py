@@ -53,20 +53,22 @@ def test_forced_routing_equals_peft(smollm2_adapters):
     assert max_rel_error(mixed, ours) > 1e-3  # the gates route differently from forcing one adapter
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_forced_routing_equals_peft_tiny(arch, tmp_path):
+def test_forced_routing_equals_peft_tiny(arch, device, tmp_path):
     base = tiny_model(arch)
     adapters = {
         "a": make_adapter(base, tmp_path / "a", r=4, alpha=8, targets=ALL_LINEARS, seed=3),
         "b": make_adapter(base, tmp_path / "b", r=12, alpha=12, targets=["q_proj", "down_proj"], seed=4),
         "c": make_adapter(base, tmp_path / "c", r=8, alpha=4, targets=["v_proj", "up_proj"], seed=5, use_rslora=True),
     }
-    ids = torch.randint(0, 97, (2, 11))
-    model = meteora.from_adapters(tiny_model(arch), adapters, top_k=3).eval()
+    ids = torch.randint(0, 97, (2, 11), device=device)
+    model = meteora.from_adapters(tiny_model(arch).to(device), adapters, top_k=3).eval()
     with torch.no_grad():
         for name in adapters:
             model.force_adapter(name)
-            assert max_rel_error(model(ids).logits, peft_logits(tiny_model(arch), adapters, name, ids)) <= 1e-4
+            theirs = peft_logits(tiny_model(arch).to(device), adapters, name, ids)
+            assert max_rel_error(model(ids).logits, theirs) <= 1e-4
 
 
 def test_routing_settings(tmp_path):

@@ -10,14 +10,11 @@
 #include <limits>
 #include <vector>
 
+#include "aten_impl.h"
 #include "checks.h"
 
 namespace meteora {
 namespace {
-
-at::ScalarType compute_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 template <typename scalar_t>
 void topk_softmax_rows(const scalar_t* logits, const bool* mask, int64_t tokens, int64_t experts,
@@ -78,26 +75,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
                                 expert_idx.data_ptr<int64_t>());
   });
   return {gate_logits, expert_weight, expert_idx};
-}
-
-std::tuple<at::Tensor, at::Tensor> route_backward_cpu(
-    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_weight,
-    const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& expert_weight,
-    const at::Tensor& expert_idx, double temperature) {
-  const auto compute = compute_type(x);
-  const int64_t tokens = x.size(0), experts = gate_weight.size(0);
-  at::Tensor grad_z = grad_logits.has_value() ? grad_logits->to(compute).clone()
-                                              : at::zeros({tokens, experts}, x.options().dtype(compute));
-  if (grad_weight.has_value()) {
-    // w = softmax(v / tau)  =>  dv_j = w_j (dw_j - sum_l w_l dw_l) / tau
-    const at::Tensor w = expert_weight.to(compute);
-    const at::Tensor gw = grad_weight->to(compute);
-    const at::Tensor grad_v = w * (gw - (w * gw).sum(-1, true)) / temperature;
-    grad_z.scatter_add_(1, expert_idx, grad_v);
-  }
-  at::Tensor grad_x = at::matmul(grad_z, gate_weight.to(compute)).to(x.scalar_type());
-  at::Tensor grad_gate = at::matmul(grad_z.t(), x.to(compute)).to(gate_weight.scalar_type());
-  return {grad_x, grad_gate};
 }
 
 // Positions (t * k + j) of the (token, slot) pairs routed to each expert, grouped by expert.
@@ -219,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
 
 TORCH_LIBRARY_IMPL(meteora, CPU, m) {
   m.impl("route", &route_cpu);
-  m.impl("route_backward", &route_backward_cpu);
+  m.impl("route_backward", &route_backward_aten);
   m.impl("lora_experts", &lora_experts_cpu);
   m.impl("lora_experts_backward", &lora_experts_backward_cpu);
 }
