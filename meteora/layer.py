@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import check_routing
 
 
 class Routing(NamedTuple):
@@ -22,13 +23,6 @@ class Routing(NamedTuple):
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """PEFT's scaling of B A x: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
-    if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
-        raise ValueError(f"meteora: top_k={top_k!r} must be an int in [1, min(N={num_experts}, 8)]")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise ValueError(f"meteora: temperature={temperature!r} must be a finite number > 0")
 
 
 class MeteoRALinear(nn.Module):

@@ -9,6 +9,7 @@ tensor's device, the same functions run ``meteora.reference`` (plain PyTorch) in
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -65,7 +66,7 @@ def route(
     """
     if _use_kernel(impl, x.device):
         return torch.ops.meteora.route(x, gate_weight, expert_mask, int(top_k), float(temperature))
-    _check_routing_args(gate_weight.shape[0], top_k, temperature)
+    check_routing(gate_weight.shape[0], top_k, temperature)
     return reference.route(x, gate_weight, expert_mask, top_k, temperature)
 
 
@@ -93,12 +94,12 @@ def lora_experts(
     return out
 
 
-def _check_routing_args(num_experts: int, top_k: int, temperature: float) -> None:
-    # The compiled ops check the same in C++; the reference path must fail the same way.
-    if not 1 <= top_k <= min(num_experts, 8):
-        raise ValueError(f"meteora.route: top_k={top_k} must be in [1, min(N={num_experts}, 8)]")
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"meteora.route: temperature={temperature} must be a finite number > 0")
+def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
+    """The routing settings every path accepts (the compiled ops check the same in C++)."""
+    if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
+        raise ValueError(f"meteora: top_k={top_k!r} must be an int in [1, min(N={num_experts}, 8)]")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"meteora: temperature={temperature!r} must be a finite number > 0")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
