@@ -4,11 +4,10 @@
 
 #include <optional>
 
+#include "topk.h"
+
 namespace meteora {
 
-constexpr int64_t kMaxExperts = 64;
-constexpr int64_t kMaxTopK = 8;
-constexpr int64_t kMaxRank = 64;
 
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

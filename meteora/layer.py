@@ -108,23 +108,52 @@ class MeteoRALinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         mask = self.expert_mask if self.forced_mask is None else self.expert_mask & self.forced_mask
-        routing = Routing(*ops.route(x2, self.gate.weight, mask, self.top_k, self.temperature, impl=self.impl))
-        base = self.base_layer(x2)
-        x_lora = self.lora_dropout(x2)
-        if x_lora.dtype != self.lora_A.dtype:
-            x_lora = x_lora.to(self.lora_A.dtype)
-        out = ops.lora_experts(
-            x_lora, self.lora_A, self.lora_B, self.scaling, routing.expert_idx, routing.expert_weight,
-            base.to(self.lora_A.dtype), impl=self.impl,
+        out, routing = meteora_linear(
+            x2, self.base_layer.weight, self.base_layer.bias, self.gate.weight, self.lora_A, self.lora_B,
+            self.scaling, mask, self.top_k, self.temperature, x_lora=self.lora_dropout(x2), impl=self.impl,
         )
         if self.record_routing:
             self.routing = routing
         if self.routing_hook is not None:
             self.routing_hook(routing)
-        return out.to(base.dtype).reshape(*lead, out.shape[-1])
+        return out.reshape(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, rank={self.max_rank}, top_k={self.top_k}, "
             f"temperature={self.temperature:g}"
         )
+
+
+def meteora_linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    expert_mask: torch.Tensor | None,
+    top_k: int,
+    temperature: float,
+    x_lora: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, Routing]:
+    """One MeteoRA linear on x (T, d_in): ``(out (T, d_out), Routing)``.
+
+    The LoRA-expert sum is computed first and handed to the base GEMM as its addend
+    (``addmm``: cuBLAS adds it in the epilogue), so the output is written once and read never.
+    ``x_lora`` is what the experts see (dropout applied), x by default.
+    """
+    routing = Routing(*ops.route(x, gate_weight, expert_mask, top_k, temperature, impl=impl))
+    x_lora = x if x_lora is None else x_lora
+    if x_lora.dtype != lora_a.dtype:
+        x_lora = x_lora.to(lora_a.dtype)
+    delta = ops.lora_experts(
+        x_lora, lora_a, lora_b, scaling, routing.expert_idx, routing.expert_weight, None, impl=impl
+    ).to(x.dtype)
+    if base_bias is not None:
+        delta = delta + base_bias
+    if x.dtype == base_weight.dtype and x.shape[0] > 0:
+        return torch.addmm(delta, x, base_weight.t()), routing
+    return torch.nn.functional.linear(x, base_weight) + delta, routing

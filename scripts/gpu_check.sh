@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU box (device tool): build the extension against the torch there, run the CUDA tests
-# and compute-sanitizer on a representative subset. Logs go to $OUT (or ./out).
+# On the GPU box (device tool): build the extension against the torch there, run the CUDA tests,
+# compute-sanitizer on a representative subset, and (BENCH=1) the benchmark. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIRE_EXTENSION=1
@@ -8,16 +8,23 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIR
 # The image's default CXX (/opt/gcc) ships libstdc++ headers newer than the libstdc++ that torch
 # loads; code built with it crashed in std::ostream (seen 2026-11-23). Use the system compiler.
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-rm -rf build
-t0=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
-python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_model.py -k "not slow" 2>&1 | tee "$OUT/pytest.log" | tail -25
+if [ "${BUILD:-1}" = 1 ]; then
+  rm -rf build
+  t0=$(date +%s)
+  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+if [ "${TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_model.py -k "${TEST_FILTER:-not slow}" 2>&1 | tee "$OUT/pytest.log" | tail -25
+fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py \
-      -k "cuda and kernel and (test_forward_matches_float64 and (7-3-2 or 129-28-8 or 1-1-1) or test_gradients and 129-3-2 or test_ties)" \
+    METEORA_FUZZ_CASES=25 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py \
+      -k "cuda and kernel and (test_forward_matches_float64 and (7-3-2 or 129-28-8 or 1-1-1) or test_gradients and (129-3-2 or 129-28-8) or test_ties or fuzz)" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -cE 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer_$tool.log") clean summaries); $(grep -E 'passed|failed' "$OUT/sanitizer_$tool.log" | tail -1)"
   done
+fi
+if [ "${BENCH:-0}" = 1 ]; then
+  python3 benchmarks/moe_fwd.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-60}
 fi

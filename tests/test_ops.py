@@ -116,7 +116,7 @@ def test_forward_matches_float64(device, impl, dtype, tokens, experts, top_k):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens,experts,top_k", [s for s in SHAPES if s[0] in (0, 1, 129)])
 def test_gradients_match_float64_autograd(device, impl, dtype, tokens, experts, top_k):
     """dx, d gate, dA, dB of route -> lora_experts (+ the gate-logit loss path) vs float64 autograd."""
@@ -229,3 +229,119 @@ def test_opcheck(device):
         pytest.skip(f"no compiled kernel for {device}")
     for name, args in _opcheck_samples(device):
         torch.library.opcheck(getattr(torch.ops.meteora, name).default, args)
+
+
+def _fuzz_case(rng: random.Random, device: str):
+    """One random problem: sizes on both sides of every kernel threshold (tile vs decode shrink,
+    32- vs 64-token tiles, 16-byte vectors vs scalar loads, unions wider than one 256-row pass)."""
+    experts = rng.choice([1, 2, 3, 5, 8, 17, 28, 64])
+    top_k = rng.randint(1, min(experts, 8))
+    tokens = rng.choice([0, 1, 2, 5, 31, 33, 64, 65, 127, 200, 513] + ([1500, 8600] if device == "cuda" else []))
+    aligned = rng.random() < 0.6
+    d_in = rng.choice([8, 64, 136, 512]) if aligned else rng.randint(1, 150)
+    d_out = rng.choice([8, 40, 136, 264]) if aligned else rng.randint(1, 150)
+    ranks = [rng.choice([8, 16, 64]) if aligned else rng.randint(1, 64) for _ in range(experts)]
+    return dict(
+        tokens=tokens, experts=experts, top_k=top_k, d_in=d_in, d_out=d_out, ranks=ranks,
+        dtype=rng.choice([torch.float32, torch.float16, torch.bfloat16]),
+        strided=rng.random() < 0.3, masked=rng.random() < 0.3, temperature=rng.choice([0.5, 1.0, 2.0]),
+    )
+
+
+def _run_fuzz_case(case, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dtype, tokens, experts, top_k = case["dtype"], case["tokens"], case["experts"], case["top_k"]
+    d_in, d_out, ranks = case["d_in"], case["d_out"], case["ranks"]
+    rank = max(ranks)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    x = randn(tokens, 2 * d_in)[:, ::2] if case["strided"] else randn(tokens, d_in)
+    gate = randn(experts, d_in, scale=d_in**-0.5)
+    lora_a = randn(experts, rank, d_in, scale=d_in**-0.5)
+    lora_b = randn(experts, d_out, rank, scale=rank**-0.5)
+    for e, r in enumerate(ranks):
+        lora_a[e, r:] = 0
+        lora_b[e, :, r:] = 0
+    scaling = (torch.rand(experts, generator=gen) + 0.5).to(device)
+    mask = None
+    if case["masked"]:
+        mask = torch.rand(experts, generator=gen) < 0.7
+        mask[0] = True
+        mask = mask.to(device)
+    base = randn(tokens, d_out)
+    grad_out = randn(tokens, d_out).double()
+
+    leaves = [t.detach().requires_grad_() for t in (x, gate, lora_a, lora_b)]
+    _, weight, idx = ops.route(leaves[0], leaves[1], mask, top_k, case["temperature"], impl="kernel")
+    out = ops.lora_experts(leaves[0], leaves[2], leaves[3], scaling, idx, weight, base, impl="kernel")
+    (out.double() * grad_out).sum().backward()
+
+    ref_leaves = [f64(t).requires_grad_() for t in (x, gate, lora_a, lora_b)]
+    logits = ref_leaves[0] @ ref_leaves[1].t()
+    ref_w = torch.softmax(logits.gather(1, idx) / case["temperature"], -1)
+    if mask is not None:  # absent experts picked only when k exceeds the present ones: weight 0
+        present = mask[idx]
+        ref_w = torch.where(present, torch.softmax(logits.gather(1, idx).masked_fill(~present, -torch.inf) / case["temperature"], -1), 0.0)
+    ref_out, _ = reference.lora_experts(ref_leaves[0], ref_leaves[2], ref_leaves[3], f64(scaling), idx, ref_w, f64(base))
+    (ref_out * grad_out).sum().backward()
+    what = f"{case} seed {seed}"
+    if tokens:  # the selection is the top-k of the present experts (near-ties may swap order)
+        z = logits.detach()
+        present_z = z if mask is None else z.masked_fill(~mask, -torch.inf)
+        chosen = present_z.gather(1, idx).max(-1).values
+        assert_close(chosen, present_z.max(-1).values, torch.float32, what="top-1 " + what)
+    assert_close(out, ref_out, dtype, what="out " + what)
+    for name, leaf, ref in zip(("x", "gate", "lora_a", "lora_b"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref.grad, dtype, tol=GRAD_TOL, what=f"grad {name} {what}", scaled=True)
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+def test_fuzz_against_reference(device):
+    """Randomized problems through route + lora_experts (forward and every gradient): a few hundred
+    on CUDA, where the kernels have the most paths; METEORA_FUZZ_CASES overrides the count."""
+    if not ops.kernel_available(device):
+        pytest.skip(f"no compiled kernel for {device}")
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    cases = int(os.environ.get("METEORA_FUZZ_CASES", 300 if device == "cuda" else 40))
+    for i in range(cases):
+        case = _fuzz_case(rng, device)
+        _run_fuzz_case(case, device, seed + i)
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_and_cuda_graph(device):
+    """The ops trace under torch.compile (fullgraph) and replay inside a captured CUDA graph."""
+    if not ops.kernel_available(device):
+        pytest.skip(f"no compiled kernel for {device}")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    inp = make_inputs(70, 5, 2, dtype, device, seed=fresh_seed())
+
+    def layer(x):
+        _, w, idx = torch.ops.meteora.route(x, inp["gate_weight"], None, 2, 1.0)
+        out, _ = torch.ops.meteora.lora_experts(x, inp["lora_a"], inp["lora_b"], inp["scaling"], idx, w, None)
+        return out
+
+    x = inp["x"]
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    if device != "cuda":
+        return
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer(static_x)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    fresh = torch.randn_like(x)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(static_out, layer(fresh))

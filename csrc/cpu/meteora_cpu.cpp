@@ -12,6 +12,7 @@
 
 #include "aten_impl.h"
 #include "checks.h"
+#include "topk.h"
 
 namespace meteora {
 namespace {
@@ -19,40 +20,10 @@ namespace {
 template <typename scalar_t>
 void topk_softmax_rows(const scalar_t* logits, const bool* mask, int64_t tokens, int64_t experts,
                        int64_t top_k, double temperature, scalar_t* weight_out, int64_t* idx_out) {
-  const scalar_t neg_inf = -std::numeric_limits<scalar_t>::infinity();
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* row = logits + t * experts;
-      bool taken[kMaxExperts] = {};
-      scalar_t selected[kMaxTopK];
-      for (int64_t j = 0; j < top_k; ++j) {
-        int64_t best = -1;
-        scalar_t best_value = neg_inf;
-        for (int64_t e = 0; e < experts; ++e) {
-          if (taken[e]) continue;
-          const scalar_t v = (mask == nullptr || mask[e]) ? row[e] : neg_inf;
-          // Strictly greater: among equal logits the lower index wins.
-          if (best < 0 || v > best_value) {
-            best = e;
-            best_value = v;
-          }
-        }
-        taken[best] = true;
-        selected[j] = best_value;
-        idx_out[t * top_k + j] = best;
-      }
-      // selected[0] is the largest; it is -inf only when every expert is masked.
-      const scalar_t top = selected[0];
-      scalar_t denom = 0;
-      for (int64_t j = 0; j < top_k; ++j) {
-        const scalar_t e = (top == neg_inf) ? scalar_t(0)
-                                            : std::exp((selected[j] - top) / scalar_t(temperature));
-        weight_out[t * top_k + j] = e;
-        denom += e;
-      }
-      for (int64_t j = 0; j < top_k; ++j) {
-        weight_out[t * top_k + j] = denom > 0 ? weight_out[t * top_k + j] / denom : scalar_t(0);
-      }
+      topk_softmax<scalar_t>(logits + t * experts, 1, mask, int(experts), int(top_k),
+                             scalar_t(temperature), weight_out + t * top_k, idx_out + t * top_k);
     }
   });
 }

@@ -1,7 +1,7 @@
-// CUDA kernels of the meteora ops, first version: correct on every shape class (any T, N <= 64,
-// k <= 8, r <= 64, strided x, fp32/fp16/bf16), graph-capturable (no host sync), on the current
-// stream. SIMT kernels, one warp per token or (token, slot) pair; the grouped tensor-core GEMMs
-// that reach the speed targets replace them behind the same ops.
+// CUDA side of the meteora ops. Routing: gate logits by one cuBLAS GEMM with fp32 output, then
+// the shared top-k (csrc/topk.h) in a kernel. LoRA experts: fp16 / bf16 go through the grouped
+// tensor-core kernels of grouped.cu; fp32 (a correctness path, not a speed target) through the SIMT
+// kernels below. Everything runs on the current stream with no host sync, so CUDA graphs capture it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +11,7 @@
 
 #include "aten_impl.h"
 #include "checks.h"
+#include "cuda/grouped.h"
 
 namespace meteora {
 namespace {
@@ -28,64 +29,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T>
 __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
-}
-
-// One warp per token: N gate logits (fp32 dot products over d_in), then lane 0 selects the top-k
-// (strictly greater wins, so ties go to the lower index) and takes the softmax with temperature.
-template <typename x_t>
-__global__ void route_kernel(const x_t* __restrict__ x, int64_t x_s0, int64_t x_s1,
-                             const float* __restrict__ gate, const bool* __restrict__ mask,
-                             int64_t tokens, int64_t d_in, int experts, int top_k, float temperature,
-                             float* __restrict__ logits, float* __restrict__ weight,
-                             int64_t* __restrict__ idx) {
-  __shared__ float s_logits[kWarpsPerBlock][kMaxExperts];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t t = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
-  if (t >= tokens) return;
-  const x_t* row = x + t * x_s0;
-  for (int e0 = 0; e0 < experts; e0 += kChunk) {
-    float acc[kChunk] = {};
-    for (int64_t i = lane; i < d_in; i += kWarp) {
-      const float xv = to_float(row[i * x_s1]);
-#pragma unroll
-      for (int c = 0; c < kChunk; ++c)
-        if (e0 + c < experts) acc[c] += xv * gate[int64_t(e0 + c) * d_in + i];
-    }
-#pragma unroll
-    for (int c = 0; c < kChunk; ++c) {
-      const float s = warp_sum(acc[c]);
-      if (lane == 0 && e0 + c < experts) {
-        s_logits[warp][e0 + c] = s;
-        logits[t * experts + e0 + c] = s;
-      }
-    }
-  }
-  __syncwarp();
-  if (lane != 0) return;
-  bool taken[kMaxExperts] = {};
-  float selected[kMaxTopK];
-  for (int j = 0; j < top_k; ++j) {
-    int best = -1;
-    float best_value = -INFINITY;
-    for (int e = 0; e < experts; ++e) {
-      if (taken[e]) continue;
-      const float v = (mask == nullptr || mask[e]) ? s_logits[warp][e] : -INFINITY;
-      if (best < 0 || v > best_value) {
-        best = e;
-        best_value = v;
-      }
-    }
-    taken[best] = true;
-    selected[j] = best_value;
-    idx[t * top_k + j] = best;
-  }
-  const float top = selected[0];
-  float denom = 0.f;
-  for (int j = 0; j < top_k; ++j) {
-    selected[j] = (top == -INFINITY) ? 0.f : expf((selected[j] - top) / temperature);
-    denom += selected[j];
-  }
-  for (int j = 0; j < top_k; ++j) weight[t * top_k + j] = denom > 0.f ? selected[j] / denom : 0.f;
 }
 
 // One warp per (token, slot) pair p = t * k + j: hidden[p, :] = A[e] x_t, e = idx[p].
@@ -213,28 +156,43 @@ unsigned int warp_blocks(int64_t items) {
   return static_cast<unsigned int>((items + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
+// Largest N r (expert rank rows) for which the forward runs as dense GEMMs at prefill sizes.
+constexpr int64_t kDenseMaxRows = 512;
+
+bool is_half16(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+
+cuda::Half16 half16(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf ? cuda::Half16::kFloat16 : cuda::Half16::kBFloat16;
+}
+
+// Unit column stride (the tensor-core kernels read rows); any row stride.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) ? t : t.contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& x, const at::Tensor& gate_weight,
     const std::optional<at::Tensor>& expert_mask, int64_t top_k, double temperature) {
   check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
   check_cuda_dtype(x, "route");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t tokens = x.size(0), d_in = x.size(1), experts = gate_weight.size(0);
+  const int64_t tokens = x.size(0), experts = gate_weight.size(0);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor logits = at::empty({tokens, experts}, f32);
   at::Tensor weight = at::empty({tokens, top_k}, f32);
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
+  // fp16 / bf16 products are exact in fp32, so fp32-output GEMM = the reference's fp32 math.
+  at::Tensor logits = (is_half16(x) && gate_weight.scalar_type() == x.scalar_type())
+                          ? at::mm(x, gate_weight.t(), at::kFloat)
+                          : at::mm(x.to(at::kFloat), gate_weight.to(at::kFloat).t());
+  logits = logits.contiguous();
   if (tokens == 0) return {logits, weight, idx};
-  const at::Tensor gate = gate_weight.to(at::kFloat).contiguous();
   at::Tensor mask;
   if (expert_mask.has_value()) mask = expert_mask->contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meteora_route_cuda", [&] {
-    route_kernel<scalar_t><<<warp_blocks(tokens), kWarpsPerBlock * kWarp, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), gate.data_ptr<float>(),
-        mask.defined() ? mask.data_ptr<bool>() : nullptr, tokens, d_in, int(experts), int(top_k),
-        float(temperature), logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>());
-  });
+  cuda::topk(logits.data_ptr<float>(), mask.defined() ? mask.data_ptr<bool>() : nullptr, tokens,
+             int(experts), int(top_k), float(temperature), weight.data_ptr<float>(),
+             idx.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logits, weight, idx};
 }
@@ -256,9 +214,36 @@ std::tuple<at::Tensor, at::Tensor> lora_experts_cuda(
   const at::Tensor w = expert_weight.to(at::kFloat).contiguous();
   const at::Tensor s = scaling.to(at::kFloat).contiguous();
   at::Tensor base_c;
-  if (base.has_value()) base_c = base->to(x.scalar_type()).contiguous();
+  if (base.has_value()) base_c = rows_contiguous(base->to(x.scalar_type()));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meteora_lora_experts_cuda", [&] {
+  if (is_half16(x) && tokens * top_k > 64 && lora_a.size(0) * rank <= kDenseMaxRows) {
+    // Few expert rows (N r <= 512, e.g. 28 x 8): all experts' shrink and expand are two tensor-core
+    // GEMMs (cuBLAS) around our select kernel; that beats gathering per tile at this size.
+    const int64_t experts = lora_a.size(0), nr = experts * rank;
+    const at::Tensor hall = at::mm(x, a.view({nr, d_in}).t(), at::kFloat);
+    at::Tensor H = at::empty({tokens, nr}, x.options());
+    cuda::select_dense(half16(x), hall.data_ptr<float>(), idx.data_ptr<int64_t>(), w.data_ptr<float>(),
+                       s.data_ptr<float>(), tokens, int(experts), int(rank), int(top_k), hidden.data_ptr<float>(),
+                       H.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor b_all = b.permute({1, 0, 2}).reshape({d_out, nr});
+    out = base_c.defined() ? at::addmm(base_c, H, b_all.t()) : at::mm(H, b_all.t());
+    return {out, hidden};
+  }
+  if (is_half16(x)) {
+    const at::Tensor xc = rows_contiguous(x);
+    cuda::shrink(half16(x), xc.data_ptr(), xc.stride(0), tokens, d_in, a.data_ptr(), int(lora_a.size(0)),
+                 int(rank), idx.data_ptr<int64_t>(), int(top_k), hidden.data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::expand(half16(x), hidden.data_ptr<float>(), idx.data_ptr<int64_t>(), int(top_k), tokens,
+                 w.data_ptr<float>(), s.data_ptr<float>(), b.data_ptr(), /*transposed=*/false,
+                 int(lora_a.size(0)), int(rank), d_out, base_c.defined() ? base_c.data_ptr() : nullptr,
+                 base_c.defined() ? base_c.stride(0) : 0, out.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, hidden};
+  }
+  [&] {  // fp32 (fp16 / bf16 returned above)
+    using scalar_t = float;
     shrink_kernel<scalar_t><<<warp_blocks(tokens * top_k), kWarpsPerBlock * kWarp, 0, stream>>>(
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), a.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
         tokens * top_k, int(top_k), d_in, int(rank), hidden.data_ptr<float>());
@@ -268,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> lora_experts_cuda(
         w.data_ptr<float>(), base_c.defined() ? base_c.data_ptr<scalar_t>() : nullptr, int(top_k), int(rank),
         d_out, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  }();
   return {out, hidden};
 }
 
@@ -303,7 +288,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
   if (grad_hidden.has_value()) gh_in = grad_hidden->to(at::kFloat).contiguous();
   at::Tensor grad_h = at::empty({tokens, top_k, rank}, f32);  // dL/dhidden, all terms
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meteora_lora_backward_cuda", [&] {
+  if (is_half16(x) && tokens * top_k > 64 && experts * rank <= kDenseMaxRows) {
+    // Dense path (see lora_experts_cuda): four tensor-core GEMMs around one select kernel.
+    const int64_t nr = experts * rank;
+    const at::Tensor b_all = b.permute({1, 0, 2}).reshape({d_out, nr});
+    const at::Tensor bt = at::mm(g, b_all, at::kFloat);
+    at::Tensor GH = at::empty({tokens, nr}, x.options()), H = at::empty({tokens, nr}, x.options());
+    cuda::select_dense_backward(half16(x), bt.data_ptr<float>(), idx.data_ptr<int64_t>(), w.data_ptr<float>(),
+                                s.data_ptr<float>(), h.data_ptr<float>(),
+                                gh_in.defined() ? gh_in.data_ptr<float>() : nullptr, tokens, int(experts), int(rank),
+                                int(top_k), grad_h.data_ptr<float>(), need_weight ? grad_w.data_ptr<float>() : nullptr,
+                                GH.data_ptr(), H.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_x) grad_x = at::mm(GH, a.view({nr, d_in}));
+    if (need_lora) {
+      grad_a.copy_(at::mm(GH.t(), x).view({experts, rank, d_in}));
+      grad_b.copy_(at::mm(g.t(), H).view({d_out, experts, rank}).permute({1, 0, 2}));
+    }
+    return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
+  }
+  if (is_half16(x)) {
+    const auto dt = half16(x);
+    cuda::shrink_backward(dt, g.data_ptr(), tokens, d_out, b.data_ptr(), int(experts), int(rank),
+                          idx.data_ptr<int64_t>(), int(top_k), w.data_ptr<float>(), s.data_ptr<float>(),
+                          h.data_ptr<float>(), gh_in.defined() ? gh_in.data_ptr<float>() : nullptr,
+                          grad_h.data_ptr<float>(), need_weight ? grad_w.data_ptr<float>() : nullptr, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_x) {
+      cuda::expand(dt, grad_h.data_ptr<float>(), idx.data_ptr<int64_t>(), int(top_k), tokens, nullptr, nullptr,
+                   a.data_ptr(), /*transposed=*/true, int(experts), int(rank), d_in, nullptr, 0,
+                   grad_x.data_ptr(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (need_lora) {
+      const int64_t pairs = tokens * top_k;
+      const auto i32 = x.options().dtype(at::kInt);
+      at::Tensor perm = at::empty({pairs}, i32), offsets = at::empty({experts + 1}, i32);
+      cuda::sort_pairs(idx.data_ptr<int64_t>(), pairs, int(experts), perm.data_ptr<int>(),
+                       offsets.data_ptr<int>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor xc = rows_contiguous(x);
+      at::Tensor acc_a = at::zeros({experts, rank, d_in}, f32), acc_b = at::zeros({experts, d_out, rank}, f32);
+      cuda::pair_outer(dt, perm.data_ptr<int>(), offsets.data_ptr<int>(), pairs, int(experts), int(rank),
+                       int(top_k), grad_h.data_ptr<float>(), nullptr, nullptr, xc.data_ptr(), xc.stride(0), d_in,
+                       /*transposed=*/false, acc_a.data_ptr<float>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::pair_outer(dt, perm.data_ptr<int>(), offsets.data_ptr<int>(), pairs, int(experts), int(rank),
+                       int(top_k), h.data_ptr<float>(), w.data_ptr<float>(), s.data_ptr<float>(), g.data_ptr(),
+                       d_out, d_out, /*transposed=*/true, acc_b.data_ptr<float>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      grad_a.copy_(acc_a);
+      grad_b.copy_(acc_b);
+    }
+    return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
+  }
+  [&] {  // fp32 (fp16 / bf16 returned above)
+    using scalar_t = float;
     backward_pair_kernel<scalar_t><<<warp_blocks(tokens * top_k), kWarpsPerBlock * kWarp, 0, stream>>>(
         g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s.data_ptr<float>(), idx.data_ptr<int64_t>(),
         w.data_ptr<float>(), h.data_ptr<float>(), gh_in.defined() ? gh_in.data_ptr<float>() : nullptr,
@@ -316,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
           d_in, grad_x.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  });
+  }();
   if (need_lora) {
     // dA[e] = sum over pairs routed to e of grad_h^T x;  dB[e] = sum of g (w s hidden)^T.
     // First version: scatter the pairs into dense (T, N, r) and use one GEMM each.
