@@ -33,11 +33,13 @@ def _skip_unless_available(impl: str, device: str) -> None:
         pytest.skip(f"no compiled kernel for {device}")
 
 
-def make_inputs(tokens, experts, top_k, dtype, device, seed, noncontiguous=False, ranks=None):
+def make_inputs(tokens, experts, top_k, dtype, device, seed, noncontiguous=False, ranks=None, d_in=None, d_out=None):
     """Random MeteoRA-linear inputs; experts have mixed ranks, zero-padded to the largest."""
     gen = torch.Generator().manual_seed(seed)
     ranks = ranks or [RANK_CYCLE[e % len(RANK_CYCLE)] for e in range(experts)]
-    rank, d_in, d_out = max(ranks), 24 + seed % 9, 20 + seed % 7
+    rank = max(ranks)
+    d_in = d_in or 24 + seed % 9
+    d_out = d_out or 20 + seed % 7
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
@@ -249,29 +251,18 @@ def _fuzz_case(rng: random.Random, device: str):
 
 
 def _run_fuzz_case(case, device, seed):
-    gen = torch.Generator().manual_seed(seed)
     dtype, tokens, experts, top_k = case["dtype"], case["tokens"], case["experts"], case["top_k"]
-    d_in, d_out, ranks = case["d_in"], case["d_out"], case["ranks"]
-    rank = max(ranks)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
-
-    x = randn(tokens, 2 * d_in)[:, ::2] if case["strided"] else randn(tokens, d_in)
-    gate = randn(experts, d_in, scale=d_in**-0.5)
-    lora_a = randn(experts, rank, d_in, scale=d_in**-0.5)
-    lora_b = randn(experts, d_out, rank, scale=rank**-0.5)
-    for e, r in enumerate(ranks):
-        lora_a[e, r:] = 0
-        lora_b[e, :, r:] = 0
-    scaling = (torch.rand(experts, generator=gen) + 0.5).to(device)
+    inp = make_inputs(tokens, experts, top_k, dtype, device, seed, noncontiguous=case["strided"],
+                      ranks=case["ranks"], d_in=case["d_in"], d_out=case["d_out"])
+    x, gate, lora_a, lora_b, scaling = (inp[k] for k in ("x", "gate_weight", "lora_a", "lora_b", "scaling"))
+    gen = torch.Generator().manual_seed(seed + 1)
     mask = None
     if case["masked"]:
         mask = torch.rand(experts, generator=gen) < 0.7
         mask[0] = True
         mask = mask.to(device)
-    base = randn(tokens, d_out)
-    grad_out = randn(tokens, d_out).double()
+    base = torch.randn(tokens, case["d_out"], generator=gen).to(dtype).to(device)
+    grad_out = torch.randn(tokens, case["d_out"], generator=gen).to(dtype).to(device).double()
 
     leaves = [t.detach().requires_grad_() for t in (x, gate, lora_a, lora_b)]
     _, weight, idx = ops.route(leaves[0], leaves[1], mask, top_k, case["temperature"], impl="kernel")

@@ -186,7 +186,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   at::Tensor logits = (is_half16(x) && gate_weight.scalar_type() == x.scalar_type())
                           ? at::mm(x, gate_weight.t(), at::kFloat)
                           : at::mm(x.to(at::kFloat), gate_weight.to(at::kFloat).t());
-  logits = logits.contiguous();
   if (tokens == 0) return {logits, weight, idx};
   at::Tensor mask;
   if (expert_mask.has_value()) mask = expert_mask->contiguous();
@@ -227,7 +226,11 @@ std::tuple<at::Tensor, at::Tensor> lora_experts_cuda(
                        H.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor b_all = b.permute({1, 0, 2}).reshape({d_out, nr});
-    out = base_c.defined() ? at::addmm(base_c, H, b_all.t()) : at::mm(H, b_all.t());
+    if (base_c.defined()) {
+      at::addmm_out(out, base_c, H, b_all.t());
+    } else {
+      at::mm_out(out, H, b_all.t());
+    }
     return {out, hidden};
   }
   if (is_half16(x)) {
@@ -271,11 +274,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
               "meteora.lora_experts_backward: grad_out must be (T, d_out), got ", grad_out.sizes());
   const auto f32 = x.options().dtype(at::kFloat);
   const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor grad_x = need_x ? at::zeros({tokens, d_in}, x.options()) : empty;
-  at::Tensor grad_w = need_weight ? at::zeros({tokens, top_k}, f32) : empty;
-  at::Tensor grad_a = need_lora ? at::zeros_like(lora_a) : empty;
-  at::Tensor grad_b = need_lora ? at::zeros_like(lora_b) : empty;
-  if (tokens == 0 || !(need_x || need_weight || need_lora)) {
+  // Every path below writes all of each gradient; only the nothing-to-compute return needs zeros.
+  const bool nothing = tokens == 0 || !(need_x || need_weight || need_lora);
+  const auto make = [&](bool need, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    return !need ? empty : (nothing ? at::zeros(sizes, opts) : at::empty(sizes, opts));
+  };
+  at::Tensor grad_x = make(need_x, {tokens, d_in}, x.options());
+  at::Tensor grad_w = make(need_weight, {tokens, top_k}, f32);
+  at::Tensor grad_a = make(need_lora, lora_a.sizes(), lora_a.options());
+  at::Tensor grad_b = make(need_lora, lora_b.sizes(), lora_b.options());
+  if (nothing) {
     return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
   }
   const at::Tensor a = lora_a.contiguous(), b = lora_b.contiguous();
@@ -300,9 +308,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
                                 int(top_k), grad_h.data_ptr<float>(), need_weight ? grad_w.data_ptr<float>() : nullptr,
                                 GH.data_ptr(), H.data_ptr(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (need_x) grad_x = at::mm(GH, a.view({nr, d_in}));
+    if (need_x) at::mm_out(grad_x, GH, a.view({nr, d_in}));
     if (need_lora) {
-      grad_a.copy_(at::mm(GH.t(), x).view({experts, rank, d_in}));
+      at::Tensor grad_a_rows = grad_a.view({nr, d_in});
+      at::mm_out(grad_a_rows, GH.t(), x);
       grad_b.copy_(at::mm(g.t(), H).view({d_out, experts, rank}).permute({1, 0, 2}));
     }
     return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
