@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install into .venv and run the main job on the embedded default model
+#   make train  install into .venv and run the main job (python -m meteora.train) on the embedded default
 #   make test   install into .venv and run the tests
+# (make demo: the untrained quick look, python -m meteora)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: install demo test clean
+.PHONY: install train demo test clean
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -18,6 +19,9 @@ $(VENV)/.deps-installed: requirements-dev.txt
 # Compiles meteora._C against the torch in .venv (CPU kernels, and CUDA kernels when nvcc is there).
 install: $(VENV)/.deps-installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+train: install
+	$(PY) -m meteora.train
 
 demo: install
 	$(PY) -m meteora

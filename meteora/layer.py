@@ -108,8 +108,12 @@ class MeteoRALinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         mask = self.expert_mask if self.forced_mask is None else self.expert_mask & self.forced_mask
+        # Trainable copies may be kept in fp32 beside a bf16 base: compute in the input's dtype
+        # (the casts are differentiable, so the fp32 parameters receive the gradients).
+        gate, lora_a, lora_b = (p if p.dtype == x2.dtype else p.to(x2.dtype)
+                                for p in (self.gate.weight, self.lora_A, self.lora_B))
         out, routing = meteora_linear(
-            x2, self.base_layer.weight, self.base_layer.bias, self.gate.weight, self.lora_A, self.lora_B,
+            x2, self.base_layer.weight, self.base_layer.bias, gate, lora_a, lora_b,
             self.scaling, mask, self.top_k, self.temperature, x_lora=self.lora_dropout(x2), impl=self.impl,
         )
         if self.record_routing:

@@ -136,6 +136,58 @@ class MeteoRAModel(nn.Module):
         for p in self.lora_parameters():
             p.requires_grad_(loras)
 
+    # -- growing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_adapter(self, name: str, adapter: str | os.PathLike | LoraAdapter) -> int:
+        """Append one PEFT LoRA adapter as expert N; returns its index.
+
+        Every existing expert, gate row, k and temperature is kept; each gate gets a new zero row
+        for the newcomer (train it, e.g. ``python -m meteora.train --add-adapter``, keeping the old
+        rows fixed). A module only the new adapter adapts becomes a MeteoRA linear in which the old
+        experts are masked.
+        """
+        if name in self.adapter_names:
+            raise ValueError(f"meteora: an adapter named {name!r} is already embedded")
+        loaded = adapter if isinstance(adapter, LoraAdapter) else load_adapter(name, adapter)
+        old_n, n = self.num_experts, self.num_experts + 1
+        check_routing(n, self.top_k, self.temperature)
+        layers = self.meteora_layers()
+        for module in loaded.modules:
+            linear = layers[module].base_layer if module in layers else _check_linear(
+                self.model, module, f"adapter '{name}' ({loaded.source})")
+            a, b = loaded.lora_a[module], loaded.lora_b[module]
+            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+                raise AdapterError(f"adapter '{name}' ({loaded.source}): '{module}' has lora_A {tuple(a.shape)} and "
+                                   f"lora_B {tuple(b.shape)} but the base linear is {linear.in_features} -> "
+                                   f"{linear.out_features}")
+        top_k, temperature = self.top_k, self.temperature
+        for module in sorted(set(layers) | set(loaded.modules)):
+            old = layers.get(module)
+            linear = old.base_layer if old is not None else self.model.get_submodule(module)
+            rank = max(old.max_rank if old is not None else 1,
+                       loaded.lora_a[module].shape[0] if module in loaded.lora_a else 1)
+            layer = MeteoRALinear(linear, n, rank, top_k, temperature, self.lora_dropout)
+            layer.to(device=linear.weight.device)
+            if old is not None:
+                layer.lora_A.data = layer.lora_A.data.to(old.lora_A.dtype)
+                layer.lora_B.data = layer.lora_B.data.to(old.lora_B.dtype)
+                layer.gate.weight.data = layer.gate.weight.data.to(old.gate.weight.dtype)
+                layer.lora_A[:old_n, :old.max_rank].copy_(old.lora_A)
+                layer.lora_B[:old_n, :, :old.max_rank].copy_(old.lora_B)
+                layer.scaling[:old_n] = old.scaling
+                layer.ranks[:old_n] = old.ranks
+                layer.expert_mask[:old_n] = old.expert_mask
+                layer.gate.weight[:old_n].copy_(old.gate.weight)
+                layer.impl = old.impl
+            layer.gate.weight[old_n:].zero_()
+            if module in loaded.lora_a:
+                layer.set_expert(old_n, loaded.lora_a[module], loaded.lora_b[module], loaded.scaling[module])
+            _replace_module(self.model, module, layer)
+        self.adapter_names.append(name)
+        self.model.requires_grad_(False)
+        self.set_trainable(gates=True, loras=False)
+        return old_n
+
     # -- persistence ------------------------------------------------------------------------
     def meteora_config(self) -> dict:
         layers = self.meteora_layers()
@@ -162,19 +214,21 @@ class MeteoRAModel(nn.Module):
         """Only what MeteoRA adds: per module lora_A, lora_B (padded) and the gate."""
         state = {}
         for name, layer in self.meteora_layers().items():
-            state[f"{name}.lora_A"] = layer.lora_A.detach()
-            state[f"{name}.lora_B"] = layer.lora_B.detach()
-            state[f"{name}.gate"] = layer.gate.weight.detach()
+            state[f"{name}.lora_A"] = _full_tensor(layer.lora_A.detach())
+            state[f"{name}.lora_B"] = _full_tensor(layer.lora_B.detach())
+            state[f"{name}.gate"] = _full_tensor(layer.gate.weight.detach())
         return state
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write meteora_config.json + meteora_model.safetensors (each file written atomically;
-        the config last, so a folder with a config is complete). The base model is not copied."""
+        the config last, so a folder with a config is complete). The base model is not copied.
+        ``state_dict``: a ``meteora_state_dict()`` already gathered (FSDP: every rank gathers, one writes)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self.meteora_state_dict().items()}
+        state = self.meteora_state_dict() if state_dict is None else state_dict
+        state = {k: v.contiguous().cpu() for k, v in state.items()}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         config = json.dumps(self.meteora_config(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
@@ -207,6 +261,12 @@ class RoutingTrace:
         if not self.steps:
             return torch.zeros(0, self.num_experts)
         return torch.stack([self.expert_weights(name).cpu() for name in self.steps]).mean(0)
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded by FSDP2 (a DTensor) gathered whole; a plain tensor as is. With FSDP2
+    every rank must make the same calls."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _atomic_write(target: Path, write) -> None:

