@@ -234,3 +234,14 @@ def test_torchrun_two_gloo_processes_fsdp2(trained, tiny_base, task_dir, tmp_pat
     # the training state written by 2 processes resumes only with 2
     with pytest.raises(SystemExit):
         train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "8", "--resume"))
+
+
+def test_gradient_checkpointing_gives_the_same_steps(trained, tiny_base, task_dir, tmp_path):
+    logs = []
+    for flag in ([], ["--grad-checkpointing"]):
+        out = tmp_path / ("gc" if flag else "plain")
+        train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "3", "--train-loras", *flag))
+        logs.append(read_log(out))
+    for a, b in zip(*logs):
+        for key in ("loss", "lm", "gate", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
