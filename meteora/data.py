@@ -13,6 +13,7 @@ A task without a test split gets 20% of its rows as test (seed 42). Caps: 100k t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .base import cache_dir
+from .model import _default_mode
 
 log = logging.getLogger("meteora")
 
@@ -137,6 +139,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -376,12 +379,25 @@ def load_task(spec: str, data_dir: str | os.PathLike | None = None, download: bo
         for candidate in (Path(data_dir) / source, Path(data_dir) / f"{source}.jsonl"):
             if candidate.exists():
                 return load_local_task(name, candidate)
+    if "+" in source and not path.exists():  # a union of tasks, e.g. the mixed-task LoRA's data
+        parts = [load_task(part, data_dir, download) for part in source.split("+") if part.strip()]
+        return union_task(name, parts)
     if source in BIGBENCH_TASKS:
         return bigbench_task(source, download)
     if source in HUB_TASKS or "/" in source:
         return hub_task(name, source)
     raise DataError(f"task '{name}': '{source}' is not a path, not under --data-dir, not a BIG-bench task of the "
                     f"suite ({', '.join(BIGBENCH_TASKS[:3])}, ...) and not a Hugging Face dataset id")
+
+
+def union_task(name: str, parts: Sequence[Task]) -> Task:
+    """One task made of several: their rows dealt out in turn (so any prefix, e.g. what
+    ``--rows-per-task`` keeps, is balanced across them)."""
+    def deal(lists):
+        return [row for group in itertools.zip_longest(*lists) for row in group if row is not None]
+
+    return Task(name, deal([p.train for p in parts]), deal([p.test for p in parts]),
+                "+".join(p.source or p.name for p in parts))
 
 
 def load_tasks(specs: Sequence[str], data_dir: str | os.PathLike | None = None, download: bool = True) -> list[Task]:

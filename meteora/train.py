@@ -38,7 +38,7 @@ from .adapters import TARGET_MODULES, AdapterError
 from .base import DEFAULT_MODEL, cache_dir, load_base_model
 from .data import Task
 from .loss import gate_accuracy, meteora_loss
-from .model import CheckpointError, MeteoRAModel, _atomic_write, from_adapters, load
+from .model import CheckpointError, MeteoRAModel, _atomic_write, _default_mode, from_adapters, load
 
 log = logging.getLogger("meteora")
 
@@ -369,6 +369,7 @@ def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
     history = optimize(model, params, batches, loss_fn, sub, Dist(device=ctx.device), f"adapter {task.name}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    os.chmod(tmp, _default_mode() | 0o111)  # mkdtemp's folders are 0700
     try:
         model.save_pretrained(tmp)
         (tmp / "meteora_adapter.json").write_text(json.dumps({

@@ -68,6 +68,11 @@ def test_local_tasks_folder_file_and_data_dir(tmp_path):
         data.load_task(f"e={tmp_path / 'empty'}")
     with pytest.raises(data.DataError, match="'no_such_task' is not a path"):
         data.load_task("no_such_task")
+    (tmp_path / "lib" / "mine").mkdir()
+    write(tmp_path / "lib" / "mine" / "train.jsonl", [{"prompt": "m", "response": "m"}] * 3)
+    mixed = data.load_task("mix=mine+single", data_dir=tmp_path / "lib")
+    assert mixed.name == "mix" and len(mixed.train) == 2 + 8  # mine: 3 rows, one of them test
+    assert [r["prompt"] for r in mixed.train[:4]] == ["m", task.train[0]["prompt"], "m", task.train[1]["prompt"]]
     with pytest.raises(data.DataError, match="task names repeat"):
         data.load_tasks([f"a={tmp_path / 'folder'}", f"a={tmp_path / 'lib' / 'single.jsonl'}"])
 

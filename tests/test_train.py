@@ -18,76 +18,9 @@ import torch
 import meteora
 from meteora import data, train
 
+from conftest import common, read_log
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, smollm2_dir):
-    """A 2-layer random LLaMA with SmolLM2's tokenizer (and chat template), saved as a folder."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-base")
-    model.save_pretrained(folder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
-    tokenizer.chat_template = None  # the "[INST] ... [/INST]" wrapper: fewer tokens shared by every task
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-WORDS = {  # each task its own vocabulary, so that a gate can tell the tasks apart at most tokens
-    "count": ["cat", "dog", "horse", "mouse", "tiger", "zebra", "camel", "sheep"],
-    "reverse": ["apple", "mango", "lemon", "grape", "peach", "melon", "berry", "plum"],
-    "upper": ["red", "blue", "green", "yellow", "purple", "orange", "silver", "golden"],
-}
-
-
-def _task_rows(kind: str, n: int, seed: int):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = rng.choices(WORDS[kind], k=rng.randint(4, 7))
-        w = " ".join(words)
-        if kind == "count":
-            rows.append({"prompt": f"Count animals: {w}", "response": str(len(words))})
-        elif kind == "reverse":
-            rows.append({"prompt": f"Reverse fruits: {w}", "response": " ".join(words[::-1])})
-        else:
-            rows.append({"prompt": f"Shout colours: {w}", "response": w.upper()})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tasks")
-    for i, kind in enumerate(["count", "reverse", "upper"]):
-        rows = _task_rows(kind, 40, seed=i)
-        data.write_jsonl(root / kind / "train.jsonl", rows[:32])
-        data.write_jsonl(root / kind / "test.jsonl", rows[32:])
-    return root
-
-
-def common(tiny_base, task_dir, adapters, out, *extra):
-    return ["--base", str(tiny_base), "--data-dir", str(task_dir), "--adapters-dir", str(adapters),
-            "--out", str(out), "--batch-size", "4", "--max-length", "64", "--eval-rows", "4",
-            "--sample-tokens", "3", "--lora-r", "4", "--adapter-steps", "3", "--quiet", "--device", "cpu", *extra]
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / train.LOG_NAME).read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_base, task_dir, tmp_path_factory):
-    """One full default-style run: adapters for 3 tasks, then gates, then the report."""
-    root = tmp_path_factory.mktemp("run")
-    train.main(common(tiny_base, task_dir, root / "adapters", root / "run", "--tasks", "count,reverse,upper",
-                      "--steps", "24", "--lr", "2e-2", "--checkpoint-every", "8"))
-    return root
 
 
 def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_dir):

@@ -1,0 +1,317 @@
+"""``python -m meteora.eval``: score a MeteoRA checkpoint on its tasks (and composite-n), against the
+per-task adapters (oracle), the base model and a mixed-task LoRA; draw the routing.
+
+    python -m meteora.eval                                   # runs/default on its own tasks
+    python -m meteora.eval --model CKPT --tasks a,b --baseline adapter --baseline base
+    python -m meteora.eval --model CKPT --baseline mixed=DIR --composite 3
+    python -m meteora.eval --model CKPT --show "Q: How many legs do 3 cats have?"
+
+Writes, in --out (default CKPT/eval): samples.jsonl (every generation), summary.json, results.md
+(task x system, with means; composite-n per sub-task and their sum), and with --show routing.html,
+routing.png and usage.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import data as data_mod
+from . import metrics, viz
+from .model import CheckpointError, MeteoRAModel, _atomic_write, load
+from .train import RUN_NAME, format_prompt, _as_list
+
+log = logging.getLogger("meteora")
+
+# Long-answer tasks get more new tokens.
+LONG_METRICS = ("bleu", "bleu_rouge", "strategyqa")
+
+
+def max_new_tokens(task: str, args) -> int:
+    return args.max_new_tokens_long if data_mod.TASK_METRICS.get(task) in LONG_METRICS else args.max_new_tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_size: int,
+             device: torch.device, progress=None) -> list[str]:
+    """Greedy generation, batched with left padding; the decoded new tokens of every prompt."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    stop = [tokenizer.eos_token_id] + [t for t in _as_list(getattr(model.generation_config, "eos_token_id", None))
+                                       if t != tokenizer.eos_token_id]
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+            outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            if progress is not None:
+                progress.update(len(texts))
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in outputs]
+
+
+class System:
+    """One way of answering: the MeteoRA model, one task's own adapter, the base, a mixed LoRA."""
+
+    def __init__(self, name: str, model, force=None):
+        self.name, self.model, self.force = name, model, force
+
+    def prepare(self, task: str) -> None:
+        if self.force is not None:
+            self.force(task)
+
+
+def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
+    systems = [System("meteora", model)]
+    specs = ["adapter", "base"] if args.baseline is None else [b for b in args.baseline if b != "none"]
+    for spec in specs:
+        kind, _, path = spec.partition("=")
+        if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
+            systems.append(System("adapter", model, force=lambda task: model.force_adapter(task)))
+        elif kind == "base":
+            from .base import load_base_model
+
+            base, _ = load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)
+            systems.append(System("base", base.eval()))
+        elif kind == "mixed":
+            if not path:
+                raise CheckpointError("--baseline mixed=DIR needs the folder of a PEFT adapter trained on the task mix")
+            from peft import PeftModel
+
+            from .base import load_base_model
+
+            base, _ = load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)
+            systems.append(System("mixed", PeftModel.from_pretrained(base, path).eval()))
+        else:
+            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base or mixed=DIR")
+    return systems
+
+
+def evaluate(args) -> dict:
+    from tqdm.auto import tqdm
+
+    ckpt = Path(args.model)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load(ckpt, dtype=dtype, device=device)
+    from transformers import AutoTokenizer
+
+    from .base import DEFAULT_MODEL, default_model_dir
+
+    base_id = model.base_model_id
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if base_id == DEFAULT_MODEL else base_id)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    specs = task_specs(args, ckpt, model)
+    tasks = data_mod.load_tasks(specs, args.data_dir)
+    for task in tasks:
+        if task.name not in model.adapter_names:
+            raise CheckpointError(f"task '{task.name}' has no adapter in {ckpt} (adapters: {', '.join(model.adapter_names)})")
+    out = Path(args.out) if args.out else ckpt / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    systems = build_systems(args, model, tokenizer, device)
+    composites = composite_sets(args, model, tasks)
+    total = len(systems) * (sum(min(args.limit, len(t.test)) for t in tasks)
+                            + len(composites) * args.composite_samples)
+    rows, table, comp_table = [], {}, {}
+    started = time.perf_counter()
+    with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
+        for system in systems:
+            for task in tasks:
+                test = task.test[: args.limit]
+                system.prepare(task.name)
+                outputs = generate(system.model, tokenizer, [r["prompt"] for r in test], max_new_tokens(task.name, args),
+                                   args.batch_size, device, bar)
+                if system.force is not None:
+                    model.force_adapter(None)
+                scores = metrics.score(task.metric, outputs, [r["response"] for r in test])
+                table.setdefault(task.name, {})[system.name] = scores
+                rows += [{"system": system.name, "task": task.name, "prompt": r["prompt"], "reference": r["response"],
+                          "output": o} for r, o in zip(test, outputs)]
+            if system.force is not None:
+                continue  # composite prompts mix tasks: there is no single "own adapter" to force
+            for label, comp_tasks, comp_rows in composites:
+                budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
+                outputs = generate(system.model, tokenizer, [r["prompt"] for r in comp_rows],
+                                   budget, args.batch_size, device, bar)
+                comp_table.setdefault(label, {})[system.name] = score_composite(comp_tasks, comp_rows, outputs)
+                rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
+                          "output": o} for r, o in zip(comp_rows, outputs)]
+    summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
+               "tasks": table, "composite": comp_table, "limit": args.limit,
+               "seconds": round(time.perf_counter() - started, 1)}
+    data_mod.write_jsonl(out / "samples.jsonl", rows)
+    _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    markdown = results_markdown(summary)
+    _atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    if not args.quiet:
+        print("\n" + markdown)
+    return summary
+
+
+def task_specs(args, ckpt: Path, model: MeteoRAModel) -> list[str]:
+    if args.tasks:
+        return [s for s in args.tasks.split(",") if s.strip()]
+    run_file = ckpt / RUN_NAME
+    if run_file.is_file():
+        run = json.loads(run_file.read_text())
+        args.data_dir = args.data_dir or run.get("data_dir")
+        specs = []
+        for t in run.get("tasks", []):
+            source = t["source"]
+            specs.append(source.split(":", 1)[1] if source.startswith("bigbench:") else f"{t['name']}={source}")
+        return specs
+    return list(model.adapter_names)
+
+
+def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, list[dict]]]:
+    """(label, tasks, rows) for every --composite value: 3, 5, 10 (TASKS.md's lists, offline
+    substitutes) or "own" (the evaluated tasks in order)."""
+    sets = []
+    by_name = {t.name: t for t in tasks}
+    for value in [v for v in (args.composite or "").split(",") if v.strip()]:
+        if value == "own":
+            chosen = list(tasks)
+        else:
+            names = data_mod.composite_task_names(int(value))
+            missing = [n for n in names if n not in model.adapter_names]
+            if missing:
+                raise CheckpointError(f"composite-{value} needs adapters for {', '.join(missing)}")
+            chosen = [by_name.get(n) or data_mod.load_task(n, args.data_dir) for n in names]
+        if len(chosen) < 2:
+            continue
+        rows = data_mod.build_composite(chosen, samples=args.composite_samples)
+        sets.append((f"composite-{len(chosen) if value == 'own' else value}", chosen, rows))
+    return sets
+
+
+def score_composite(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> dict:
+    """Per sub-task score (its own metric on the i-th numbered answer), their sum, and the share of
+    sub-questions the model attempted (a non-empty numbered answer)."""
+    n = len(tasks)
+    split = [data_mod.split_composite_answer(o, n) for o in outputs]
+    result, total = {}, 0.0
+    for i, task in enumerate(tasks):
+        got = metrics.score(task.metric, [s[i] for s in split], [r["answers"][i] for r in rows])
+        result[task.name] = got["score"]
+        total += got["score"]
+    result["sum"] = total
+    result["attempted"] = sum(bool(a) for s in split for a in s) / max(1, n * len(split))
+    return result
+
+
+def results_markdown(summary: dict) -> str:
+    systems = summary["systems"]
+    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, up to {summary['limit']} test rows per task.",
+             "", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+    means = {s: [] for s in systems}
+    for task, by_system in summary["tasks"].items():
+        cells = []
+        for s in systems:
+            value = by_system.get(s, {}).get("score")
+            if value is not None:
+                means[s].append(value)
+            cells.append("" if value is None else f"{value:.3f}")
+        lines.append(f"| {task} ({data_mod.TASK_METRICS.get(task, 'contained')}) | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{sum(v) / len(v):.3f}**" if v else "" for v in means.values()) + " |")
+    for label, by_system in summary["composite"].items():
+        sub = [k for k in next(iter(by_system.values())) if k not in ("sum", "attempted")]
+        lines += ["", f"{label}: score per sub-task (its own metric on the i-th numbered answer), sum, attempted",
+                  "", "| system | " + " | ".join(sub) + " | sum | attempted |", "|---|" + "---:|" * (len(sub) + 2)]
+        for s, scores in by_system.items():
+            lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
+                         + f" | {scores['sum']:.3f} | {scores['attempted']:.0%} |")
+    lines.append("")
+    lines.append("Scores: accuracy (exact / contained / gsm8k / strategyqa rules) or corpus BLEU / 100 (TASKS.md).")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def show(args) -> dict[str, Path]:
+    """Generate for one prompt and draw which adapter each token used."""
+    ckpt = Path(args.model)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(ckpt, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    from transformers import AutoTokenizer
+
+    from .base import DEFAULT_MODEL, default_model_dir
+
+    base_id = model.base_model_id
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if base_id == DEFAULT_MODEL else base_id)
+    ids = tokenizer(format_prompt(tokenizer, args.show), return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    stop = [tokenizer.eos_token_id] + _as_list(getattr(model.generation_config, "eos_token_id", None))
+    with model.trace_routing() as trace:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens_long,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                             eos_token_id=stop)
+    all_ids = out[0].tolist()
+    # The routing of position p is what produced token p + 1; every input position has one.
+    weights = trace.token_adapter_weights()[: len(all_ids) - 1]
+    tokens = [tokenizer.decode([t]) for t in all_ids[: len(weights)]]
+    outdir = Path(args.out) if args.out else ckpt / "eval"
+    outdir.mkdir(parents=True, exist_ok=True)
+    title = f"MeteoRA routing, {len(model.adapter_names)} adapters, top-{model.top_k}"
+    answer = tokenizer.decode(all_ids[ids.shape[1]:], skip_special_tokens=True)
+    paths = {
+        "html": viz.routing_html(tokens, weights, model.adapter_names, outdir / "routing.html", title, ids.shape[1]),
+        "png": viz.routing_png(tokens, weights, model.adapter_names, outdir / "routing.png", title, ids.shape[1]),
+        "usage": viz.usage_heatmap(trace, model.adapter_names, outdir / "usage.png",
+                                   "mean gate weight per layer and module (prompt + generation)"),
+    }
+    if not args.quiet:
+        print(f"answer: {answer}\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return paths
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m meteora.eval", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="runs/default", help="a MeteoRA checkpoint folder")
+    parser.add_argument("--tasks", help="task specs (default: the ones the checkpoint was trained on)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--baseline", action="append",
+                        help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), or none; "
+                             "repeat (default: adapter and base)")
+    parser.add_argument("--composite", default="own",
+                        help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")
+    parser.add_argument("--composite-samples", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=32, help="test rows per task")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="for short-answer tasks")
+    parser.add_argument("--max-new-tokens-long", type=int, default=64, help="for BLEU/ROUGE tasks")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="output folder (default MODEL/eval)")
+    parser.add_argument("--show", metavar="PROMPT", help="only draw the routing of this prompt's generation")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        if args.show:
+            show(args)
+        else:
+            evaluate(args)
+    except (data_mod.DataError, CheckpointError, FileNotFoundError) as err:
+        print(f"meteora.eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

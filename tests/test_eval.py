@@ -1,0 +1,102 @@
+"""meteora.metrics on hand-made cases; python -m meteora.eval end to end on a tiny checkpoint; the
+routing pictures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meteora import eval as meteora_eval
+from meteora import metrics
+
+
+def test_accuracy_rules():
+    assert metrics.exact("  Valid \n", "valid") and not metrics.exact("Valid.", "valid")
+    assert metrics.exact("Q: 2+2?\nA: four", "four", prompt="Q: 2+2?\nA:")  # the prompt is stripped
+    assert metrics.contained("I think it is Four.", "four") and not metrics.contained("fourteen?", "forty")
+    assert metrics.score("exact", ["a", "b", "c", "d"], ["a", "B", "x", "y"]) == {"score": 0.5, "accuracy": 0.5}
+    assert metrics.score("contained", [], []) == {"score": 0.0, "accuracy": 0.0}
+
+
+def test_gsm8k_rule():
+    assert metrics.gsm8k("3 + 4 = 7, so 7 + 5 = 12. The answer is 12.", "steps... #### 12")
+    assert metrics.gsm8k("It costs 1,250 dollars", "#### 1250")  # no "The answer is": the last number
+    assert not metrics.gsm8k("The answer is 11. Check: 12", "#### 12")  # "The answer is" wins
+    assert metrics.gsm8k("-3.50", "#### -3.5") and not metrics.gsm8k("no number", "#### 3")
+    assert metrics.gsm8k_prediction("the answer is: 42 apples and 7 pears") == 42
+
+
+def test_strategyqa_rule():
+    assert metrics.strategyqa("Yes, because...", "Yes. Frost is common in December.")
+    assert metrics.strategyqa("no.", "No. Whales are mammals.")
+    assert not metrics.strategyqa("Maybe yes", "Yes. ...")  # "yes" must be in the first 5 characters
+    assert not metrics.strategyqa("No", "Yes.")
+    scores = metrics.score("strategyqa", ["Yes, it is", "No"], ["Yes. It is.", "Yes. It is."])
+    assert scores["accuracy"] == 0.5 and set(scores) >= {"bleu", "rouge1", "rouge2", "rougeL"}
+
+
+def test_bleu_is_corpus_level_with_aligned_references():
+    hyps = ["the cat sat on the mat", "a completely different sentence here"]
+    refs = ["the cat sat on the mat", "a completely different sentence here"]
+    assert metrics.corpus_bleu(hyps, refs) == pytest.approx(100.0)
+    # Every hypothesis is scored against its own reference: swapping the references must hurt.
+    assert metrics.corpus_bleu(hyps, refs[::-1]) < 10
+    # The authors' call ([[gt] for gt in gts]) scores the first hypothesis against all references;
+    # ours sees the second hypothesis too: a bad second output lowers the score.
+    assert metrics.corpus_bleu([hyps[0], "zzz qqq"], refs) < 70
+    with pytest.raises(ValueError, match="2 outputs but 1 references"):
+        metrics.corpus_bleu(hyps, refs[:1])
+
+
+def test_rouge_averages_over_samples():
+    got = metrics.rouge(["the cat sat", "dogs bark loudly"], ["the cat sat", "cats meow"])
+    assert got["rouge1"] == pytest.approx(0.5) and got["rougeL"] == pytest.approx(0.5)
+    assert metrics.score("bleu_rouge", ["a b c d"], ["a b c d"])["score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.score("f1", ["a"], ["a"])
+
+
+def test_eval_end_to_end_writes_every_output(trained, tmp_path):
+    out = tmp_path / "eval"
+    summary = meteora_eval.evaluate(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(out), "--limit", "4", "--composite-samples", "3",
+        "--max-new-tokens", "4", "--max-new-tokens-long", "6", "--device", "cpu", "--quiet",
+        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}"]))
+    assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
+    assert set(summary["tasks"]) == {"count", "reverse", "upper"}
+    for by_system in summary["tasks"].values():
+        assert set(by_system) == set(summary["systems"])
+        assert all(0.0 <= s["score"] <= 1.0 for s in by_system.values())
+    composite = summary["composite"]["composite-3"]
+    assert set(composite) == {"meteora", "base", "mixed"}  # no single adapter to force on a mixed prompt
+    assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3 * 4 + 3 * 3
+    assert {r["system"] for r in rows} == set(summary["systems"])
+    assert json.loads((out / "summary.json").read_text()) == summary
+    table = (out / "results.md").read_text()
+    assert "| **mean** |" in table and "composite-3" in table and "| adapter |" not in table.split("composite-3")[1]
+
+
+def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        meteora_eval.main(["--model", str(trained / "run"), "--tasks", f"other={task_dir / 'count'}",
+                           "--out", str(tmp_path), "--device", "cpu"])
+    assert info.value.code == 2 and "task 'other' has no adapter" in capsys.readouterr().err
+
+
+def test_show_draws_the_routing(trained, tmp_path):
+    import matplotlib.image
+
+    paths = meteora_eval.show(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(tmp_path), "--device", "cpu", "--quiet",
+        "--max-new-tokens-long", "8", "--show", "Count animals: cat dog horse"]))
+    page = paths["html"].read_text()
+    assert page.count('class="tok') > 10 and all(name in page for name in ["count", "reverse", "upper"])
+    for key in ("png", "usage"):
+        image = matplotlib.image.imread(paths[key])
+        height, width = image.shape[:2]
+        assert width >= 400 and height >= 100
+        colours = {tuple(px) for px in image.reshape(-1, image.shape[2])[:: 7].round(2).tolist()}
+        assert len(colours) > 10  # more than background and text
