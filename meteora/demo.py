@@ -2,7 +2,7 @@
 
 Loads SmolLM2-135M-Instruct, makes a few small PEFT LoRA adapters (random weights, cached), embeds
 them as MeteoRA experts, generates an answer and prints which adapter each token used. The gates are
-untrained here; `python -m meteora.train` (the training issue) replaces this with the real job.
+untrained here; `python -m meteora.train` is the real job.
 """
 
 from __future__ import annotations
