@@ -359,6 +359,14 @@ def hub_task(name: str, dataset_id: str) -> Task:
     return _capped(Task(name, train, test, f"hub:{dataset_id}"))
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists that says False for names the OS rejects (a long a+b+c union spec, say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def parse_task_spec(spec: str) -> tuple[str, str]:
     """``name=source`` or ``source`` (the name is then the file or folder stem)."""
     if "=" in spec:
@@ -366,20 +374,20 @@ def parse_task_spec(spec: str) -> tuple[str, str]:
         return name.strip(), source.strip()
     source = spec.strip()
     path = Path(source).expanduser()
-    return (path.stem if path.exists() else source), source
+    return (path.stem if _exists(path) else source), source
 
 
 def load_task(spec: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Task:
     """Resolve one task spec (see the module docstring)."""
     name, source = parse_task_spec(spec)
     path = Path(source).expanduser()
-    if path.exists():
+    if _exists(path):
         return load_local_task(name, path)
     if data_dir is not None:
         for candidate in (Path(data_dir) / source, Path(data_dir) / f"{source}.jsonl"):
-            if candidate.exists():
+            if _exists(candidate):
                 return load_local_task(name, candidate)
-    if "+" in source and not path.exists():  # a union of tasks, e.g. the mixed-task LoRA's data
+    if "+" in source:  # a union of tasks, e.g. the mixed-task LoRA's data
         parts = [load_task(part, data_dir, download) for part in source.split("+") if part.strip()]
         return union_task(name, parts)
     if source in BIGBENCH_TASKS:

@@ -25,6 +25,14 @@ export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cac
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 t0=$(date +%s.%N)
+if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality (benchmarks/quality.py pack)
+  cp -r .whl/quality/. /root/cache/ 2>/dev/null
+  timeout "${QUALITY_TIMEOUT:-540}" python3 benchmarks/quality.py run --out /root/quality $QUALITY 2>&1 \
+    | tr '\r' '\n' | grep -v 'it/s\]$' > "$OUT/quality.log"
+  echo "quality: rc ${PIPESTATUS[0]}"; grep -E "^quality:|trained in|accuracy|^\|" "$OUT/quality.log" | tail -80
+  cp /root/quality/quality.md "$OUT/" 2>/dev/null
+  exit 0
+fi
 rm -rf /root/run
 python3 -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
 rc=$?

@@ -73,6 +73,8 @@ def test_local_tasks_folder_file_and_data_dir(tmp_path):
     mixed = data.load_task("mix=mine+single", data_dir=tmp_path / "lib")
     assert mixed.name == "mix" and len(mixed.train) == 2 + 8  # mine: 3 rows, one of them test
     assert [r["prompt"] for r in mixed.train[:4]] == ["m", task.train[0]["prompt"], "m", task.train[1]["prompt"]]
+    long_union = "+".join(["single"] * 40)  # longer than a file name may be
+    assert len(data.load_task(f"many={long_union}", data_dir=tmp_path / "lib").train) == 40 * 8
     with pytest.raises(data.DataError, match="task names repeat"):
         data.load_tasks([f"a={tmp_path / 'folder'}", f"a={tmp_path / 'lib' / 'single.jsonl'}"])
 

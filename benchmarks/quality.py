@@ -1,0 +1,130 @@
+"""The paper's quality claims at small scale (issue 6): per-task adapters, one mixed-task LoRA, MeteoRA
+gates, then MeteoRA vs oracle adapters vs base vs mixed LoRA, and composite-3 / composite-5.
+
+    python benchmarks/quality.py pack --out .whl/cache        # here: converted BIG-bench rows, capped
+    METEORA_CACHE=... python benchmarks/quality.py run --out runs/quality   # on the GPU box
+
+``pack`` writes <out>/data/bigbench/<task>/{train,test}.jsonl for the tasks (from the local BIG-bench
+cache), capped so that they travel to the GPU box with the model (a call carries 64 MiB). ``run``
+chains the library's own commands (python -m meteora.train adapters / all, python -m meteora.eval)
+and writes <out>/quality.md with the wall time of every stage and the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from meteora import data  # noqa: E402
+
+# 16 offline tasks: the five of composite-3/5 first, then short-prompt tasks of the suite.
+TASKS = ["logical_deduction", "question_selection", "strategyqa", "abstract_narrative_understanding",
+         "goal_step_wikihow", "object_counting", "cs_algorithms", "winowhy", "unit_conversion",
+         "elementary_math_qa", "epistemic_reasoning", "formal_fallacies_syllogisms_negation",
+         "reasoning_about_colored_objects", "tracking_shuffled_objects", "disfl_qa", "language_identification"]
+
+
+def pack(args) -> None:
+    out = Path(args.out) / "data" / "bigbench"
+    total = 0
+    for name in args.tasks.split(","):
+        task = data.bigbench_task(name)
+        folder = out / name
+        data.write_jsonl(folder / "test.jsonl", task.test[: args.test_rows])
+        data.write_jsonl(folder / "train.jsonl", task.train[: args.train_rows])
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        total += size
+        print(f"{name:45s} {min(len(task.train), args.train_rows):6d} train {min(len(task.test), args.test_rows):5d} "
+              f"test {size / 2**20:6.2f} MiB")
+    print(f"total {total / 2**20:.1f} MiB in {out}")
+
+
+def run(args) -> None:
+    from meteora import eval as meteora_eval
+    from meteora import train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapters = out / "adapters"
+    tasks = args.tasks.split(",")
+    common = ["--base", args.base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
+              "--batch-size", str(args.batch_size), *(["--data-dir", args.data_dir] if args.data_dir else [])]
+    rows = ["--rows-per-task", str(args.rows_per_task)]
+    times = {}
+
+    started = time.perf_counter()
+    train.main(["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows])
+    times["per-task adapters"] = time.perf_counter() - started
+    print(f"quality: {"per-task adapters"} {times["per-task adapters"]:.0f} s", flush=True)
+
+    started = time.perf_counter()  # one LoRA on the union, as many steps as all per-task adapters together
+    mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)
+    train.main(["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
+                "--rows-per-task", str(args.rows_per_task * len(tasks)), *common])
+    times["mixed-task LoRA"] = time.perf_counter() - started
+    print(f"quality: {"mixed-task LoRA"} {times["mixed-task LoRA"]:.0f} s", flush=True)
+
+    started = time.perf_counter()
+    ckpt = out / "meteora"
+    train.main(["all", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), "--out", str(ckpt),
+                "--steps", str(args.steps), "--lr", str(args.lr), "--eval-rows", str(args.limit), *common, *rows])
+    times["gates (+ gate accuracy)"] = time.perf_counter() - started
+    print(f"quality: {"gates (+ gate accuracy)"} {times["gates (+ gate accuracy)"]:.0f} s", flush=True)
+
+    started = time.perf_counter()
+    composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
+                         if c == "own" or (c and all(t in tasks for t in data.composite_task_names(int(c)))))
+    meteora_eval.main(["--model", str(ckpt), "--out", str(out / "eval"), "--limit", str(args.limit),
+                       "--composite", composite, "--composite-samples", str(args.composite_samples),
+                       "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}",
+                       *(["--data-dir", args.data_dir] if args.data_dir else [])])
+    times["evaluation"] = time.perf_counter() - started
+    print(f"quality: {"evaluation"} {times["evaluation"]:.0f} s", flush=True)
+
+    report = json.loads((ckpt / "report.json").read_text())
+    lines = ["# MeteoRA quality at small scale", "", f"Command: `python benchmarks/quality.py run {' '.join(sys.argv[2:])}`",
+             "", "| stage | wall time |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} s |" for k, v in times.items()]
+    lines += ["", "Gate accuracy on test rows (top-1 of every gate = the task's adapter):", "",
+              "| task | gate accuracy |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in report["gate_accuracy"].items()]
+    lines += ["", (out / "eval" / "results.md").read_text()]
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="capped converted task rows to carry to the GPU box")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--train-rows", type=int, default=600)
+    p.add_argument("--test-rows", type=int, default=100)
+    p = sub.add_parser("run", help="adapters, mixed LoRA, gates, evaluation")
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--data-dir")
+    p.add_argument("--base", default="smollm2")
+    p.add_argument("--adapter-steps", type=int, default=60)
+    p.add_argument("--mixed-steps", type=int, default=0, help="default: adapter steps x number of tasks")
+    p.add_argument("--steps", type=int, default=100, help="gate training steps")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rows-per-task", type=int, default=600)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--limit", type=int, default=64, help="test rows per task in the evaluation")
+    p.add_argument("--composite", default="3,5")
+    p.add_argument("--composite-samples", type=int, default=64)
+    args = parser.parse_args()
+    pack(args) if args.command == "pack" else run(args)
+
+
+if __name__ == "__main__":
+    main()
