@@ -30,6 +30,10 @@ TASKS = ["logical_deduction", "question_selection", "strategyqa", "abstract_narr
          "reasoning_about_colored_objects", "tracking_shuffled_objects", "disfl_qa", "language_identification"]
 
 
+def _done(stage: str, times: dict) -> None:
+    print(f"quality: {stage} {times[stage]:.0f} s", flush=True)
+
+
 def pack(args) -> None:
     out = Path(args.out) / "data" / "bigbench"
     total = 0
@@ -61,21 +65,21 @@ def run(args) -> None:
     started = time.perf_counter()
     train.main(["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows])
     times["per-task adapters"] = time.perf_counter() - started
-    print(f"quality: {"per-task adapters"} {times["per-task adapters"]:.0f} s", flush=True)
+    _done("per-task adapters", times)
 
     started = time.perf_counter()  # one LoRA on the union, as many steps as all per-task adapters together
     mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)
     train.main(["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
                 "--rows-per-task", str(args.rows_per_task * len(tasks)), *common])
     times["mixed-task LoRA"] = time.perf_counter() - started
-    print(f"quality: {"mixed-task LoRA"} {times["mixed-task LoRA"]:.0f} s", flush=True)
+    _done("mixed-task LoRA", times)
 
     started = time.perf_counter()
     ckpt = out / "meteora"
     train.main(["all", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), "--out", str(ckpt),
                 "--steps", str(args.steps), "--lr", str(args.lr), "--eval-rows", str(args.limit), *common, *rows])
     times["gates (+ gate accuracy)"] = time.perf_counter() - started
-    print(f"quality: {"gates (+ gate accuracy)"} {times["gates (+ gate accuracy)"]:.0f} s", flush=True)
+    _done("gates (+ gate accuracy)", times)
 
     started = time.perf_counter()
     composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
@@ -85,7 +89,7 @@ def run(args) -> None:
                        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}",
                        *(["--data-dir", args.data_dir] if args.data_dir else [])])
     times["evaluation"] = time.perf_counter() - started
-    print(f"quality: {"evaluation"} {times["evaluation"]:.0f} s", flush=True)
+    _done("evaluation", times)
 
     report = json.loads((ckpt / "report.json").read_text())
     lines = ["# MeteoRA quality at small scale", "", f"Command: `python benchmarks/quality.py run {' '.join(sys.argv[2:])}`",
