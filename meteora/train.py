@@ -72,6 +72,13 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def max(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             values = values.to(self.device)
@@ -316,6 +323,8 @@ def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches,
         record = {"step": step, **{k: round(float(v), 6) for k, v in zip(keys, means)},
                   "grad_norm": round(float(norm), 6), "lr": scheduler.get_last_lr()[0],
                   "seconds": round(time.perf_counter() - started, 3)}
+        if ctx.device.type == "cuda":  # the largest of every process's peak so far
+            record["peak_gib"] = round(ctx.max(torch.cuda.max_memory_allocated(ctx.device) / 2**30), 3)
         history.append(record)
         if out is not None and ctx.main:
             with open(out / LOG_NAME, "a") as f:
