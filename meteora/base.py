@@ -68,16 +68,25 @@ def load_base_model(
     device: str | torch.device | None = None,
 ):
     """(model, tokenizer) for a local folder, a hub id, or None / "smollm2" (the embedded default)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
     source = default_model_dir() if name == DEFAULT_MODEL else name
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name)
     model.meteora_base_id = name  # what a MeteoRA checkpoint records as its base
     if device is not None:
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """The tokenizer of a base model (as ``load_base_model`` names it), with a pad token."""
+    from transformers import AutoTokenizer
+
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if name == DEFAULT_MODEL else name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -26,7 +26,7 @@ import torch
 from . import data as data_mod
 from . import metrics, viz
 from .model import CheckpointError, MeteoRAModel, _atomic_write, load
-from .train import RUN_NAME, format_prompt, _as_list
+from .train import RUN_NAME, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
 
@@ -44,8 +44,7 @@ def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_si
     """Greedy generation, batched with left padding; the decoded new tokens of every prompt."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    stop = [tokenizer.eos_token_id] + [t for t in _as_list(getattr(model.generation_config, "eos_token_id", None))
-                                       if t != tokenizer.eos_token_id]
+    stop = stop_tokens(model, tokenizer)
     outputs = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -98,21 +97,20 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     return systems
 
 
+def load_checkpoint(args) -> tuple[MeteoRAModel, object, torch.device]:
+    """The checkpoint --model on --device (bf16 on a GPU), its base model's tokenizer, the device."""
+    from .base import load_tokenizer
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load(Path(args.model), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    return model, load_tokenizer(model.base_model_id), device
+
+
 def evaluate(args) -> dict:
     from tqdm.auto import tqdm
 
     ckpt = Path(args.model)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load(ckpt, dtype=dtype, device=device)
-    from transformers import AutoTokenizer
-
-    from .base import DEFAULT_MODEL, default_model_dir
-
-    base_id = model.base_model_id
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if base_id == DEFAULT_MODEL else base_id)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer, device = load_checkpoint(args)
     specs = task_specs(args, ckpt, model)
     tasks = data_mod.load_tasks(specs, args.data_dir)
     for task in tasks:
@@ -241,16 +239,9 @@ def results_markdown(summary: dict) -> str:
 def show(args) -> dict[str, Path]:
     """Generate for one prompt and draw which adapter each token used."""
     ckpt = Path(args.model)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load(ckpt, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-    from transformers import AutoTokenizer
-
-    from .base import DEFAULT_MODEL, default_model_dir
-
-    base_id = model.base_model_id
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir() if base_id == DEFAULT_MODEL else base_id)
+    model, tokenizer, device = load_checkpoint(args)
     ids = tokenizer(format_prompt(tokenizer, args.show), return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    stop = [tokenizer.eos_token_id] + _as_list(getattr(model.generation_config, "eos_token_id", None))
+    stop = stop_tokens(model, tokenizer)
     with model.trace_routing() as trace:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens_long,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

@@ -556,10 +556,7 @@ def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dis
         accuracy[task.name] = hits / max(total, 1)
     model.record_routing(False)
     samples = []
-    # Stop at the EOS the responses were trained with, besides the model's own (they differ for
-    # SmolLM2 converted from GGUF by some transformers versions).
-    stop = [tokenizer.eos_token_id] + [t for t in _as_list(getattr(model.generation_config, "eos_token_id", None))
-                                       if t != tokenizer.eos_token_id]
+    stop = stop_tokens(model, tokenizer)
     for task in tasks:
         if not task.test:
             continue
@@ -587,8 +584,12 @@ def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dis
     return {"gate_accuracy": accuracy, "samples": samples}
 
 
-def _as_list(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+def stop_tokens(model, tokenizer) -> list[int]:
+    """Token ids that end a generation: the EOS the responses were trained with, then the model's
+    own (they differ for SmolLM2 converted from GGUF by some transformers versions)."""
+    own = getattr(model.generation_config, "eos_token_id", None)
+    own = [] if own is None else list(own) if isinstance(own, (list, tuple)) else [own]
+    return [tokenizer.eos_token_id] + [t for t in own if t != tokenizer.eos_token_id]
 
 
 # -- command line -------------------------------------------------------------------------------
