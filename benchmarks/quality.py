@@ -49,6 +49,17 @@ def pack(args) -> None:
     print(f"total {total / 2**20:.1f} MiB in {out}")
 
 
+def _timed(out: Path, stage: str, work) -> None:
+    """Run one stage and add its wall time to <out>/times.json (stages may run in separate calls)."""
+    started = time.perf_counter()
+    work()
+    path = out / "times.json"
+    times = json.loads(path.read_text()) if path.is_file() else {}
+    times[stage] = time.perf_counter() - started
+    path.write_text(json.dumps(times, indent=2))
+    print(f"quality: {stage} {times[stage]:.0f} s", flush=True)
+
+
 def run(args) -> None:
     from meteora import eval as meteora_eval
     from meteora import train
@@ -60,37 +71,35 @@ def run(args) -> None:
     common = ["--base", args.base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
               "--batch-size", str(args.batch_size), *(["--data-dir", args.data_dir] if args.data_dir else [])]
     rows = ["--rows-per-task", str(args.rows_per_task)]
-    times = {}
+    data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
 
-    started = time.perf_counter()
-    train.main(["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows])
-    times["per-task adapters"] = time.perf_counter() - started
-    _done("per-task adapters", times)
+    # Adapter folders that exist are kept (train skips them): a second call goes on from here.
+    _timed(out, "per-task adapters", lambda: train.main(
+        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows]))
+    mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)  # as many steps as all per-task adapters
+    _timed(out, "mixed-task LoRA", lambda: train.main(
+        ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
+         "--rows-per-task", str(args.rows_per_task * len(tasks)), *common]))
+    if args.stop_after == "adapters":
+        return
 
-    started = time.perf_counter()  # one LoRA on the union, as many steps as all per-task adapters together
-    mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)
-    train.main(["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
-                "--rows-per-task", str(args.rows_per_task * len(tasks)), *common])
-    times["mixed-task LoRA"] = time.perf_counter() - started
-    _done("mixed-task LoRA", times)
-
-    started = time.perf_counter()
     ckpt = out / "meteora"
-    train.main(["all", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), "--out", str(ckpt),
-                "--steps", str(args.steps), "--lr", str(args.lr), "--eval-rows", str(args.limit), *common, *rows])
-    times["gates (+ gate accuracy)"] = time.perf_counter() - started
-    _done("gates (+ gate accuracy)", times)
-
-    started = time.perf_counter()
+    _timed(out, "gates (+ gate accuracy)", lambda: train.main(
+        ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
+         "--eval-rows", str(args.limit), *common, *rows]))
     composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
                          if c == "own" or (c and all(t in tasks for t in data.composite_task_names(int(c)))))
-    meteora_eval.main(["--model", str(ckpt), "--out", str(out / "eval"), "--limit", str(args.limit),
-                       "--composite", composite, "--composite-samples", str(args.composite_samples),
-                       "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}",
-                       *(["--data-dir", args.data_dir] if args.data_dir else [])])
-    times["evaluation"] = time.perf_counter() - started
-    _done("evaluation", times)
+    _timed(out, "evaluation", lambda: meteora_eval.main(
+        ["--model", str(ckpt), "--out", str(out / "eval"), "--limit", str(args.limit),
+         "--composite", composite, "--composite-samples", str(args.composite_samples),
+         "--composite-decoding", args.composite_decoding,
+         "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}", *data_dir]))
+    if composite:
+        _timed(out, "routing picture", lambda: meteora_eval.main(
+            ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
+             "--composite-samples", "1", *data_dir]))
 
+    times = json.loads((out / "times.json").read_text())
     report = json.loads((ckpt / "report.json").read_text())
     lines = ["# MeteoRA quality at small scale", "", f"Command: `python benchmarks/quality.py run {' '.join(sys.argv[2:])}`",
              "", "| stage | wall time |", "|---|---:|"]
@@ -126,6 +135,9 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=64, help="test rows per task in the evaluation")
     p.add_argument("--composite", default="3,5")
     p.add_argument("--composite-samples", type=int, default=64)
+    p.add_argument("--composite-decoding", default="numbered,free")
+    p.add_argument("--stop-after", choices=["adapters", "all"], default="all",
+                   help="adapters: train the per-task and mixed adapters only (a later call goes on)")
     args = parser.parse_args()
     pack(args) if args.command == "pack" else run(args)
 

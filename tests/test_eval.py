@@ -4,8 +4,10 @@ routing pictures."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
 from meteora import eval as meteora_eval
 from meteora import metrics
@@ -61,22 +63,54 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     out = tmp_path / "eval"
     summary = meteora_eval.evaluate(meteora_eval.parse_args([
         "--model", str(trained / "run"), "--out", str(out), "--limit", "4", "--composite-samples", "3",
-        "--max-new-tokens", "4", "--max-new-tokens-long", "6", "--device", "cpu", "--quiet",
+        "--composite-decoding", "numbered,free", "--max-new-tokens", "4", "--max-new-tokens-long", "6", "--device", "cpu", "--quiet",
         "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}"]))
     assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
     assert set(summary["tasks"]) == {"count", "reverse", "upper"}
     for by_system in summary["tasks"].values():
         assert set(by_system) == set(summary["systems"])
         assert all(0.0 <= s["score"] <= 1.0 for s in by_system.values())
-    composite = summary["composite"]["composite-3"]
-    assert set(composite) == {"meteora", "base", "mixed"}  # no single adapter to force on a mixed prompt
-    assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
+    assert set(summary["composite"]) == {"composite-3", "composite-3 (free)"}
+    for composite in summary["composite"].values():
+        assert set(composite) == {"meteora", "base", "mixed"}  # no single adapter to force on a mixed prompt
+        assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 4 + 3 * 3
+    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3
+    numbered = [r["output"] for r in rows if r["task"] == "composite-3"]
+    assert all(re.fullmatch(r"1\. [^\n]*\n2\. [^\n]*\n3\. [^\n]*", o) for o in numbered), numbered
     assert {r["system"] for r in rows} == set(summary["systems"])
     assert json.loads((out / "summary.json").read_text()) == summary
     table = (out / "results.md").read_text()
     assert "| **mean** |" in table and "composite-3" in table and "| adapter |" not in table.split("composite-3")[1]
+
+
+def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
+    """Each sub-answer is generated after everything before it plus "i. ", and only its first line
+    is kept: the calls the model sees are checked one by one."""
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    seen, real = [], model.generate
+
+    def spy(**kw):
+        seen.append(tokenizer.batch_decode(kw["input_ids"], skip_special_tokens=False))
+        out = real(**kw)
+        width = kw["input_ids"].shape[1]
+        step = len(seen)  # the model "answers" line one, newline, garbage: only line one is kept
+        extra = tokenizer([f" ans{step}\nnoise"] * out.shape[0], return_tensors="pt", add_special_tokens=False).input_ids
+        return torch.cat([out[:, :width], extra], 1)
+
+    model.generate = spy
+    try:
+        prompts = ["Count: cat dog", "Reverse: abc"]
+        replies = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 5, 4], 2, device)
+    finally:
+        del model.generate
+    assert replies == ["1. ans1\n2. ans2\n3. ans3"] * 2
+    assert len(seen) == 3
+    for i, texts in enumerate(seen, 1):
+        for text, prompt in zip(texts, prompts):
+            body = text.replace(tokenizer.pad_token, "")
+            assert prompt in body and body.endswith("".join(f"{j}. ans{j}\n" for j in range(1, i)) + f"{i}. ")
 
 
 def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):
@@ -84,6 +118,15 @@ def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys
         meteora_eval.main(["--model", str(trained / "run"), "--tasks", f"other={task_dir / 'count'}",
                            "--out", str(tmp_path), "--device", "cpu"])
     assert info.value.code == 2 and "task 'other' has no adapter" in capsys.readouterr().err
+
+
+def test_show_composite_draws_a_numbered_generation(trained, tmp_path):
+    paths = meteora_eval.show(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(tmp_path), "--device", "cpu", "--quiet",
+        "--max-new-tokens", "3", "--max-new-tokens-long", "3", "--show-composite", "own"]))
+    page = paths["html"].read_text()
+    answer = page.count('class="tok"') - 3  # the legend's three names are plain "tok" spans too
+    assert page.count('class="tok prompt"') > 50 and answer >= 6 and paths["png"].is_file()  # >= "1. 2. 3. "
 
 
 def test_show_draws_the_routing(trained, tmp_path):
