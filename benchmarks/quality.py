@@ -49,13 +49,15 @@ def pack(args) -> None:
     print(f"total {total / 2**20:.1f} MiB in {out}")
 
 
-def _timed(out: Path, stage: str, work) -> None:
-    """Run one stage and add its wall time to <out>/times.json (stages may run in separate calls)."""
+def _timed(out: Path, stage: str, work, done_before: bool = False) -> None:
+    """Run one stage and add its wall time to <out>/times.json (stages may run in separate calls;
+    a stage whose results were already there keeps the time it took then)."""
     started = time.perf_counter()
     work()
     path = out / "times.json"
     times = json.loads(path.read_text()) if path.is_file() else {}
-    times[stage] = time.perf_counter() - started
+    if not (done_before and stage in times):
+        times[stage] = time.perf_counter() - started
     path.write_text(json.dumps(times, indent=2))
     print(f"quality: {stage} {times[stage]:.0f} s", flush=True)
 
@@ -75,11 +77,12 @@ def run(args) -> None:
 
     # Adapter folders that exist are kept (train skips them): a second call goes on from here.
     _timed(out, "per-task adapters", lambda: train.main(
-        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows]))
+        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows]),
+        done_before=all((adapters / t).is_dir() for t in tasks))
     mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)  # as many steps as all per-task adapters
     _timed(out, "mixed-task LoRA", lambda: train.main(
         ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
-         "--rows-per-task", str(args.rows_per_task * len(tasks)), *common]))
+         "--rows-per-task", str(args.rows_per_task * len(tasks)), *common]), done_before=(adapters / "mixed").is_dir())
     if args.stop_after == "adapters":
         return
 

@@ -33,12 +33,15 @@ def test_quality_pipeline_runs_in_two_calls(tiny_base, task_dir, tmp_path):
             "--steps", "3", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
             "--composite", "own", "--composite-samples", "2"]
     subprocess.run([*args, "--stop-after", "adapters"], check=True, capture_output=True)
+    first = json.loads((out / "times.json").read_text())
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed", "reverse", "upper"]
     assert not (out / "meteora").exists()
     stamp = (out / "adapters" / "count" / "adapter_model.safetensors").stat().st_mtime_ns
     subprocess.run(args, check=True, capture_output=True)
     assert (out / "adapters" / "count" / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # kept
-    assert list(json.loads((out / "times.json").read_text())) == [
+    times = json.loads((out / "times.json").read_text())
+    assert {k: times[k] for k in first} == first  # the adapters' times of the first call stay
+    assert list(times) == [
         "per-task adapters", "mixed-task LoRA", "gates (+ gate accuracy)", "evaluation", "routing picture"]
     table = (out / "quality.md").read_text()
     for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy"):
