@@ -30,10 +30,6 @@ TASKS = ["logical_deduction", "question_selection", "strategyqa", "abstract_narr
          "reasoning_about_colored_objects", "tracking_shuffled_objects", "disfl_qa", "language_identification"]
 
 
-def _done(stage: str, times: dict) -> None:
-    print(f"quality: {stage} {times[stage]:.0f} s", flush=True)
-
-
 def pack(args) -> None:
     out = Path(args.out) / "data" / "bigbench"
     total = 0

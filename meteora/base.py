@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from ._files import atomic_folder
 
 log = logging.getLogger("meteora")
 
@@ -25,10 +25,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("METEORA_CACHE", Path.home() / ".cache" / "meteora")).expanduser()
 
 
+def _model_ready(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def default_model_dir() -> Path:
     """The embedded default as a safetensors folder, converted from GGUF on first use."""
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _model_ready(target):
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # importing it would need the `llm` tool
     if spec is None or not spec.submodule_search_locations:
@@ -47,17 +51,14 @@ def default_model_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     if getattr(model, "hf_quantizer", None) is not None:  # dequantised on load; drop the marker
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # a partial folder from an older run
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    # Processes converting at once (torchrun ranks) each write their own copy; the first whole
+    # folder wins and the others keep it.
+    atomic_folder(target, save, complete=_model_ready)
     log.info("meteora: default model ready in %.1f s", time.perf_counter() - started)
     return target
 

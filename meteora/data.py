@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .base import cache_dir
-from .model import _default_mode
+from ._files import atomic_write
 
 log = logging.getLogger("meteora")
 
@@ -134,16 +134,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write rows atomically (a temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path
 
 
@@ -217,19 +214,17 @@ def bigbench_sdist(download: bool = True) -> Path:
         url = urllib.request.urljoin(f"{index}/bigbench/", url)
     log.info("meteora: downloading %s (358 MB, once) into %s", url, target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".bigbench.", suffix=".tmp")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as src:
+
+    def download(tmp: str) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=120) as src:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != BIGBENCH_SHA256:
             raise DataError(f"BIG-bench data: {url} has sha256 {digest.hexdigest()}, expected {BIGBENCH_SHA256}")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(target, download)
     return target
 
 

@@ -14,6 +14,7 @@ routing.png and usage.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -25,7 +26,8 @@ import torch
 
 from . import data as data_mod
 from . import metrics, viz
-from .model import CheckpointError, MeteoRAModel, _atomic_write, load
+from ._files import atomic_write as _atomic_write
+from .model import CheckpointError, MeteoRAModel, load
 from .train import RUN_NAME, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
@@ -38,25 +40,35 @@ def max_new_tokens(task: str, args) -> int:
     return args.max_new_tokens_long if data_mod.TASK_METRICS.get(task) in LONG_METRICS else args.max_new_tokens
 
 
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+
+
+def _greedy(model, tokenizer, texts: Sequence[str], new_tokens: int, stop: list[int], device) -> list[str]:
+    """One batch of already formatted texts (left-padded): the decoded new tokens of each."""
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_size: int,
              device: torch.device, progress=None) -> list[str]:
     """Greedy generation, batched with left padding; the decoded new tokens of every prompt."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     stop = stop_tokens(model, tokenizer)
     outputs = []
-    try:
+    with _left_padding(tokenizer):
         for start in range(0, len(prompts), batch_size):
             texts = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-            outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs += _greedy(model, tokenizer, texts, new_tokens, stop, device)
             if progress is not None:
                 progress.update(len(texts))
-    finally:
-        tokenizer.padding_side = side
     return [o.strip() for o in outputs]
 
 
@@ -69,26 +81,19 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
     sub-question. Every system gets the same markers, so the model must still route (switch
     adapters) from the context alone; without them a small model trained on single questions
     answers once and stops. Returns ``1. a\n2. b...`` per prompt."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     stop = stop_tokens(model, tokenizer)
-    replies = [""] * len(prompts)
-    try:
+    replies = []
+    with _left_padding(tokenizer):
         for start in range(0, len(prompts), batch_size):
             heads = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
             done = [""] * len(heads)
             for i, new_tokens in enumerate(tokens_per_answer, 1):
-                texts = [h + d + f"{i}. " for h, d in zip(heads, done)]
-                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-                answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                answers = _greedy(model, tokenizer, [h + d + f"{i}. " for h, d in zip(heads, done)], new_tokens,
+                                  stop, device)
                 done = [d + f"{i}. " + _first_line(a) + "\n" for d, a in zip(done, answers)]
-            replies[start:start + len(heads)] = [d.rstrip("\n") for d in done]
+            replies += [d.rstrip("\n") for d in done]
             if progress is not None:
                 progress.update(len(heads))
-    finally:
-        tokenizer.padding_side = side
     return replies
 
 
@@ -109,6 +114,11 @@ class System:
 
 
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
+    from .base import load_base_model
+
+    def fresh_base():  # the checkpoint's base model again, in its dtype, without MeteoRA
+        return load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)[0].eval()
+
     systems = [System("meteora", model)]
     specs = ["adapter", "base"] if args.baseline is None else [b for b in args.baseline if b != "none"]
     for spec in specs:
@@ -116,19 +126,13 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
             systems.append(System("adapter", model, force=lambda task: model.force_adapter(task)))
         elif kind == "base":
-            from .base import load_base_model
-
-            base, _ = load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)
-            systems.append(System("base", base.eval()))
+            systems.append(System("base", fresh_base()))
         elif kind == "mixed":
             if not path:
                 raise CheckpointError("--baseline mixed=DIR needs the folder of a PEFT adapter trained on the task mix")
             from peft import PeftModel
 
-            from .base import load_base_model
-
-            base, _ = load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)
-            systems.append(System("mixed", PeftModel.from_pretrained(base, path).eval()))
+            systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
             raise CheckpointError(f"--baseline {spec!r}: expected adapter, base or mixed=DIR")
     return systems

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -13,6 +12,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._files import atomic_write as _atomic_write
 from .adapters import AdapterError, LoraAdapter, load_adapter
 from .layer import MeteoRALinear, Routing, check_routing
 
@@ -267,27 +267,6 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter sharded by FSDP2 (a DTensor) gathered whole; a plain tensor as is. With FSDP2
     every rank must make the same calls."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _default_mode() -> int:
-    """What a plainly created file gets (0666 less the umask); mkstemp's files are 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write ``target`` through ``write(temporary path)`` in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _base_model_id(model: nn.Module) -> str:

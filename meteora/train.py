@@ -21,9 +21,7 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +33,11 @@ from torch import nn
 
 from . import data as data_mod
 from .adapters import TARGET_MODULES, AdapterError
-from .base import DEFAULT_MODEL, cache_dir, load_base_model, load_tokenizer
+from .base import DEFAULT_MODEL, cache_dir, load_base_model
 from .data import Task
 from .loss import gate_accuracy, meteora_loss
-from .model import CheckpointError, MeteoRAModel, _atomic_write, _default_mode, from_adapters, load
+from ._files import atomic_folder, atomic_write as _atomic_write
+from .model import CheckpointError, MeteoRAModel, _full_tensor, from_adapters, load
 
 log = logging.getLogger("meteora")
 
@@ -311,9 +310,8 @@ def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches,
             loss, parts = loss_fn(batch)
             (loss / args.grad_accum).backward()
             for key, value in {"loss": loss, **parts}.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float().cpu() / args.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+                totals[key] = totals.get(key, 0.0) + value.detach().float() / args.grad_accum
+        norm = _full_tensor(torch.nn.utils.clip_grad_norm_(params, args.clip))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -376,22 +374,16 @@ def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
     sub = argparse.Namespace(**{**vars(args), "steps": args.adapter_steps, "lr": args.adapter_lr,
                                 "weight_decay": 0.0, "grad_accum": 1})
     history = optimize(model, params, batches, loss_fn, sub, Dist(device=ctx.device), f"adapter {task.name}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    os.chmod(tmp, _default_mode() | 0o111)  # mkdtemp's folders are 0700
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         (tmp / "meteora_adapter.json").write_text(json.dumps({
             "task": task.name, "source": task.source, "base": str(args.base), "steps": args.adapter_steps,
             "lr": args.adapter_lr, "batch_size": args.batch_size, "max_length": args.max_length,
             "first_loss": history[0]["lm"] if history else None, "last_loss": history[-1]["lm"] if history else None,
         }, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(folder, save)
     return folder
 
 
@@ -689,10 +681,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         specs = task_list(args)
-        if ctx.main:  # the first process converts BIG-bench data (and the embedded model) into the cache
+        if ctx.main:  # the first process converts BIG-bench data into the cache, the others read it
             tasks = data_mod.load_tasks(specs, args.data_dir)
-            if ctx.enabled and not args.from_ckpt:
-                load_tokenizer(args.base)  # the GGUF conversion, once, before the other ranks look
         ctx.barrier()
         if not ctx.main:
             tasks = data_mod.load_tasks(specs, args.data_dir)

