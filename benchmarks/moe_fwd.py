@@ -6,7 +6,8 @@ One run measures, on the same inputs and the same GPU:
   loop        Mixtral-style loop over experts with token gathers (the authors' training path)
   gather_bmm  per-token copies of the selected A and B + bmm (the authors' default inference path)
   dense       all experts as one shrink GEMM, masked, one expand GEMM (plain torch)
-  ours        meteora.route + meteora.lora_experts + addmm (what MeteoRALinear runs)
+  ours        what MeteoRALinear runs: the one meteora.linear op (forward without autograd);
+              meteora.route + meteora.lora_experts + addmm when training
   authors     the authors' Triton kernel (v4), when --reference points at their checkout
 for one linear and one LLaMA layer (7 linears), T tokens, uniform or concentrated routing
 (90% of tokens on experts 0 and 1), eager and CUDA-graph replay (median of many runs), plus
@@ -76,8 +77,10 @@ class Linear:
         if hot is not None:  # experts 0 and 1 answer the "hot" direction of the inputs
             gate[0] += hot
             gate[1] += 0.9 * hot
-        self.gate = gate.to(dtype)
-        self.a = randn(experts, rank, d_in, scale=d_in**-0.5)
+        # gate and A as adjacent rows of one buffer, as MeteoRALinear keeps them (one shrink GEMM)
+        packed = torch.cat([gate.to(dtype), randn(experts * rank, d_in, scale=d_in**-0.5)])
+        self.gate = packed[:experts]
+        self.a = packed[experts:].view(experts, rank, d_in)
         self.b = randn(experts, d_out, rank, scale=rank**-0.5)
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM

@@ -1,8 +1,12 @@
 // Pieces built from ATen calls alone, so every device registers the same code.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+#include <tuple>
+
+#include "checks.h"
 
 namespace meteora {
 
@@ -30,6 +34,32 @@ inline std::tuple<at::Tensor, at::Tensor> route_backward_aten(
   at::Tensor grad_x = at::matmul(grad_z, gate_weight.to(compute)).to(x.scalar_type());
   at::Tensor grad_gate = at::matmul(grad_z.t(), x.to(compute)).to(gate_weight.scalar_type());
   return {grad_x, grad_gate};
+}
+
+// linear = route, the base GEMM, then lora_experts with that base: each device's own kernels,
+// reached through the dispatcher.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_composite(
+    const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
+    const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k,
+    double temperature) {
+  check_linear_base(x, base_weight, base_bias);
+  static const auto route =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("meteora::route", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double)>();
+  static const auto lora =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("meteora::lora_experts", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const std::optional<at::Tensor>&)>();
+  auto [logits, weight, idx] = route.call(x, gate_weight, expert_mask, top_k, temperature);
+  const at::Tensor base = base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t())
+                                                : at::mm(x, base_weight.t());
+  auto [out, hidden] = lora.call(x, lora_a, lora_b, scaling, idx, weight, base);
+  return {out, logits, weight, idx};
 }
 
 }  // namespace meteora

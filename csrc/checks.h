@@ -96,4 +96,23 @@ inline void check_lora_inputs(const at::Tensor& x, const at::Tensor& lora_a,
   }
 }
 
+// The base linear of meteora.linear: base_weight (d_out, d_in) and base_bias (d_out,) in x's dtype.
+inline void check_linear_base(const at::Tensor& x, const at::Tensor& base_weight,
+                              const std::optional<at::Tensor>& base_bias) {
+  TORCH_CHECK(x.dim() == 2, "meteora.linear: x must be (T, d_in), got shape ", x.sizes());
+  TORCH_CHECK(base_weight.dim() == 2 && base_weight.size(1) == x.size(1),
+              "meteora.linear: base_weight must be (d_out, d_in=", x.size(1), "), got shape ",
+              base_weight.sizes());
+  TORCH_CHECK(base_weight.scalar_type() == x.scalar_type(), "meteora.linear: base_weight (",
+              base_weight.scalar_type(), ") must have x's dtype (", x.scalar_type(), ")");
+  check_same_device(x, base_weight, "base_weight");
+  if (base_bias.has_value()) {
+    TORCH_CHECK(base_bias->dim() == 1 && base_bias->size(0) == base_weight.size(0) &&
+                    base_bias->scalar_type() == x.scalar_type(),
+                "meteora.linear: base_bias must be (d_out=", base_weight.size(0), ",) in x's dtype (",
+                x.scalar_type(), "), got ", base_bias->scalar_type(), " ", base_bias->sizes());
+    check_same_device(x, *base_bias, "base_bias");
+  }
+}
+
 }  // namespace meteora

@@ -56,9 +56,11 @@ class MeteoRALinear(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         d_in, d_out = base_layer.in_features, base_layer.out_features
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
-        self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank, **factory))
         self.gate = nn.Linear(d_in, num_experts, bias=False, **factory)
+        self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
+        self.packable = True  # False under FSDP, which owns the parameters' storage
+        self.pack_()
         self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
         self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
         self.register_buffer("expert_mask", torch.zeros(num_experts, dtype=torch.bool, device=factory["device"]))
@@ -78,6 +80,30 @@ class MeteoRALinear(nn.Module):
     @property
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
+
+    def is_packed(self) -> bool:
+        """Whether ``gate.weight`` and ``lora_A`` are the rows of one (N + N r, d_in) buffer."""
+        g, a = self.gate.weight, self.lora_A
+        return (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
+                and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+                and a.storage_offset() == g.storage_offset() + g.numel())
+
+    @torch.no_grad()
+    def pack_(self) -> bool:
+        """Keep ``gate.weight`` and ``lora_A`` as adjacent rows of one buffer, so that the CUDA
+        inference op computes the gate logits and every expert's shrink with one GEMM. Moving the
+        module (``.to``) unpacks them; the inference path packs again on its next call. Returns
+        whether they are packed (never under FSDP, or across dtypes or devices)."""
+        g, a = self.gate.weight, self.lora_A
+        if self.is_packed():
+            return True
+        if not self.packable or g.dtype != a.dtype or g.device != a.device or type(g.data) is not torch.Tensor \
+                or type(a.data) is not torch.Tensor:
+            return False
+        buffer = torch.cat([g.detach().reshape(g.shape[0], -1), a.detach().reshape(-1, a.shape[-1])])
+        g.data = buffer[: g.shape[0]]
+        a.data = buffer[g.shape[0]:].view(a.shape)
+        return True
 
     @torch.no_grad()
     def set_expert(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -110,11 +136,15 @@ class MeteoRALinear(nn.Module):
         mask = self.expert_mask if self.forced_mask is None else self.expert_mask & self.forced_mask
         # Trainable copies may be kept in fp32 beside a bf16 base: compute in the input's dtype
         # (the casts are differentiable, so the fp32 parameters receive the gradients).
+        x_lora = self.lora_dropout(x2)
+        if x_lora is x2 and x2.is_cuda and not torch.compiler.is_compiling() and not self.is_packed() \
+                and not _needs_grad(x2, self.gate.weight, self.lora_A, self.lora_B):
+            self.pack_()  # the inference op's one shrink GEMM
         gate, lora_a, lora_b = (p if p.dtype == x2.dtype else p.to(x2.dtype)
                                 for p in (self.gate.weight, self.lora_A, self.lora_B))
         out, routing = meteora_linear(
             x2, self.base_layer.weight, self.base_layer.bias, gate, lora_a, lora_b,
-            self.scaling, mask, self.top_k, self.temperature, x_lora=self.lora_dropout(x2), impl=self.impl,
+            self.scaling, mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
         )
         if self.record_routing:
             self.routing = routing
@@ -145,10 +175,17 @@ def meteora_linear(
 ) -> tuple[torch.Tensor, Routing]:
     """One MeteoRA linear on x (T, d_in): ``(out (T, d_out), Routing)``.
 
-    The LoRA-expert sum is computed first and handed to the base GEMM as its addend
-    (``addmm``: cuBLAS adds it in the epilogue), so the output is written once and read never.
+    Without autograd (inference) and without dropout it is one ``meteora.linear`` op. Otherwise
+    the LoRA-expert sum is computed first and handed to the base GEMM as its addend (``addmm``:
+    cuBLAS adds it in the epilogue), so the output is written once and read never.
     ``x_lora`` is what the experts see (dropout applied), x by default.
     """
+    if ((x_lora is None or x_lora is x) and x.dtype == base_weight.dtype == gate_weight.dtype == lora_a.dtype
+            == lora_b.dtype and not _needs_grad(x, base_weight, base_bias, gate_weight, lora_a, lora_b)
+            and ops.kernel_available(x.device) and impl != "reference"):
+        out, logits, weight, idx = ops.linear(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling,
+                                              expert_mask, top_k, temperature, impl=impl)
+        return out, Routing(logits, weight, idx)
     routing = Routing(*ops.route(x, gate_weight, expert_mask, top_k, temperature, impl=impl))
     x_lora = x if x_lora is None else x_lora
     if x_lora.dtype != lora_a.dtype:
@@ -161,3 +198,7 @@ def meteora_linear(
     if x.dtype == base_weight.dtype and x.shape[0] > 0:
         return torch.addmm(delta, x, base_weight.t()), routing
     return torch.nn.functional.linear(x, base_weight) + delta, routing
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

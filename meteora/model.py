@@ -179,6 +179,7 @@ class MeteoRAModel(nn.Module):
                 layer.expert_mask[:old_n] = old.expert_mask
                 layer.gate.weight[:old_n].copy_(old.gate.weight)
                 layer.impl = old.impl
+                layer.pack_()  # the dtype changes above gave gate and lora_A buffers of their own
             layer.gate.weight[old_n:].zero_()
             if module in loaded.lora_a:
                 layer.set_expert(old_n, loaded.lora_a[module], loaded.lora_b[module], loaded.scaling[module])
@@ -228,7 +229,8 @@ class MeteoRAModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = self.meteora_state_dict() if state_dict is None else state_dict
-        state = {k: v.contiguous().cpu() for k, v in state.items()}
+        # Copies: a layer's gate and lora_A share one buffer (MeteoRALinear.pack_), which safetensors refuses.
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
         config = json.dumps(self.meteora_config(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))

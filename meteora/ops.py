@@ -94,6 +94,34 @@ def lora_experts(
     return out
 
 
+def linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    expert_mask: torch.Tensor | None = None,
+    top_k: int = 2,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A whole MeteoRA linear for inference (no autograd):
+    ``(out (T, d_out), gate_logits (T, N), expert_weight (T, k), expert_idx (T, k))`` with
+    out = x W0^T (+ bias) + the routed experts. The compiled op reads ``gate_weight`` and ``lora_a``
+    with one GEMM when they are adjacent rows of one buffer (``MeteoRALinear.pack_``)."""
+    if _use_kernel(impl, x.device):
+        return torch.ops.meteora.linear(
+            x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, int(top_k), float(temperature)
+        )
+    check_routing(gate_weight.shape[0], top_k, temperature)
+    logits, weight, idx = reference.route(x, gate_weight, expert_mask, top_k, temperature)
+    base = torch.nn.functional.linear(x, base_weight, base_bias)
+    out, _ = reference.lora_experts(x, lora_a, lora_b, scaling, idx, weight, base)
+    return out, logits, weight, idx
+
+
 def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
     """The routing settings every path accepts (the compiled ops check the same in C++)."""
     if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
@@ -115,6 +143,20 @@ if HAS_EXTENSION:
         tokens, experts = x.shape[0], gate_weight.shape[0]
         dtype = _compute_dtype(x)
         return (
+            x.new_empty((tokens, experts), dtype=dtype),
+            x.new_empty((tokens, top_k), dtype=dtype),
+            x.new_empty((tokens, top_k), dtype=torch.long),
+        )
+
+    @torch.library.register_fake("meteora::linear")
+    def _linear_fake(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k, temperature):
+        torch._check(x.dim() == 2 and base_weight.dim() == 2 and x.shape[1] == base_weight.shape[1])
+        torch._check(gate_weight.dim() == 2 and gate_weight.shape[1] == x.shape[1])
+        torch._check(1 <= top_k <= gate_weight.shape[0])
+        tokens, experts = x.shape[0], gate_weight.shape[0]
+        dtype = _compute_dtype(x)
+        return (
+            x.new_empty((tokens, base_weight.shape[0])),
             x.new_empty((tokens, experts), dtype=dtype),
             x.new_empty((tokens, top_k), dtype=dtype),
             x.new_empty((tokens, top_k), dtype=torch.long),
@@ -198,3 +240,11 @@ if HAS_EXTENSION:
     torch.library.register_autograd(
         "meteora::lora_experts", _lora_backward, setup_context=_lora_setup_context
     )
+
+    def _linear_backward(ctx, *grads):
+        raise RuntimeError(
+            "meteora.linear is the inference op and has no backward; train through meteora.route + "
+            "meteora.lora_experts (MeteoRALinear does when gradients are needed)"
+        )
+
+    torch.library.register_autograd("meteora::linear", _linear_backward)

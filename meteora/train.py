@@ -471,6 +471,8 @@ def _shard(model: MeteoRAModel, ctx: Dist, dtype: torch.dtype) -> None:
     layers = getattr(getattr(inner, "model", inner), "layers", None)
     if layers is None:
         raise TrainError(f"cannot find the decoder layers of {type(inner).__name__} to shard")
+    for module in model.meteora_layers().values():
+        module.packable = False  # FSDP owns the storage of the parameters
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(inner, mesh=mesh, mp_policy=policy)

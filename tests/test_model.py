@@ -214,3 +214,39 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
         meteora.load(ckpt, base_model=tiny_model())
     with pytest.raises(meteora.CheckpointError, match="meteora_config.json not found"):
         meteora.load(tmp_path / "a", base_model=tiny_model())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_inference_op_matches_training_path(device, tmp_path):
+    """Without autograd MeteoRALinear runs the one meteora.linear op; with it, route + lora_experts.
+    Both give the same model output; gate and lora_A stay packed in one buffer, or pack again."""
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4 + 4 * i, alpha=8, targets=ALL_LINEARS, seed=i)
+                for i, n in enumerate("abc")}
+    model = meteora.from_adapters(tiny_model().to(device), adapters, top_k=2).eval()
+    for layer in model.meteora_layers().values():
+        torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    ids = torch.randint(0, 97, (3, 13), device=device)
+    with torch.no_grad():
+        inference = model(ids).logits
+    training = model(ids).logits  # the gates require grad: the autograd path
+    assert training.requires_grad
+    torch.testing.assert_close(inference, training.detach(), rtol=1e-5, atol=1e-5)
+
+    layer = model.meteora_layers()["model.layers.0.self_attn.q_proj"]
+    assert layer.is_packed()
+    gate, lora_a = layer.gate.weight.detach().clone(), layer.lora_A.detach().clone()
+    layer.to(torch.float64)
+    assert not layer.is_packed()
+    assert layer.pack_() and layer.is_packed()
+    torch.testing.assert_close(layer.gate.weight.float(), gate)
+    torch.testing.assert_close(layer.lora_A.float(), lora_a)
+    layer.packable = False  # as under FSDP
+    layer.to(torch.float32)
+    assert not layer.pack_()
+    layer.packable = True
+    if device == "cuda":  # the inference path packs again by itself
+        with torch.no_grad():
+            model(ids)
+        assert layer.is_packed()
+    model.save_pretrained(tmp_path / "ckpt")  # shared storage is copied apart for safetensors

@@ -116,6 +116,65 @@ def test_forward_matches_float64(device, impl, dtype, tokens, experts, top_k):
     assert torch.isfinite(out).all()
 
 
+def _ref_weight(logits64, idx, mask, temperature):
+    """softmax over the selected logits, absent (masked) experts at -inf; all absent: weight 0."""
+    selected = logits64.gather(1, idx)
+    if mask is not None:
+        selected = selected.masked_fill(~mask[idx], -torch.inf)
+    weight = torch.softmax(selected / temperature, -1)
+    return torch.where(torch.isneginf(selected[:, :1]), 0.0, weight)
+
+
+def packed(gate, lora_a):
+    """gate and lora_a as adjacent rows of one buffer (the layout MeteoRALinear.pack_ keeps)."""
+    buffer = torch.cat([gate, lora_a.reshape(-1, lora_a.shape[-1])])
+    return buffer[: gate.shape[0]], buffer[gate.shape[0]:].view(lora_a.shape)
+
+
+def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=False, impl="kernel", what=""):
+    """meteora.linear (inference op) against a float64 evaluation at the op's own selection."""
+    x, gate, lora_a, lora_b, scaling, w0 = (inp[k] for k in ("x", "gate_weight", "lora_a", "lora_b", "scaling", "weight"))
+    if pack:
+        gate, lora_a = packed(gate, lora_a)
+    out, logits, weight, idx = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
+    tokens, experts, d_out = x.shape[0], gate.shape[0], w0.shape[0]
+    assert out.shape == (tokens, d_out) and out.dtype == x.dtype, what
+    assert logits.shape == (tokens, experts) and logits.dtype == torch.float32, what
+    assert weight.shape == idx.shape == (tokens, top_k) and idx.dtype == torch.long, what
+    logits64 = f64(x) @ f64(gate).t()
+    assert_close(logits, logits64, torch.float32, what=f"linear logits {what}")
+    if tokens:
+        assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), f"repeated expert {what}"
+        present = logits64 if mask is None else logits64.masked_fill(~mask, -torch.inf)
+        chosen = present.gather(1, idx)
+        assert_close(chosen.max(-1).values, present.max(-1).values, torch.float32, what=f"linear top-1 {what}")
+        assert_close(chosen[:, -1], present.topk(top_k, -1).values[:, -1], torch.float32, what=f"linear k-th {what}")
+    ref_weight = _ref_weight(logits64, idx, mask, temperature)
+    assert_close(weight, ref_weight, torch.float32, what=f"linear weights {what}")
+    base = f64(x) @ f64(w0).t() + (0 if bias is None else f64(bias))
+    ref_out, _ = reference.lora_experts(f64(x), f64(lora_a), f64(lora_b), f64(scaling), idx, ref_weight, base)
+    assert_close(out, ref_out, x.dtype, what=f"linear out {what}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 32, 33, 129])
+@pytest.mark.parametrize("experts,top_k", [(1, 1), (3, 3), (28, 2), (64, 8)])
+def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
+    """The inference op on both sides of its decode/prefill split (T = 32), packed and not, with a
+    bias, a mask and strided x."""
+    _skip_unless_available(impl, device)
+    seed = fresh_seed()
+    inp = make_inputs(tokens, experts, top_k, dtype, device, seed, noncontiguous=seed % 2 == 0)
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(experts, generator=gen) < 0.6).to(device)
+    bias = (torch.randn(inp["weight"].shape[0], generator=gen)).to(device=device, dtype=dtype)
+    for pack, use_mask, use_bias in [(False, False, False), (True, True, True), (True, False, True)]:
+        check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, impl,
+                     what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -222,6 +281,10 @@ def _opcheck_samples(device):
         base = torch.randn(tokens, inp["lora_b"].shape[1], device=device, requires_grad=True)
         args = (x, inp["lora_a"].requires_grad_(), inp["lora_b"].requires_grad_(), inp["scaling"], idx, w.requires_grad_(), base)
         yield "lora_experts", args
+        gate_p, a_p = packed(inp["gate_weight"].detach(), inp["lora_a"].detach())
+        bias = torch.randn(inp["weight"].shape[0], device=device) if tokens % 2 else None
+        mask = torch.arange(experts, device=device) != experts - 1
+        yield "linear", (inp["x"].detach(), inp["weight"], bias, gate_p, a_p, inp["lora_b"].detach(), inp["scaling"], mask, top_k, 0.9)
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
@@ -238,7 +301,7 @@ def _fuzz_case(rng: random.Random, device: str):
     32- vs 64-token tiles, 16-byte vectors vs scalar loads, unions wider than one 256-row pass)."""
     experts = rng.choice([1, 2, 3, 5, 8, 17, 28, 64])
     top_k = rng.randint(1, min(experts, 8))
-    tokens = rng.choice([0, 1, 2, 5, 31, 33, 64, 65, 127, 200, 513] + ([1500, 8600] if device == "cuda" else []))
+    tokens = rng.choice([0, 1, 2, 5, 31, 32, 33, 64, 65, 127, 200, 513] + ([1500, 8600] if device == "cuda" else []))
     aligned = rng.random() < 0.6
     d_in = rng.choice([8, 64, 136, 512]) if aligned else rng.randint(1, 150)
     d_out = rng.choice([8, 40, 136, 264]) if aligned else rng.randint(1, 150)
@@ -286,6 +349,8 @@ def _run_fuzz_case(case, device, seed):
     assert_close(out, ref_out, dtype, what="out " + what)
     for name, leaf, ref in zip(("x", "gate", "lora_a", "lora_b"), leaves, ref_leaves):
         assert_close(leaf.grad, ref.grad, dtype, tol=GRAD_TOL, what=f"grad {name} {what}", scaled=True)
+    bias = base[0] if tokens and case["masked"] else None
+    check_linear(inp, top_k, case["temperature"], mask, bias, pack=case["strided"] != case["masked"], what=what)
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
@@ -312,9 +377,14 @@ def test_torch_compile_and_cuda_graph(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     inp = make_inputs(70, 5, 2, dtype, device, seed=fresh_seed())
 
+    gate_p, a_p = packed(inp["gate_weight"], inp["lora_a"])
+
     def layer(x):
         _, w, idx = torch.ops.meteora.route(x, inp["gate_weight"], None, 2, 1.0)
         out, _ = torch.ops.meteora.lora_experts(x, inp["lora_a"], inp["lora_b"], inp["scaling"], idx, w, None)
+        for rows in (x[:5], x):  # the inference op on both sides of its decode/prefill split
+            out = out + torch.ops.meteora.linear(rows, inp["weight"], None, gate_p, a_p, inp["lora_b"],
+                                                 inp["scaling"], None, 2, 1.0)[0].sum()
         return out
 
     x = inp["x"]

@@ -170,6 +170,7 @@ TORCH_LIBRARY_IMPL(meteora, CPU, m) {
   m.impl("route_backward", &route_backward_aten);
   m.impl("lora_experts", &lora_experts_cpu);
   m.impl("lora_experts_backward", &lora_experts_backward_cpu);
+  m.impl("linear", &linear_composite);
 }
 
 }  // namespace meteora

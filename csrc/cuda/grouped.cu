@@ -800,6 +800,148 @@ __global__ void topk_kernel(const float* __restrict__ logits, const bool* __rest
 
 unsigned blocks_for(int64_t n, int64_t per) { return static_cast<unsigned>((n + per - 1) / per); }
 
+// ---------------------------------------------------------------------------------------------
+// Inference path of meteora.linear. hall (T, ld) fp32 rows are [N gate logits | N r shrink values]
+// from one GEMM of x with the packed [gate; A] rows.
+
+// One warp selects a token's top k: the same choice and weights as topk_softmax (csrc/topk.h):
+// descending logits, ties and masked (-inf) experts toward the lower index, softmax over the k
+// selected / temperature, all weights 0 when every expert is masked. Lane l holds experts l and
+// l + 32. Results for every lane: e[j], w[j] for j < top_k.
+__device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row, const bool* __restrict__ mask,
+                                                  int experts, int top_k, float temperature, int* e_out,
+                                                  float* w_out) {
+  const int lane = threadIdx.x % 32;
+  float v[2];
+  bool live[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int e = lane + 32 * h;
+    live[h] = e < experts;
+    v[h] = live[h] ? ((mask == nullptr || mask[e]) ? row[e] : -INFINITY) : -INFINITY;
+  }
+  float selected[kMaxTopK];
+  for (int j = 0; j < top_k; ++j) {
+    // This lane's best candidate: the larger live value, the lower index on ties.
+    int best = -1;
+    float best_v = -INFINITY;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (live[h] && (best < 0 || v[h] > best_v)) {
+        best = lane + 32 * h;
+        best_v = v[h];
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const int ob = __shfl_xor_sync(0xffffffffu, best, off);
+      const float ov = __shfl_xor_sync(0xffffffffu, best_v, off);
+      const bool better = ob >= 0 && (best < 0 || ov > best_v || (ov == best_v && ob < best));
+      if (better) {
+        best = ob;
+        best_v = ov;
+      }
+    }
+    e_out[j] = best;
+    selected[j] = best_v;
+    if (best == lane) live[0] = false;
+    if (best == lane + 32) live[1] = false;
+  }
+  const float top = selected[0];
+  float denom = 0.f;
+  for (int j = 0; j < top_k; ++j) {
+    selected[j] = top == -INFINITY ? 0.f : exp_of((selected[j] - top) / temperature);
+    denom += selected[j];
+  }
+  for (int j = 0; j < top_k; ++j) w_out[j] = denom > 0 ? selected[j] / denom : 0.f;
+}
+
+// Decode-sized T: grid (d / kThreads, T). Warp 0 routes the token (block 0 also writes logits,
+// weight and idx), then every thread adds its output column's selected experts in place:
+// out[t, n] += sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>.
+template <typename h_t, bool kVec>
+__global__ void __launch_bounds__(kThreads) route_expand_kernel(
+    const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int experts, int rank, int top_k,
+    float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t d,
+    h_t* __restrict__ out, float* __restrict__ logits, float* __restrict__ weight, int64_t* __restrict__ idx) {
+  __shared__ float s_h[kMaxTopK * kMaxRank];
+  __shared__ int s_e[kMaxTopK];
+  __shared__ float s_w[kMaxTopK];
+  const int64_t t = blockIdx.y;
+  const float* row = hall + t * ld;
+  if (threadIdx.x < 32) {
+    int e[kMaxTopK];
+    float w[kMaxTopK];
+    warp_topk_softmax(row, mask, experts, top_k, temperature, e, w);
+    if (threadIdx.x == 0)
+      for (int j = 0; j < top_k; ++j) {
+        s_e[j] = e[j];
+        s_w[j] = w[j];
+        if (blockIdx.x == 0) {
+          weight[t * top_k + j] = w[j];
+          idx[t * top_k + j] = e[j];
+        }
+      }
+  }
+  if (blockIdx.x == 0)
+    for (int q = threadIdx.x; q < experts; q += kThreads) logits[t * experts + q] = row[q];
+  __syncthreads();
+  for (int q = threadIdx.x; q < top_k * rank; q += kThreads) {
+    const int j = q / rank, e = s_e[j];
+    s_h[q] = row[experts + e * rank + q % rank] * s_w[j] * scaling[e];
+  }
+  __syncthreads();
+  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (n >= d) return;
+  float acc = 0.f;
+  for (int j = 0; j < top_k; ++j) {
+    const h_t* b = B + (int64_t(s_e[j]) * d + n) * rank;
+    const float* h = s_h + j * rank;
+    if constexpr (kVec) {
+      for (int c0 = 0; c0 < rank; c0 += 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(b + c0);
+        const h_t* v = reinterpret_cast<const h_t*>(&raw);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) acc += h[c0 + c] * to_f(v[c]);
+      }
+    } else {
+      for (int c = 0; c < rank; ++c) acc += h[c] * to_f(b[c]);
+    }
+  }
+  out[t * d + n] = from_f<h_t>(to_f(out[t * d + n]) + acc);
+}
+
+// Prefill-sized T: one warp per token routes it and writes logits, weight, idx and the row
+// H[t] (N r, x's dtype) = w s hall at the selected experts, 0 elsewhere: the left operand of the
+// in-place expand GEMM out += H B_all^T.
+template <typename h_t>
+__global__ void __launch_bounds__(kThreads) route_select_kernel(
+    const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int64_t tokens, int experts,
+    int rank, int top_k, float temperature, const float* __restrict__ scaling, float* __restrict__ logits,
+    float* __restrict__ weight, int64_t* __restrict__ idx, h_t* __restrict__ H) {
+  const int lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (t >= tokens) return;
+  const float* row = hall + t * ld;
+  int e[kMaxTopK];
+  float w[kMaxTopK];
+  warp_topk_softmax(row, mask, experts, top_k, temperature, e, w);
+  if (lane == 0)
+    for (int j = 0; j < top_k; ++j) {
+      weight[t * top_k + j] = w[j];
+      idx[t * top_k + j] = e[j];
+    }
+  for (int q = lane; q < experts; q += 32) logits[t * experts + q] = row[q];
+  const int nr = experts * rank;
+  for (int q = lane; q < nr; q += 32) {
+    const int eq = q / rank;
+    float v = 0.f;
+    for (int j = 0; j < top_k; ++j)
+      if (e[j] == eq) v += w[j] * scaling[eq] * row[experts + q];
+    H[t * int64_t(nr) + q] = from_f<h_t>(v);
+  }
+}
+
+
 template <typename Fn>
 void dispatch_half(Half16 dt, Fn&& fn) {
   if (dt == Half16::kFloat16) {
@@ -971,6 +1113,37 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
       vec ? pair_outer_kernel<h_t, false, true><<<grid, kThreads, 0, stream>>>(p)
           : pair_outer_kernel<h_t, false, false><<<grid, kThreads, 0, stream>>>(p);
     }
+  });
+}
+
+void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t d_out, void* out,
+                  float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
+  if (tokens == 0) return;
+  const dim3 grid(blocks_for(d_out > 0 ? d_out : 1, kThreads), unsigned(tokens));
+  const bool vec = rank % 8 == 0 && aligned16(lora_b);
+  dispatch_half(dt, [&](auto tag) {
+    using h_t = decltype(tag);
+    const auto* b = static_cast<const h_t*>(lora_b);
+    auto* o = static_cast<h_t*>(out);
+    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, 0, stream>>>(hall, ld, mask, experts, rank, top_k,
+                                                                      temperature, scaling, b, d_out, o, logits,
+                                                                      weight, idx)
+        : route_expand_kernel<h_t, false><<<grid, kThreads, 0, stream>>>(hall, ld, mask, experts, rank, top_k,
+                                                                       temperature, scaling, b, d_out, o, logits,
+                                                                       weight, idx);
+  });
+}
+
+void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
+                  int top_k, float temperature, const float* scaling, float* logits, float* weight, int64_t* idx,
+                  void* H, cudaStream_t stream) {
+  if (tokens == 0) return;
+  dispatch_half(dt, [&](auto tag) {
+    using h_t = decltype(tag);
+    route_select_kernel<h_t><<<blocks_for(tokens, kThreads / 32), kThreads, 0, stream>>>(
+        hall, ld, mask, tokens, experts, rank, top_k, temperature, scaling, logits, weight, idx,
+        static_cast<h_t*>(H));
   });
 }
 

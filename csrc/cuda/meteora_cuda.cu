@@ -9,6 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <vector>
+
 #include "aten_impl.h"
 #include "checks.h"
 #include "cuda/grouped.h"
@@ -381,9 +384,130 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
   return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
 }
 
+// Largest T for which meteora.linear adds the experts to the base output in one routing kernel.
+constexpr int64_t kFusedMaxTokens = 32;
+
+// A high-priority side stream per device (and host thread) for meteora.linear's routing work, with
+// the two events that fork it from and join it to the current stream (graph capture turns them
+// into graph edges).
+struct Overlap {
+  explicit Overlap(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&fork_event, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&join_event, cudaEventDisableTiming));
+  }
+  Overlap(const Overlap&) = delete;
+  Overlap& operator=(const Overlap&) = delete;
+  ~Overlap() {  // at thread exit; errors there are ignored
+    cudaEventDestroy(fork_event);
+    cudaEventDestroy(join_event);
+  }
+  void fork(cudaStream_t from) const {
+    C10_CUDA_CHECK(cudaEventRecord(fork_event, from));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), fork_event, 0));
+  }
+  void join(cudaStream_t into) const {
+    C10_CUDA_CHECK(cudaEventRecord(join_event, side.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(into, join_event, 0));
+  }
+  c10::cuda::CUDAStream side;
+  cudaEvent_t fork_event = nullptr, join_event = nullptr;
+};
+
+Overlap& overlap_for(c10::DeviceIndex device) {
+  thread_local std::vector<std::unique_ptr<Overlap>> per_device;
+  if (per_device.size() <= size_t(device)) per_device.resize(size_t(device) + 1);
+  auto& slot = per_device[size_t(device)];
+  if (!slot) slot = std::make_unique<Overlap>(device);
+  return *slot;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
+    const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
+    const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k,
+    double temperature) {
+  const bool same = gate_weight.scalar_type() == x.scalar_type() && lora_a.scalar_type() == x.scalar_type() &&
+                    lora_b.scalar_type() == x.scalar_type();
+  if (!is_half16(x) || !same || x.dim() != 2) {  // fp32 / fp64, or mixed dtypes (the checks there name them)
+    return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                            temperature);
+  }
+  check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
+  check_linear_base(x, base_weight, base_bias);
+  const int64_t tokens = x.size(0), d_in = x.size(1), d_out = base_weight.size(0);
+  const int64_t experts = gate_weight.size(0);
+  TORCH_CHECK(lora_a.dim() == 3 && lora_a.size(0) == experts && lora_a.size(2) == d_in,
+              "meteora.linear: lora_a must be (N=", experts, ", r, d_in=", d_in, "), got shape ", lora_a.sizes());
+  const int64_t rank = lora_a.size(1), nr = experts * rank;
+  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "meteora.linear: rank r=", rank, " must be in [1, ", kMaxRank, "]");
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == experts && lora_b.size(1) == d_out && lora_b.size(2) == rank,
+              "meteora.linear: lora_b must be (N=", experts, ", d_out=", d_out, ", r=", rank, "), got shape ",
+              lora_b.sizes());
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == experts && is_float_type(scaling.scalar_type()),
+              "meteora.linear: scaling must be a floating tensor of shape (N=", experts, ",), got ",
+              scaling.scalar_type(), " ", scaling.sizes());
+  for (const auto* t : {&lora_a, &lora_b, &scaling}) check_same_device(x, *t, "a LoRA-expert argument");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // [gate; A_all] (N + N r, d_in): a view when the layer keeps them as adjacent rows of one buffer.
+  const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
+                      lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
+  const at::Tensor ext = packed ? gate_weight.as_strided({experts + nr, d_in}, {d_in, 1}, gate_weight.storage_offset())
+                                : at::cat({gate_weight, lora_a.reshape({nr, d_in})}, 0);
+  const auto f32 = x.options().dtype(at::kFloat);
+  // Everything is allocated on the current stream; the side stream only computes into it.
+  at::Tensor hall = at::empty({tokens, experts + nr}, f32);
+  at::Tensor logits = at::empty({tokens, experts}, f32);
+  at::Tensor weight = at::empty({tokens, top_k}, f32);
+  at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
+  const auto base_gemm = [&] {
+    return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
+  };
+  if (tokens == 0) return {base_gemm(), logits, weight, idx};
+  at::Tensor mask;
+  if (expert_mask.has_value()) mask = expert_mask->contiguous();
+  const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const at::Tensor s = scaling.to(at::kFloat).contiguous();
+  const at::Tensor b = lora_b.contiguous();
+  const bool fused = tokens <= kFusedMaxTokens;
+  at::Tensor H, b_all;
+  if (!fused) {
+    H = at::empty({tokens, nr}, x.options());
+    b_all = at::empty({d_out, nr}, x.options());
+  }
+  // The routing side (one GEMM of x with [gate; A_all], then at prefill sizes the selection) runs on
+  // a side stream while the base GEMM runs on the current one; they join before the expand.
+  auto main_stream = c10::cuda::getCurrentCUDAStream();
+  Overlap& ov = overlap_for(x.device().index());
+  ov.fork(main_stream.stream());
+  {
+    const c10::cuda::CUDAStreamGuard on_side(ov.side);
+    // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
+    at::mm_out(hall, x, ext.t(), at::kFloat);
+    if (!fused) {
+      cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
+                         int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
+                         weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), ov.side.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
+    }
+  }
+  at::Tensor out = base_gemm();
+  ov.join(main_stream.stream());
+  if (fused) {
+    cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
+                       int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), d_out, out.data_ptr(),
+                       logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>(), main_stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    out.addmm_(H, b_all.t());
+  }
+  return {out, logits, weight, idx};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meteora, CUDA, m) {
+  m.impl("linear", &linear_cuda);
   m.impl("route", &route_cuda);
   m.impl("route_backward", &route_backward_aten);
   m.impl("lora_experts", &lora_experts_cuda);
