@@ -78,9 +78,11 @@ class Linear:
             gate[0] += hot
             gate[1] += 0.9 * hot
         # gate and A as adjacent rows of one buffer, as MeteoRALinear keeps them (one shrink GEMM)
-        packed = torch.cat([gate.to(dtype), randn(experts * rank, d_in, scale=d_in**-0.5)])
+        pad = -(experts * (1 + rank)) % 8  # zero rows up to a multiple of 8, as MeteoRALinear.pack_
+        packed = torch.cat([gate.to(dtype), randn(experts * rank, d_in, scale=d_in**-0.5),
+                            torch.zeros(pad, d_in, device=dev, dtype=dtype)])
         self.gate = packed[:experts]
-        self.a = packed[experts:].view(experts, rank, d_in)
+        self.a = packed[experts: experts * (1 + rank)].view(experts, rank, d_in)
         self.b = randn(experts, d_out, rank, scale=rank**-0.5)
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM

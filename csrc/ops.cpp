@@ -25,9 +25,9 @@ TORCH_LIBRARY(meteora, m) {
         " -> (Tensor grad_x, Tensor grad_expert_weight, Tensor grad_lora_a, Tensor grad_lora_b)");
   // A whole MeteoRA linear for inference (no autograd): out = x W0^T (+ bias) + the LoRA experts,
   // routed as `route` does; the same values as route + lora_experts(base = x W0^T + bias). On CUDA
-  // (fp16 / bf16) one GEMM computes the gate logits and every expert's shrink (one when
-  // gate_weight and lora_a are adjacent rows of one buffer), and decode-sized T adds the selected
-  // experts to the base output in one kernel.
+  // (fp16 / bf16) one GEMM computes the gate logits and every expert's shrink (reading the weights
+  // in place when gate_weight and lora_a are adjacent rows of one buffer) on a side stream beside
+  // the base GEMM, and decode-sized T routes and sums the selected experts in one kernel.
   m.def("linear(Tensor x, Tensor base_weight, Tensor? base_bias, Tensor gate_weight, Tensor lora_a,"
         " Tensor lora_b, Tensor scaling, Tensor? expert_mask, int top_k, float temperature)"
         " -> (Tensor out, Tensor gate_logits, Tensor expert_weight, Tensor expert_idx)");

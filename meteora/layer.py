@@ -100,9 +100,13 @@ class MeteoRALinear(nn.Module):
         if not self.packable or g.dtype != a.dtype or g.device != a.device or type(g.data) is not torch.Tensor \
                 or type(a.data) is not torch.Tensor:
             return False
-        buffer = torch.cat([g.detach().reshape(g.shape[0], -1), a.detach().reshape(-1, a.shape[-1])])
-        g.data = buffer[: g.shape[0]]
-        a.data = buffer[g.shape[0]:].view(a.shape)
+        n, rows = g.shape[0], g.shape[0] + a.shape[0] * a.shape[1]
+        # Zero rows up to a multiple of 8: cuBLAS runs (T, 256) twice as fast as (T, 252) at prefill.
+        buffer = torch.zeros(-(-rows // 8) * 8, a.shape[-1], dtype=a.dtype, device=a.device)
+        buffer[:n] = g.detach()
+        buffer[n:rows] = a.detach().reshape(-1, a.shape[-1])
+        g.data = buffer[:n]
+        a.data = buffer[n:rows].view(a.shape)
         return True
 
     @torch.no_grad()

@@ -127,8 +127,10 @@ def _ref_weight(logits64, idx, mask, temperature):
 
 def packed(gate, lora_a):
     """gate and lora_a as adjacent rows of one buffer (the layout MeteoRALinear.pack_ keeps)."""
-    buffer = torch.cat([gate, lora_a.reshape(-1, lora_a.shape[-1])])
-    return buffer[: gate.shape[0]], buffer[gate.shape[0]:].view(lora_a.shape)
+    rows = gate.shape[0] + lora_a.shape[0] * lora_a.shape[1]
+    pad = torch.full((-rows % 8, gate.shape[1]), float("nan"), dtype=gate.dtype, device=gate.device)  # never used
+    buffer = torch.cat([gate, lora_a.reshape(-1, lora_a.shape[-1]), pad])
+    return buffer[: gate.shape[0]], buffer[gate.shape[0]: rows].view(lora_a.shape)
 
 
 def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=False, impl="kernel", what=""):

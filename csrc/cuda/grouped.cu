@@ -855,27 +855,32 @@ __device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row,
   for (int j = 0; j < top_k; ++j) w_out[j] = denom > 0 ? selected[j] / denom : 0.f;
 }
 
-// Decode-sized T: grid (d / kThreads, T). Warp 0 routes the token (block 0 also writes logits,
-// weight and idx), then every thread adds its output column's selected experts in place:
-// out[t, n] += sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>.
+// Decode-sized T: grid (d / kThreads, T). Warp 0 routes the token from its hall row in shared
+// memory (block 0 also writes logits, weight and idx); then every thread writes its output column's
+// sum over the selected experts: delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>.
 template <typename h_t, bool kVec>
 __global__ void __launch_bounds__(kThreads) route_expand_kernel(
     const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int experts, int rank, int top_k,
     float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t d,
-    h_t* __restrict__ out, float* __restrict__ logits, float* __restrict__ weight, int64_t* __restrict__ idx) {
-  __shared__ float s_h[kMaxTopK * kMaxRank];
+    float* __restrict__ delta, float* __restrict__ logits, float* __restrict__ weight, int64_t* __restrict__ idx) {
+  extern __shared__ float s_row[];  // experts * (1 + rank) values of hall
+  __shared__ float s_coef[kMaxTopK], s_scale[kMaxExperts];
   __shared__ int s_e[kMaxTopK];
-  __shared__ float s_w[kMaxTopK];
   const int64_t t = blockIdx.y;
+  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const float* row = hall + t * ld;
+  const int width = experts * (1 + rank);
+  for (int q = threadIdx.x; q < width; q += kThreads) s_row[q] = row[q];
+  if (threadIdx.x < experts) s_scale[threadIdx.x] = scaling[threadIdx.x];
+  __syncthreads();
   if (threadIdx.x < 32) {
     int e[kMaxTopK];
     float w[kMaxTopK];
-    warp_topk_softmax(row, mask, experts, top_k, temperature, e, w);
+    warp_topk_softmax(s_row, mask, experts, top_k, temperature, e, w);
     if (threadIdx.x == 0)
       for (int j = 0; j < top_k; ++j) {
         s_e[j] = e[j];
-        s_w[j] = w[j];
+        s_coef[j] = w[j] * s_scale[e[j]];
         if (blockIdx.x == 0) {
           weight[t * top_k + j] = w[j];
           idx[t * top_k + j] = e[j];
@@ -883,31 +888,45 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(
       }
   }
   if (blockIdx.x == 0)
-    for (int q = threadIdx.x; q < experts; q += kThreads) logits[t * experts + q] = row[q];
+    for (int q = threadIdx.x; q < experts; q += kThreads) logits[t * experts + q] = s_row[q];
   __syncthreads();
-  for (int q = threadIdx.x; q < top_k * rank; q += kThreads) {
-    const int j = q / rank, e = s_e[j];
-    s_h[q] = row[experts + e * rank + q % rank] * s_w[j] * scaling[e];
-  }
-  __syncthreads();
-  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (n >= d) return;
   float acc = 0.f;
   for (int j = 0; j < top_k; ++j) {
     const h_t* b = B + (int64_t(s_e[j]) * d + n) * rank;
-    const float* h = s_h + j * rank;
+    const float* h = s_row + experts + s_e[j] * rank;
+    float dot = 0.f;
     if constexpr (kVec) {
       for (int c0 = 0; c0 < rank; c0 += 8) {
         const uint4 raw = *reinterpret_cast<const uint4*>(b + c0);
         const h_t* v = reinterpret_cast<const h_t*>(&raw);
 #pragma unroll
-        for (int c = 0; c < 8; ++c) acc += h[c0 + c] * to_f(v[c]);
+        for (int c = 0; c < 8; ++c) dot += h[c0 + c] * to_f(v[c]);
       }
     } else {
-      for (int c = 0; c < rank; ++c) acc += h[c] * to_f(b[c]);
+      for (int c = 0; c < rank; ++c) dot += h[c] * to_f(b[c]);
     }
+    acc += s_coef[j] * dot;
   }
-  out[t * d + n] = from_f<h_t>(to_f(out[t * d + n]) + acc);
+  delta[t * d + n] = acc;
+}
+
+// out (T, d) in place += delta (T, d) fp32, one rounding; 8 elements per thread when aligned.
+template <typename h_t>
+__global__ void __launch_bounds__(kThreads) add_delta_kernel(h_t* __restrict__ out, const float* __restrict__ delta,
+                                                            int64_t count, bool vec) {
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8;
+  if (vec && i + 8 <= count) {
+    uint4 raw = *reinterpret_cast<const uint4*>(out + i);
+    h_t* v = reinterpret_cast<h_t*>(&raw);
+    const float4 d0 = *reinterpret_cast<const float4*>(delta + i), d1 = *reinterpret_cast<const float4*>(delta + i + 4);
+    const float dv[8] = {d0.x, d0.y, d0.z, d0.w, d1.x, d1.y, d1.z, d1.w};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) v[c] = from_f<h_t>(to_f(v[c]) + dv[c]);
+    *reinterpret_cast<uint4*>(out + i) = raw;
+    return;
+  }
+  for (int64_t q = i; q < i + 8 && q < count; ++q) out[q] = from_f<h_t>(to_f(out[q]) + delta[q]);
 }
 
 // Prefill-sized T: one warp per token routes it and writes logits, weight, idx and the row
@@ -1117,21 +1136,31 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 }
 
 void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t d_out, void* out,
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t d_out, float* delta,
                   float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
   if (tokens == 0) return;
   const dim3 grid(blocks_for(d_out > 0 ? d_out : 1, kThreads), unsigned(tokens));
   const bool vec = rank % 8 == 0 && aligned16(lora_b);
+  const size_t smem = size_t(experts) * (1 + rank) * sizeof(float);  // <= 64 x 65 floats
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
     const auto* b = static_cast<const h_t*>(lora_b);
-    auto* o = static_cast<h_t*>(out);
-    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, 0, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                      temperature, scaling, b, d_out, o, logits,
-                                                                      weight, idx)
-        : route_expand_kernel<h_t, false><<<grid, kThreads, 0, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                       temperature, scaling, b, d_out, o, logits,
-                                                                       weight, idx);
+    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
+                                                                         temperature, scaling, b, d_out, delta,
+                                                                         logits, weight, idx)
+        : route_expand_kernel<h_t, false><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
+                                                                          temperature, scaling, b, d_out, delta,
+                                                                          logits, weight, idx);
+  });
+}
+
+void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream) {
+  if (count == 0) return;
+  const bool vec = aligned16(out) && aligned16(delta);
+  dispatch_half(dt, [&](auto tag) {
+    using h_t = decltype(tag);
+    add_delta_kernel<h_t><<<blocks_for(count, int64_t(kThreads) * 8), kThreads, 0, stream>>>(
+        static_cast<h_t*>(out), delta, count, vec);
   });
 }
 

@@ -384,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_experts_backward
   return {grad_x, need_weight ? grad_w.to(expert_weight.scalar_type()) : empty, grad_a, grad_b};
 }
 
-// Largest T for which meteora.linear adds the experts to the base output in one routing kernel.
+// Largest T for which meteora.linear routes and sums the experts per output column in one kernel.
 constexpr int64_t kFusedMaxTokens = 32;
 
 // A high-priority side stream per device (and host thread) for meteora.linear's routing work, with
@@ -448,14 +448,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
               scaling.scalar_type(), " ", scaling.sizes());
   for (const auto* t : {&lora_a, &lora_b, &scaling}) check_same_device(x, *t, "a LoRA-expert argument");
   const c10::cuda::CUDAGuard guard(x.device());
-  // [gate; A_all] (N + N r, d_in): a view when the layer keeps them as adjacent rows of one buffer.
+  // [gate; A_all] (N + N r, d_in), with rows up to a multiple of 8 (cuBLAS runs (T, 256) twice as
+  // fast as (T, 252)): a view when the layer keeps them as adjacent rows of one buffer with that
+  // room after them (MeteoRALinear.pack_), else a copy.
+  const int64_t rows = experts + nr, rows_pad = (rows + 7) / 8 * 8;
   const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
                       lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
-  const at::Tensor ext = packed ? gate_weight.as_strided({experts + nr, d_in}, {d_in, 1}, gate_weight.storage_offset())
-                                : at::cat({gate_weight, lora_a.reshape({nr, d_in})}, 0);
+  const bool room = packed && int64_t(gate_weight.storage().nbytes()) >=
+                                  (gate_weight.storage_offset() + rows_pad * d_in) * gate_weight.element_size();
+  const at::Tensor ext =
+      packed ? gate_weight.as_strided({room ? rows_pad : rows, d_in}, {d_in, 1}, gate_weight.storage_offset())
+             : at::cat({gate_weight, lora_a.reshape({nr, d_in}), at::zeros({rows_pad - rows, d_in}, x.options())}, 0);
   const auto f32 = x.options().dtype(at::kFloat);
   // Everything is allocated on the current stream; the side stream only computes into it.
-  at::Tensor hall = at::empty({tokens, experts + nr}, f32);
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, f32);
   at::Tensor logits = at::empty({tokens, experts}, f32);
   at::Tensor weight = at::empty({tokens, top_k}, f32);
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
@@ -469,13 +475,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   const at::Tensor s = scaling.to(at::kFloat).contiguous();
   const at::Tensor b = lora_b.contiguous();
   const bool fused = tokens <= kFusedMaxTokens;
-  at::Tensor H, b_all;
-  if (!fused) {
+  at::Tensor H, b_all, delta;
+  if (fused) {
+    delta = at::empty({tokens, d_out}, f32);
+  } else {
     H = at::empty({tokens, nr}, x.options());
     b_all = at::empty({d_out, nr}, x.options());
   }
-  // The routing side (one GEMM of x with [gate; A_all], then at prefill sizes the selection) runs on
-  // a side stream while the base GEMM runs on the current one; they join before the expand.
+  // The routing side (one GEMM of x with [gate; A_all], then the routing with the experts' expand at
+  // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM runs on
+  // the current one; they join before the experts' sum is added to the base output.
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   ov.fork(main_stream.stream());
@@ -483,7 +492,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
     at::mm_out(hall, x, ext.t(), at::kFloat);
-    if (!fused) {
+    if (fused) {
+      cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
+                         int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), d_out,
+                         delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
+                         idx.data_ptr<int64_t>(), ov.side.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
       cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
                          weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), ov.side.stream());
@@ -494,9 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   at::Tensor out = base_gemm();
   ov.join(main_stream.stream());
   if (fused) {
-    cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
-                       int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), d_out, out.data_ptr(),
-                       logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>(), main_stream);
+    cuda::add_delta(half16(x), out.data_ptr(), delta.data_ptr<float>(), out.numel(), main_stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     out.addmm_(H, b_all.t());
