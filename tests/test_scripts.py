@@ -7,6 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+import meteora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,30 @@ def test_quality_pipeline_runs_in_two_calls(tiny_base, task_dir, tmp_path):
     for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy"):
         assert text in table, text
     assert (out / "eval" / "routing.png").is_file()
+
+
+def test_e2e_model_cache_and_gather_bmm():
+    """benchmarks/e2e.py's pieces on a tiny CPU model: decoding through the static KV cache gives
+    the full-sequence logits, and the authors' gather-bmm path equals MeteoRALinear."""
+    from benchmarks import e2e
+
+    torch.manual_seed(0)
+    cfg = e2e.Config(layers=2, dim=64, heads=4, kv_heads=2, ffn=96, vocab=97)
+    model = e2e.Llama(cfg).eval()
+    ids = torch.randint(0, cfg.vocab, (2, 9))
+    with torch.no_grad():
+        full = model(ids, torch.arange(9), last_only=False)
+        caches = [(torch.zeros(2, cfg.kv_heads, 12, cfg.head_dim), torch.zeros(2, cfg.kv_heads, 12, cfg.head_dim))
+                  for _ in range(cfg.layers)]
+        steps = [model(ids[:, :5], torch.arange(5), caches, last_only=False)]
+        steps += [model(ids[:, t:t + 1], torch.tensor([t]), caches) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+    lin = model.layers[0].mlp.down_proj
+    m = meteora.MeteoRALinear(lin, 5, 4, top_k=2)
+    with torch.no_grad():
+        for e in range(5):
+            m.set_expert(e, torch.randn(4, lin.in_features) * 0.1, torch.randn(lin.out_features, 4), 2.0)
+        m.gate.weight.normal_()
+        x = torch.randn(3, 7, lin.in_features)
+        torch.testing.assert_close(e2e.GatherBmmLinear(m)(x), m(x), rtol=1e-4, atol=1e-4)
