@@ -43,17 +43,24 @@ def atomic_folder(target: Path, write: Callable[[Path], object],
     try:
         os.chmod(tmp, default_mode() | 0o111)  # mkdtemp's folders are 0700
         write(tmp)
-        if complete is not None and complete(target):
+        if complete is None:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            return target
+        # Shared work (several processes may fill the same target): a whole target is never removed,
+        # since another process may be reading it; rename fails while a non-empty target exists.
+        if complete(target):
             shutil.rmtree(tmp)
             return target
-        if target.exists():
-            shutil.rmtree(target)
         try:
             os.replace(tmp, target)
-        except OSError:  # a folder appeared meanwhile (another process); keep it if it is whole
-            if complete is None or not complete(target):
-                raise
-            shutil.rmtree(tmp)
+        except OSError:
+            if not complete(target):  # a broken leftover (not one of ours: ours appear whole)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+            else:  # another process finished first: keep its folder
+                shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

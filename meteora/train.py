@@ -33,7 +33,7 @@ from torch import nn
 
 from . import data as data_mod
 from .adapters import TARGET_MODULES, AdapterError
-from .base import DEFAULT_MODEL, cache_dir, load_base_model
+from .base import DEFAULT_MODEL, cache_dir, default_model_dir, load_base_model
 from .data import Task
 from .loss import gate_accuracy, meteora_loss
 from ._files import atomic_folder, atomic_write as _atomic_write
@@ -683,8 +683,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         specs = task_list(args)
-        if ctx.main:  # the first process converts BIG-bench data into the cache, the others read it
+        if ctx.main:  # the first process converts BIG-bench data (and the embedded model) into the cache
             tasks = data_mod.load_tasks(specs, args.data_dir)
+            if ctx.enabled and not args.from_ckpt and str(args.base) == DEFAULT_MODEL:
+                default_model_dir()
         ctx.barrier()
         if not ctx.main:
             tasks = data_mod.load_tasks(specs, args.data_dir)

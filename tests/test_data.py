@@ -194,3 +194,26 @@ def test_atomic_folder_replaces_keeps_a_whole_one_and_cleans_up(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_folder(target, fail)
     assert (target / "a").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    # Another process's folder appears just after this one looked (its first check says "not
+    # whole"): that folder stays (the other process may be reading it) and this copy is dropped.
+    target.rename(tmp_path / "old")
+    calls = []
+
+    def racing(t):
+        calls.append(t)
+        if len(calls) == 1:
+            t.mkdir()
+            (t / "a").write_text("6")
+            return False
+        return (t / "a").is_file()
+
+    atomic_folder(target, lambda d: (d / "a").write_text("5"), complete=racing)
+    assert (target / "a").read_text() == "6"
+    whole = lambda t: (t / "a").is_file()  # noqa: E731
+    # A broken leftover (no "a") is replaced.
+    (target / "a").unlink()
+    (target / "b").write_text("x")
+    atomic_folder(target, lambda d: (d / "a").write_text("7"), complete=whole)
+    assert sorted(p.name for p in target.iterdir()) == ["a"] and (target / "a").read_text() == "7"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "old"]
