@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.moe_fwd import capture as graph_of  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
 
@@ -258,28 +259,6 @@ def merge_first_adapter(layers: dict, sign: float) -> None:
 
 
 # ----------------------------------------------------------------------------- measuring
-_CAPTURE_STREAM: torch.cuda.Stream | None = None
-
-
-def graph_of(fn):
-    """fn captured in a CUDA graph after a warm-up on a side stream (the usual recipe). One stream
-    for every capture: each new stream would get cuBLAS workspaces of its own, which the memory
-    comparison would count."""
-    global _CAPTURE_STREAM
-    if _CAPTURE_STREAM is None:
-        _CAPTURE_STREAM = torch.cuda.Stream()
-    stream = _CAPTURE_STREAM
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def timed(fn, repeats: int) -> float:
     """Median seconds of fn over `repeats` runs (each synchronised)."""
     times = []

@@ -206,17 +206,31 @@ def median_ms(fn, budget_s=0.4, max_iters=200, min_iters=5) -> float:
     return statistics.median(times)
 
 
+_CAPTURE_STREAM: torch.cuda.Stream | None = None
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph after a warm-up on a side stream (the usual recipe). One stream
+    for every capture: each new stream would get cuBLAS workspaces of its own, which memory
+    comparisons would count."""
+    global _CAPTURE_STREAM
+    if _CAPTURE_STREAM is None:
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    stream = _CAPTURE_STREAM
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_ms(fn) -> float | None:
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture(fn)
         torch.cuda.synchronize()
         return median_ms(graph.replay)
     except Exception as err:  # a method that cannot be captured is reported as such
