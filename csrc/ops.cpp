@@ -1,6 +1,7 @@
 // The one schema file: every meteora op is declared here; each device registers its kernels
 // in its own file (cpu/, cuda/). Shapes: T tokens, N experts, k selected, r (padded) rank.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(meteora, m) {
@@ -31,6 +32,12 @@ TORCH_LIBRARY(meteora, m) {
   m.def("linear(Tensor x, Tensor base_weight, Tensor? base_bias, Tensor gate_weight, Tensor lora_a,"
         " Tensor lora_b, Tensor scaling, Tensor? expert_mask, int top_k, float temperature)"
         " -> (Tensor out, Tensor gate_logits, Tensor expert_weight, Tensor expert_idx)");
+}
+
+// meteora.linear has no backward: its outputs carry a grad_fn that says so if one is asked for
+// (a C++ kernel at the Autograd key, so inference pays no Python wrapper per call).
+TORCH_LIBRARY_IMPL(meteora, Autograd, m) {
+  m.impl("linear", torch::autograd::autogradNotImplementedFallback());
 }
 
 // The Python module only loads this library (its static initialisers register the ops).

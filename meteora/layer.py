@@ -60,6 +60,7 @@ class MeteoRALinear(nn.Module):
         self.gate = nn.Linear(d_in, num_experts, bias=False, **factory)
         self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
         self.packable = True  # False under FSDP, which owns the parameters' storage
+        self._packed_at: tuple[int, int] | None = None
         self.pack_()
         self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
         self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
@@ -84,9 +85,14 @@ class MeteoRALinear(nn.Module):
     def is_packed(self) -> bool:
         """Whether ``gate.weight`` and ``lora_A`` are the rows of one (N + N r, d_in) buffer."""
         g, a = self.gate.weight, self.lora_A
-        return (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
-                and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-                and a.storage_offset() == g.storage_offset() + g.numel())
+        key = (g.data_ptr(), a.data_ptr())
+        if key == self._packed_at:  # checked before, and neither has moved since (every forward asks)
+            return True
+        packed = (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
+                  and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+                  and a.storage_offset() == g.storage_offset() + g.numel())
+        self._packed_at = key if packed else None
+        return packed
 
     @torch.no_grad()
     def pack_(self) -> bool:

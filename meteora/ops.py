@@ -240,11 +240,3 @@ if HAS_EXTENSION:
     torch.library.register_autograd(
         "meteora::lora_experts", _lora_backward, setup_context=_lora_setup_context
     )
-
-    def _linear_backward(ctx, *grads):
-        raise RuntimeError(
-            "meteora.linear is the inference op and has no backward; train through meteora.route + "
-            "meteora.lora_experts (MeteoRALinear does when gradients are needed)"
-        )
-
-    torch.library.register_autograd("meteora::linear", _linear_backward)
