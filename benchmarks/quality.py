@@ -85,7 +85,7 @@ def run(args) -> None:
     ckpt = out / "meteora"
     _timed(out, "gates (+ gate accuracy)", lambda: train.main(
         ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
-         "--eval-rows", str(args.limit), *common, *rows]))
+         "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows]))
     composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
                          if c == "own" or (c and all(t in tasks for t in data.composite_task_names(int(c)))))
     _timed(out, "evaluation", lambda: meteora_eval.main(
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--mixed-steps", type=int, default=0, help="default: adapter steps x number of tasks")
     p.add_argument("--steps", type=int, default=100, help="gate training steps")
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--composite-rows", type=int, default=0, help="composite rows in the gate data (meteora.train)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows-per-task", type=int, default=600)
     p.add_argument("--max-length", type=int, default=256)

@@ -431,11 +431,13 @@ def _composite_answer(responses: Sequence[str]) -> str:
     return "\n".join(f"{i}. {_one_line(r)}" for i, r in enumerate(responses, 1))
 
 
-def build_composite(tasks: Sequence[Task], samples: int = COMPOSITE_SAMPLES, seed: int = COMPOSITE_SEED) -> list[dict]:
-    """Composite rows: a fixed 2-example few-shot prefix (from the train splits), then one test
-    question per task, numbered; the response is ``1. <answer>\\n2. <answer>...``.
+def build_composite(tasks: Sequence[Task], samples: int = COMPOSITE_SAMPLES, seed: int = COMPOSITE_SEED,
+                    split: str = "test", shots: int = 2) -> list[dict]:
+    """Composite rows: a fixed few-shot prefix of ``shots`` examples (from the train splits), then one
+    question per task from ``split``, numbered; the response is ``1. <answer>\\n2. <answer>...``.
 
-    Each row also holds ``tasks`` (sub-task names in order) and ``answers`` (the sub-responses).
+    Each row also holds ``tasks`` (sub-task names in order), ``questions`` and ``answers`` (the
+    sub-prompts and sub-responses).
     """
     if len(tasks) < 2:
         raise ValueError("composite-n needs at least two tasks")
@@ -443,19 +445,20 @@ def build_composite(tasks: Sequence[Task], samples: int = COMPOSITE_SAMPLES, see
         if not task.train or not task.test:
             raise DataError(f"composite-n: task '{task.name}' needs train and test rows")
     rng = random.Random(seed)
-    shots = []
-    for _ in range(2):
+    examples = []
+    for _ in range(shots):
         picked = [rng.choice(t.train) for t in tasks]
-        shots.append(_composite_prompt([r["prompt"] for r in picked]) + "\n"
-                     + _composite_answer([r["response"] for r in picked]))
-    prefix = ("Answer every question, one numbered line per question.\n\n" + "\n\n".join(shots) + "\n\n")
+        examples.append(_composite_prompt([r["prompt"] for r in picked]) + "\n"
+                        + _composite_answer([r["response"] for r in picked]))
+    prefix = ("Answer every question, one numbered line per question.\n\n" + "\n\n".join(examples) + "\n\n")
     rows = []
     for _ in range(samples):
-        picked = [rng.choice(t.test) for t in tasks]
+        picked = [rng.choice(getattr(t, split)) for t in tasks]
         rows.append({
             "prompt": prefix + _composite_prompt([r["prompt"] for r in picked]),
             "response": _composite_answer([r["response"] for r in picked]),
             "tasks": [t.name for t in tasks],
+            "questions": [r["prompt"] for r in picked],
             "answers": [r["response"] for r in picked],
         })
     return rows

@@ -132,7 +132,8 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class Example:
     input_ids: list[int]
     labels: list[int]  # -100 on the prompt: the LM loss is on the response (and EOS) only
-    task: int
+    task: int  # the task label of every token (and the batching group)
+    token_tasks: list[int] | None = None  # a label per token instead (composite rows; -1: none)
 
 
 def encode(tokenizer, row: dict, task: int, max_length: int) -> Example:
@@ -142,6 +143,53 @@ def encode(tokenizer, row: dict, task: int, max_length: int) -> Example:
     response = response + [tokenizer.eos_token_id]
     prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
     return Example(prompt + response, [-100] * len(prompt) + response, task)
+
+
+def encode_composite(tokenizer, row: dict, labels: dict[str, int], max_length: int, group: int) -> Example:
+    """A composite row (``data.build_composite``): every token of sub-question i and of answer line
+    i is labelled with task i's adapter; the instruction, the few-shot prefix and the template are
+    not labelled. Prompt left-truncated to fit, response + EOS as in ``encode``."""
+    formatted = format_prompt(tokenizer, row["prompt"])
+    text = formatted + row["response"]
+    spans, cursor = [], max(0, formatted.rfind("Questions:"))
+    for i, (name, question) in enumerate(zip(row["tasks"], row["questions"]), 1):
+        line = f"{i}. {question}"
+        at = formatted.find(line, cursor)
+        if at >= 0:
+            spans.append((at, at + len(line), labels[name]))
+            cursor = at + len(line)
+    cursor = len(formatted)
+    for i, (name, answer) in enumerate(zip(row["tasks"], row["answers"]), 1):
+        line = f"{i}. {' '.join(answer.split())}"
+        at = text.find(line, cursor)
+        if at >= 0:
+            spans.append((at, at + len(line), labels[name]))
+            cursor = at + len(line)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TrainError("composite training rows need a fast tokenizer (character offsets)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    prompt, response = [], []
+    for token, (start, _end) in zip(enc.input_ids, enc.offset_mapping):
+        task = next((label for a, b, label in spans if a <= start < b), -1)
+        (response if start >= len(formatted) else prompt).append((token, task))
+    response = response[: max_length // 2] + [(tokenizer.eos_token_id, -1)]
+    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
+    ids = [t for t, _ in prompt + response]
+    return Example(ids, [-100] * len(prompt) + [t for t, _ in response], group,
+                   [task for _, task in prompt + response])
+
+
+def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length: int, seed: int) -> list[Example]:
+    """``count`` composite rows from the train splits, each 2 to 5 distinct tasks in random order."""
+    rng = random.Random(seed)
+    labels = {t.name: i for i, t in enumerate(tasks)}
+    out = []
+    for i in range(count):
+        picked = rng.sample(list(tasks), rng.randint(2, min(5, len(tasks))))
+        # One shot (evaluation prompts have two): rows stay short enough to keep every question.
+        row = data_mod.build_composite(picked, samples=1, seed=seed * 7919 + i, split="train", shots=1)[0]
+        out.append(encode_composite(tokenizer, row, labels, max_length, group=len(tasks)))
+    return out
 
 
 def encode_tasks(tokenizer, tasks: Sequence[Task], labels: Sequence[int], rows_per_task: int,
@@ -211,7 +259,7 @@ def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
-        tasks[row, :n] = e.task
+        tasks[row, :n] = torch.tensor(e.token_tasks) if e.token_tasks is not None else e.task
         mask[row, :n] = 1
     return {k: v.to(device) for k, v in
             dict(input_ids=ids, labels=labels, task_labels=tasks, attention_mask=mask).items()}
@@ -493,6 +541,10 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
     if model.adapter_names != names:
         raise TrainError(f"the checkpoint's adapters {model.adapter_names} do not match the tasks {names}")
     examples = encode_tasks(tokenizer, tasks, range(len(tasks)), args.rows_per_task, args.max_length)
+    if args.composite_rows:
+        if len(tasks) < 2:
+            raise TrainError("--composite-rows needs at least two tasks")
+        examples += composite_examples(tokenizer, tasks, args.composite_rows, args.max_length, args.seed)
     batches = Batches(examples, args.batch_size, args.seed, tokenizer.pad_token_id, ctx.rank, ctx.world)
     params = [p for p in model.parameters() if p.requires_grad]
     if new_index is not None:  # only the newcomer's gate rows learn; the old routing stays as it was
@@ -625,6 +677,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=0.1, help="share of steps")
     g.add_argument("--clip", type=float, default=1.0)
     g.add_argument("--gate-weight", type=float, default=50.0, help="lambda of L_LM + lambda * CE_gate")
+    g.add_argument("--composite-rows", type=int, default=0,
+                   help="add this many composite rows to the gate data: 2-5 numbered questions of different "
+                        "tasks in one prompt, each question's and answer line's tokens labelled with its task")
     g.add_argument("--train-loras", action="store_true", help="train LoRA weights too (the authors' script)")
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--temperature", type=float, default=1.0)
@@ -646,6 +701,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "grad_accum", "rows_per_task", "max_length", "adapter_steps", "lora_r"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.composite_rows < 0:
+        parser.error("--composite-rows must be >= 0")
     return args
 
 

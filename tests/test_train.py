@@ -196,3 +196,38 @@ def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_pa
     assert gates and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in gates)
     log = read_log(out)
     assert sum(h["gate"] for h in log[-3:]) < sum(h["gate"] for h in log[:3])
+
+
+def test_composite_rows_label_each_question_and_answer_line(trained, tiny_base, task_dir, tmp_path):
+    """--composite-rows: numbered questions of several tasks in one prompt, each question's and
+    answer line's tokens labelled with its own task, the rest unlabelled; gate training runs on them."""
+    from meteora import base, data
+
+    tokenizer = base.load_tokenizer(str(tiny_base))
+    tasks = data.load_tasks(["count", "reverse", "upper"], task_dir)
+    labels = {t.name: i for i, t in enumerate(tasks)}
+    row = data.build_composite([tasks[2], tasks[0]], samples=1, seed=5, split="train", shots=1)[0]
+    assert row["questions"][0] in [r["prompt"] for r in tasks[2].train]
+    e = train.encode_composite(tokenizer, row, labels, max_length=512, group=3)
+    assert e.task == 3 and len(e.token_tasks) == len(e.input_ids) == len(e.labels)
+    for task, name in ((2, "upper"), (0, "count")):
+        text = tokenizer.decode([t for t, k in zip(e.input_ids, e.token_tasks) if k == task])
+        i = row["tasks"].index(name)
+        assert row["questions"][i] in text and row["answers"][i] in text, (name, text)
+    assert 1 not in e.token_tasks and -1 in e.token_tasks  # reverse is absent; the prefix is not labelled
+    response = [t for t, lab in zip(e.input_ids, e.labels) if lab != -100]
+    assert tokenizer.decode(response[:-1]) == row["response"] and response[-1] == tokenizer.eos_token_id
+    assert e.token_tasks[-1] == -1
+    batch = train.collate([e, train.encode(tokenizer, tasks[1].train[0], 1, 64)], tokenizer.pad_token_id,
+                          torch.device("cpu"))
+    assert batch["task_labels"][0, : len(e.input_ids)].tolist() == e.token_tasks
+    assert set(batch["task_labels"][1].tolist()) == {1, -1}  # a plain row: its task, then padding
+
+    out = tmp_path / "composite"
+    train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "4", "--composite-rows", "6",
+                          "--max-length", "160"))
+    run_info = json.loads((out / "train_run.json").read_text())
+    assert run_info["args"]["composite_rows"] == 6
+    assert all(r["gate"] == r["gate"] for r in read_log(out))  # finite gate losses
+    with pytest.raises(SystemExit):
+        train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--composite-rows", "-1"))
