@@ -147,8 +147,8 @@ class MeteoRALinear(nn.Module):
         # Trainable copies may be kept in fp32 beside a bf16 base: compute in the input's dtype
         # (the casts are differentiable, so the fp32 parameters receive the gradients).
         x_lora = self.lora_dropout(x2)
-        if x_lora is x2 and x2.is_cuda and not torch.compiler.is_compiling() and not self.is_packed() \
-                and not _needs_grad(x2, self.gate.weight, self.lora_A, self.lora_B):
+        if self.packable and x_lora is x2 and x2.is_cuda and not torch.compiler.is_compiling() \
+                and not _needs_grad(x2, self.gate.weight, self.lora_A, self.lora_B) and not self.is_packed():
             self.pack_()  # the inference op's one shrink GEMM
         gate, lora_a, lora_b = (p if p.dtype == x2.dtype else p.to(x2.dtype)
                                 for p in (self.gate.weight, self.lora_A, self.lora_B))
