@@ -141,26 +141,36 @@ class MeteoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
-        lead = x.shape[:-1]
+        # Every attribute is read once (module attribute lookups are what a decode step pays for).
         x2 = x.reshape(-1, x.shape[-1])
         mask = self.expert_mask if self.forced_mask is None else self.expert_mask & self.forced_mask
+        dropout = self.lora_dropout
+        x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
+        gate, lora_a, lora_b = self.gate.weight, self.lora_A, self.lora_B
+        if self.packable and x_lora is x2 and x2.is_cuda and not _needs_grad(x2, gate, lora_a, lora_b) \
+                and not torch.compiler.is_compiling() and not self.is_packed():
+            self.pack_()  # the inference op's one shrink GEMM
+            gate, lora_a = self.gate.weight, self.lora_A
         # Trainable copies may be kept in fp32 beside a bf16 base: compute in the input's dtype
         # (the casts are differentiable, so the fp32 parameters receive the gradients).
-        x_lora = self.lora_dropout(x2)
-        if self.packable and x_lora is x2 and x2.is_cuda and not torch.compiler.is_compiling() \
-                and not _needs_grad(x2, self.gate.weight, self.lora_A, self.lora_B) and not self.is_packed():
-            self.pack_()  # the inference op's one shrink GEMM
-        gate, lora_a, lora_b = (p if p.dtype == x2.dtype else p.to(x2.dtype)
-                                for p in (self.gate.weight, self.lora_A, self.lora_B))
+        dtype = x2.dtype
+        if gate.dtype != dtype:
+            gate = gate.to(dtype)
+        if lora_a.dtype != dtype:
+            lora_a = lora_a.to(dtype)
+        if lora_b.dtype != dtype:
+            lora_b = lora_b.to(dtype)
+        base = self.base_layer
         out, routing = meteora_linear(
-            x2, self.base_layer.weight, self.base_layer.bias, gate, lora_a, lora_b,
+            x2, base.weight, base.bias, gate, lora_a, lora_b,
             self.scaling, mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
         )
         if self.record_routing:
             self.routing = routing
-        if self.routing_hook is not None:
-            self.routing_hook(routing)
-        return out.reshape(*lead, out.shape[-1])
+        hook = self.routing_hook
+        if hook is not None:
+            hook(routing)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
         return (
