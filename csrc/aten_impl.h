@@ -14,6 +14,14 @@ inline at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// a @ b accumulated in fp32 with an fp32 result: fp16 / bf16 operands of one dtype on CUDA run the
+// fp32-output GEMM (which only CUDA has); other operands are widened first.
+inline at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
+  const bool half16 = a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16;
+  if (half16 && a.is_cuda() && b.scalar_type() == a.scalar_type()) return at::mm(a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
 // Backward of route: w = softmax(v / tau) gives dv_j = w_j (dw_j - sum_l w_l dw_l) / tau, scattered
 // to the selected logits and added to the logits' own gradient; then dx = dz G, dG = dz^T x.
 inline std::tuple<at::Tensor, at::Tensor> route_backward_aten(
@@ -37,11 +45,7 @@ inline std::tuple<at::Tensor, at::Tensor> route_backward_aten(
     // GEMMs in x's dtype with fp32 accumulation (and an fp32 dG), as autograd through a half linear
     // would run them; no fp32 copy of x. Only dz is rounded to x's dtype.
     const at::Tensor gz = grad_z.to(x.scalar_type());
-    at::Tensor grad_x = at::mm(gz, gate_weight);
-    const at::Tensor gzt = gz.t();
-    at::Tensor grad_gate = x.is_cuda() ? at::mm(gzt, x, at::kFloat)  // the fp32-output GEMM exists on CUDA only
-                                       : at::mm(gzt.to(at::kFloat), x.to(at::kFloat));
-    return {grad_x, grad_gate.to(gate_weight.scalar_type())};
+    return {at::mm(gz, gate_weight), mm_fp32(gz.t(), x).to(gate_weight.scalar_type())};
   }
   at::Tensor grad_x = at::matmul(grad_z, gate_weight.to(compute)).to(x.scalar_type());
   at::Tensor grad_gate = at::matmul(grad_z.t(), x.to(compute)).to(gate_weight.scalar_type());

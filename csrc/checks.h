@@ -47,6 +47,30 @@ inline void check_route_inputs(const at::Tensor& x, const at::Tensor& gate_weigh
   }
 }
 
+// The experts of op `op` (messages "meteora.<op>: ..."): lora_a (N, r, d_in), lora_b (N, d_out, r)
+// in x's dtype, scaling (N,) floating, all on x's device.
+inline void check_lora_weights(const char* op, const at::Tensor& x, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, const at::Tensor& scaling) {
+  const int64_t d_in = x.size(1);
+  TORCH_CHECK(lora_a.dim() == 3 && lora_a.size(2) == d_in,
+              "meteora.", op, ": lora_a must be (N, r, d_in=", d_in, "), got shape ", lora_a.sizes());
+  const int64_t n = lora_a.size(0), rank = lora_a.size(1);
+  TORCH_CHECK(n >= 1 && n <= kMaxExperts, "meteora.", op, ": number of experts N=", n,
+              " must be in [1, ", kMaxExperts, "]");
+  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "meteora.", op, ": rank r=", rank,
+              " must be in [1, ", kMaxRank, "]");
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == n && lora_b.size(2) == rank,
+              "meteora.", op, ": lora_b must be (N=", n, ", d_out, r=", rank, "), got shape ",
+              lora_b.sizes());
+  TORCH_CHECK(lora_a.scalar_type() == x.scalar_type() && lora_b.scalar_type() == x.scalar_type(),
+              "meteora.", op, ": lora_a (", lora_a.scalar_type(), ") and lora_b (",
+              lora_b.scalar_type(), ") must have x's dtype (", x.scalar_type(), ")");
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == n && is_float_type(scaling.scalar_type()),
+              "meteora.", op, ": scaling must be a floating tensor of shape (N=", n, ",), got ",
+              scaling.scalar_type(), " ", scaling.sizes());
+  for (const auto* t : {&lora_a, &lora_b, &scaling}) check_same_device(x, *t, "a LoRA-expert argument");
+}
+
 // x (T, d_in), lora_a (N, r, d_in), lora_b (N, d_out, r), scaling (N,),
 // expert_idx (T, k) int64, expert_weight (T, k) floating, base (T, d_out).
 inline void check_lora_inputs(const at::Tensor& x, const at::Tensor& lora_a,
@@ -56,24 +80,8 @@ inline void check_lora_inputs(const at::Tensor& x, const at::Tensor& lora_a,
   TORCH_CHECK(x.dim() == 2, "meteora.lora_experts: x must be (T, d_in), got shape ", x.sizes());
   TORCH_CHECK(is_float_type(x.scalar_type()), "meteora.lora_experts: x must be floating, got ",
               x.scalar_type());
-  const int64_t tokens = x.size(0), d_in = x.size(1);
-  TORCH_CHECK(lora_a.dim() == 3 && lora_a.size(2) == d_in,
-              "meteora.lora_experts: lora_a must be (N, r, d_in=", d_in, "), got shape ",
-              lora_a.sizes());
-  const int64_t n = lora_a.size(0), rank = lora_a.size(1);
-  TORCH_CHECK(n >= 1 && n <= kMaxExperts, "meteora.lora_experts: number of experts N=", n,
-              " must be in [1, ", kMaxExperts, "]");
-  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "meteora.lora_experts: rank r=", rank,
-              " must be in [1, ", kMaxRank, "]");
-  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == n && lora_b.size(2) == rank,
-              "meteora.lora_experts: lora_b must be (N=", n, ", d_out, r=", rank, "), got shape ",
-              lora_b.sizes());
-  TORCH_CHECK(lora_a.scalar_type() == x.scalar_type() && lora_b.scalar_type() == x.scalar_type(),
-              "meteora.lora_experts: lora_a (", lora_a.scalar_type(), ") and lora_b (",
-              lora_b.scalar_type(), ") must have x's dtype (", x.scalar_type(), ")");
-  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == n && is_float_type(scaling.scalar_type()),
-              "meteora.lora_experts: scaling must be a floating tensor of shape (N=", n, ",), got ",
-              scaling.scalar_type(), " ", scaling.sizes());
+  check_lora_weights("lora_experts", x, lora_a, lora_b, scaling);
+  const int64_t tokens = x.size(0), n = lora_a.size(0);
   TORCH_CHECK(expert_idx.dim() == 2 && expert_idx.size(0) == tokens &&
                   expert_idx.scalar_type() == at::kLong,
               "meteora.lora_experts: expert_idx must be int64 of shape (T=", tokens,
@@ -85,9 +93,7 @@ inline void check_lora_inputs(const at::Tensor& x, const at::Tensor& lora_a,
                   is_float_type(expert_weight.scalar_type()),
               "meteora.lora_experts: expert_weight must be floating of shape ", expert_idx.sizes(),
               ", got ", expert_weight.scalar_type(), " ", expert_weight.sizes());
-  for (const auto* t : {&lora_a, &lora_b, &scaling, &expert_idx, &expert_weight}) {
-    check_same_device(x, *t, "a LoRA-expert argument");
-  }
+  for (const auto* t : {&expert_idx, &expert_weight}) check_same_device(x, *t, "a LoRA-expert argument");
   if (base.has_value()) {
     TORCH_CHECK(base->dim() == 2 && base->size(0) == tokens && base->size(1) == lora_b.size(1),
                 "meteora.lora_experts: base must be (T=", tokens, ", d_out=", lora_b.size(1),

@@ -423,12 +423,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def composite_lines(prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The numbered question lines and answer lines of a composite row, as its text holds them."""
+    return ([f"{i}. {p}" for i, p in enumerate(prompts, 1)],
+            [f"{i}. {_one_line(r)}" for i, r in enumerate(responses, 1)])
+
+
 def _composite_prompt(prompts: Sequence[str]) -> str:
-    return "Questions:\n" + "\n\n".join(f"{i}. {p}" for i, p in enumerate(prompts, 1)) + "\nAnswers:"
+    return "Questions:\n" + "\n\n".join(composite_lines(prompts, [])[0]) + "\nAnswers:"
 
 
 def _composite_answer(responses: Sequence[str]) -> str:
-    return "\n".join(f"{i}. {_one_line(r)}" for i, r in enumerate(responses, 1))
+    return "\n".join(composite_lines([], responses)[1])
 
 
 def build_composite(tasks: Sequence[Task], samples: int = COMPOSITE_SAMPLES, seed: int = COMPOSITE_SEED,

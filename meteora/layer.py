@@ -201,8 +201,7 @@ def meteora_linear(
     ``x_lora`` is what the experts see (dropout applied), x by default.
     """
     if ((x_lora is None or x_lora is x) and x.dtype == base_weight.dtype == gate_weight.dtype == lora_a.dtype
-            == lora_b.dtype and not _needs_grad(x, base_weight, base_bias, gate_weight, lora_a, lora_b)
-            and ops.kernel_available(x.device) and impl != "reference"):
+            == lora_b.dtype and not _needs_grad(x, base_weight, base_bias, gate_weight, lora_a, lora_b)):
         out, logits, weight, idx = ops.linear(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling,
                                               expert_mask, top_k, temperature, impl=impl)
         return out, Routing(logits, weight, idx)

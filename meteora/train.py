@@ -151,20 +151,15 @@ def encode_composite(tokenizer, row: dict, labels: dict[str, int], max_length: i
     not labelled. Prompt left-truncated to fit, response + EOS as in ``encode``."""
     formatted = format_prompt(tokenizer, row["prompt"])
     text = formatted + row["response"]
-    spans, cursor = [], max(0, formatted.rfind("Questions:"))
-    for i, (name, question) in enumerate(zip(row["tasks"], row["questions"]), 1):
-        line = f"{i}. {question}"
-        at = formatted.find(line, cursor)
-        if at >= 0:
-            spans.append((at, at + len(line), labels[name]))
-            cursor = at + len(line)
-    cursor = len(formatted)
-    for i, (name, answer) in enumerate(zip(row["tasks"], row["answers"]), 1):
-        line = f"{i}. {' '.join(answer.split())}"
-        at = text.find(line, cursor)
-        if at >= 0:
-            spans.append((at, at + len(line), labels[name]))
-            cursor = at + len(line)
+    questions, answers = data_mod.composite_lines(row["questions"], row["answers"])
+    spans = []
+    # The questions after the last "Questions:" (the few-shot prefix has its own), then the answers.
+    for lines, cursor in ((questions, max(0, formatted.rfind("Questions:"))), (answers, len(formatted))):
+        for name, line in zip(row["tasks"], lines):
+            at = text.find(line, cursor)
+            if at >= 0:
+                spans.append((at, at + len(line), labels[name]))
+                cursor = at + len(line)
     if not getattr(tokenizer, "is_fast", False):
         raise TrainError("composite training rows need a fast tokenizer (character offsets)")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -186,9 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   at::Tensor weight = at::empty({tokens, top_k}, f32);
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
   // fp16 / bf16 products are exact in fp32, so fp32-output GEMM = the reference's fp32 math.
-  at::Tensor logits = (is_half16(x) && gate_weight.scalar_type() == x.scalar_type())
-                          ? at::mm(x, gate_weight.t(), at::kFloat)
-                          : at::mm(x.to(at::kFloat), gate_weight.to(at::kFloat).t());
+  at::Tensor logits = mm_fp32(x, gate_weight.t());
   if (tokens == 0) return {logits, weight, idx};
   at::Tensor mask;
   if (expert_mask.has_value()) mask = expert_mask->contiguous();
@@ -436,17 +434,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   check_linear_base(x, base_weight, base_bias);
   const int64_t tokens = x.size(0), d_in = x.size(1), d_out = base_weight.size(0);
   const int64_t experts = gate_weight.size(0);
-  TORCH_CHECK(lora_a.dim() == 3 && lora_a.size(0) == experts && lora_a.size(2) == d_in,
-              "meteora.linear: lora_a must be (N=", experts, ", r, d_in=", d_in, "), got shape ", lora_a.sizes());
+  check_lora_weights("linear", x, lora_a, lora_b, scaling);
+  TORCH_CHECK(lora_a.size(0) == experts && lora_b.size(1) == d_out, "meteora.linear: lora_a (N, r, d_in) and lora_b "
+              "(N, d_out, r) must have N=", experts, " (the gate's) and d_out=", d_out, ", got ", lora_a.sizes(),
+              " and ", lora_b.sizes());
   const int64_t rank = lora_a.size(1), nr = experts * rank;
-  TORCH_CHECK(rank >= 1 && rank <= kMaxRank, "meteora.linear: rank r=", rank, " must be in [1, ", kMaxRank, "]");
-  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(0) == experts && lora_b.size(1) == d_out && lora_b.size(2) == rank,
-              "meteora.linear: lora_b must be (N=", experts, ", d_out=", d_out, ", r=", rank, "), got shape ",
-              lora_b.sizes());
-  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == experts && is_float_type(scaling.scalar_type()),
-              "meteora.linear: scaling must be a floating tensor of shape (N=", experts, ",), got ",
-              scaling.scalar_type(), " ", scaling.sizes());
-  for (const auto* t : {&lora_a, &lora_b, &scaling}) check_same_device(x, *t, "a LoRA-expert argument");
   const c10::cuda::CUDAGuard guard(x.device());
   // [gate; A_all] (N + N r, d_in), with rows up to a multiple of 8 (cuBLAS runs (T, 256) twice as
   // fast as (T, 252)): a view when the layer keeps them as adjacent rows of one buffer with that
