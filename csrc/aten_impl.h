@@ -39,14 +39,6 @@ inline std::tuple<at::Tensor, at::Tensor> route_backward_aten(
     const at::Tensor grad_v = w * (gw - (w * gw).sum(-1, true)) / temperature;
     grad_z.scatter_add_(1, expert_idx, grad_v);
   }
-  const bool half16 = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) &&
-                      gate_weight.scalar_type() == x.scalar_type();
-  if (half16) {
-    // GEMMs in x's dtype with fp32 accumulation (and an fp32 dG), as autograd through a half linear
-    // would run them; no fp32 copy of x. Only dz is rounded to x's dtype.
-    const at::Tensor gz = grad_z.to(x.scalar_type());
-    return {at::mm(gz, gate_weight), mm_fp32(gz.t(), x).to(gate_weight.scalar_type())};
-  }
   at::Tensor grad_x = at::matmul(grad_z, gate_weight.to(compute)).to(x.scalar_type());
   at::Tensor grad_gate = at::matmul(grad_z.t(), x.to(compute)).to(gate_weight.scalar_type());
   return {grad_x, grad_gate};
