@@ -207,7 +207,7 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
                 m.set_expert(e, a.to(lin.weight.dtype), b.to(lin.weight.dtype), scaling=2.0)
             m.gate.weight.copy_(torch.randn(experts, d_in, generator=gen, device="cuda") * d_in**-0.5)
             m.requires_grad_(False)
-            m.pack_()
+            m.pack_(base=True)
             setattr(parent, name, m)
             layers[(parent, name)] = m
     return layers
@@ -399,8 +399,9 @@ def main(argv=None) -> int:
     if "base" in systems:
         run("base")
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen)
-    adapter_gb = sum(m.gate.weight.untyped_storage().nbytes() + m.lora_B.untyped_storage().nbytes()
-                     for m in layers.values()) / 1e9  # the packed [gate; A] buffer and B
+    adapter_gb = sum(m.gate.weight.untyped_storage().nbytes() + m.lora_B.numel() * m.lora_B.element_size()
+                     for m in layers.values()) / 1e9  # the packed [gate; A] buffer and B (its columns
+    # go beside W0's in gate_proj / up_proj, MeteoRALinear.pack_(base=True): no more than B itself)
     results["adapters_gb"] = adapter_gb
     set_system(layers, "meteora")
     calib = torch.randint(0, cfg.vocab, (1, 512), generator=gen, device="cuda")

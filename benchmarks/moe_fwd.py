@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meteora import ops, reference  # noqa: E402
-from meteora.layer import meteora_linear  # noqa: E402
+from meteora.layer import expert_columns, meteora_linear  # noqa: E402
 
 LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
@@ -87,6 +87,8 @@ class Linear:
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
+        # ours: B as columns, beside W0's where d_out > d_in, as MeteoRALinear.pack_(base=True) keeps them
+        self.w0_ours, self.b_ours = expert_columns(self.w0, self.b, wide=d_out > d_in)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -143,7 +145,10 @@ def run_dense(lin, x, k):
 
 
 def run_ours(lin, x, k):
-    out, _ = meteora_linear(x, lin.w0, None, lin.gate, lin.a, lin.b, lin.s, None, k, 1.0, impl="kernel")
+    if torch.is_grad_enabled() and lin.b.requires_grad:  # training: the parameters as they are
+        out, _ = meteora_linear(x, lin.w0, None, lin.gate, lin.a, lin.b, lin.s, None, k, 1.0, impl="kernel")
+    else:
+        out, _ = meteora_linear(x, lin.w0_ours, None, lin.gate, lin.a, lin.b_ours, lin.s, None, k, 1.0, impl="kernel")
     return out
 
 

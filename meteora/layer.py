@@ -61,6 +61,7 @@ class MeteoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
         self.packable = True  # False under FSDP, which owns the parameters' storage
         self._packed_at: tuple[int, int] | None = None
+        self._b_packed_at: tuple[int, int] | None = None
         self.pack_()
         self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
         self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
@@ -82,38 +83,72 @@ class MeteoRALinear(nn.Module):
     def max_rank(self) -> int:
         return self.lora_A.shape[1]
 
-    def is_packed(self) -> bool:
-        """Whether ``gate.weight`` and ``lora_A`` are the rows of one (N + N r, d_in) buffer."""
+    def is_packed(self, base: bool = False) -> bool:
+        """Whether ``gate.weight`` and ``lora_A`` are the rows of one (N + N r, d_in) buffer; with
+        ``base``, also whether ``lora_B`` is kept as the (d_out, N r) columns of a row-major buffer
+        (beside the base weight's columns when d_out > d_in); see ``pack_``."""
         g, a = self.gate.weight, self.lora_A
         key = (g.data_ptr(), a.data_ptr())
-        if key == self._packed_at:  # checked before, and neither has moved since (every forward asks)
+        if key != self._packed_at:  # checked before, and neither has moved since (every forward asks)
+            packed = (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
+                      and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+                      and a.storage_offset() == g.storage_offset() + g.numel())
+            self._packed_at = key if packed else None
+            if not packed:
+                return False
+        if not base:
             return True
-        packed = (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
-                  and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-                  and a.storage_offset() == g.storage_offset() + g.numel())
-        self._packed_at = key if packed else None
-        return packed
+        b, w = self.lora_B, self.base_layer.weight
+        key = (b.data_ptr(), w.data_ptr())
+        if key != self._b_packed_at:
+            n, d_out, r = b.shape
+            d_in = w.shape[1]
+            packed = b.stride(0) == r and b.stride(2) == 1 and b.stride(1) >= n * r
+            if packed and self._wide():
+                packed = (w.stride() == (b.stride(1), 1) and w.untyped_storage().data_ptr()
+                          == b.untyped_storage().data_ptr() and b.storage_offset() == w.storage_offset() + d_in)
+            self._b_packed_at = key if packed else None
+            return packed
+        return True
+
+    def _wide(self) -> bool:
+        """Whether lora_B's columns go beside the base weight's: the prefill GEMM is then one GEMM of
+        [x | H] with [W0 | B_all], which pays (one copy of x) where d_out > d_in."""
+        w, b = self.base_layer.weight, self.lora_B
+        return w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
+            and type(w.data) is torch.Tensor
 
     @torch.no_grad()
-    def pack_(self) -> bool:
+    def pack_(self, base: bool = False) -> bool:
         """Keep ``gate.weight`` and ``lora_A`` as adjacent rows of one buffer, so that the CUDA
-        inference op computes the gate logits and every expert's shrink with one GEMM. Moving the
-        module (``.to``) unpacks them; the inference path packs again on its next call. Returns
-        whether they are packed (never under FSDP, or across dtypes or devices)."""
+        inference op computes the gate logits and every expert's shrink with one GEMM. With
+        ``base`` (the inference path), also keep ``lora_B`` as the columns of a row-major
+        (d_out, N r) buffer, so the experts' expand reads B_all without a copy; where d_out > d_in
+        (gate_proj, up_proj) those columns follow the base weight's in one (d_out, d_in + N r)
+        buffer, whose prefill GEMM with [x | H] adds the experts' sum without a second pass over
+        the output. Moving the module (``.to``) unpacks them; the inference path packs again on its
+        next call. Returns whether they are packed (never under FSDP, or across dtypes or devices)."""
         g, a = self.gate.weight, self.lora_A
-        if self.is_packed():
+        if self.is_packed(base):
             return True
         if not self.packable or g.dtype != a.dtype or g.device != a.device or type(g.data) is not torch.Tensor \
                 or type(a.data) is not torch.Tensor:
             return False
-        n, rows = g.shape[0], g.shape[0] + a.shape[0] * a.shape[1]
-        # Zero rows up to a multiple of 8: cuBLAS runs (T, 256) twice as fast as (T, 252) at prefill.
-        buffer = torch.zeros(-(-rows // 8) * 8, a.shape[-1], dtype=a.dtype, device=a.device)
-        buffer[:n] = g.detach()
-        buffer[n:rows] = a.detach().reshape(-1, a.shape[-1])
-        g.data = buffer[:n]
-        a.data = buffer[n:rows].view(a.shape)
-        return True
+        if not self.is_packed():
+            n, rows = g.shape[0], g.shape[0] + a.shape[0] * a.shape[1]
+            # Zero rows up to a multiple of 8: cuBLAS runs (T, 256) twice as fast as (T, 252) at prefill.
+            buffer = torch.zeros(-(-rows // 8) * 8, a.shape[-1], dtype=a.dtype, device=a.device)
+            buffer[:n] = g.detach()
+            buffer[n:rows] = a.detach().reshape(-1, a.shape[-1])
+            g.data = buffer[:n]
+            a.data = buffer[n:rows].view(a.shape)
+        if not base:
+            return True
+        b, w = self.lora_B, self.base_layer.weight
+        if type(b.data) is not torch.Tensor:
+            return False
+        w.data, b.data = expert_columns(w.detach(), b.detach(), self._wide())
+        return self.is_packed(base)
 
     @torch.no_grad()
     def set_expert(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -148,9 +183,9 @@ class MeteoRALinear(nn.Module):
         x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
         gate, lora_a, lora_b = self.gate.weight, self.lora_A, self.lora_B
         if self.packable and x_lora is x2 and x2.is_cuda and not _needs_grad(x2, gate, lora_a, lora_b) \
-                and not torch.compiler.is_compiling() and not self.is_packed():
-            self.pack_()  # the inference op's one shrink GEMM
-            gate, lora_a = self.gate.weight, self.lora_A
+                and not torch.compiler.is_compiling() and not self.is_packed(True):
+            self.pack_(True)  # the inference op's one shrink GEMM, and B_all without a copy
+            gate, lora_a, lora_b = self.gate.weight, self.lora_A, self.lora_B
         # Trainable copies may be kept in fp32 beside a bf16 base: compute in the input's dtype
         # (the casts are differentiable, so the fp32 parameters receive the gradients).
         dtype = x2.dtype
@@ -177,6 +212,25 @@ class MeteoRALinear(nn.Module):
             f"experts={self.num_experts}, rank={self.max_rank}, top_k={self.top_k}, "
             f"temperature={self.temperature:g}"
         )
+
+
+@torch.no_grad()
+def expert_columns(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a base ``weight`` (d_out, d_in) and the experts' ``lora_b`` (N, d_out, r) in the
+    layout meteora.linear reads without copies: lora_b as the (d_out, N r) columns of a row-major
+    buffer (strides (r, ld, 1)), after ``weight``'s columns in the same rows when ``wide``
+    ([W0 | B_all], ld = d_in + N r up to a multiple of 8; else ``weight`` itself is returned)."""
+    n, d_out, r = lora_b.shape
+    d_in = weight.shape[1]
+    if wide:  # [W0 | B_all | zero columns up to a multiple of 8]
+        buffer = torch.zeros(d_out, -(-(d_in + n * r) // 8) * 8, dtype=weight.dtype, device=weight.device)
+        buffer[:, :d_in] = weight
+        weight, cols = buffer[:, :d_in], buffer[:, d_in: d_in + n * r]
+    else:
+        cols = torch.zeros(d_out, -(-(n * r) // 8) * 8, dtype=lora_b.dtype, device=lora_b.device)[:, : n * r]
+    cols = cols.view(d_out, n, r)
+    cols.copy_(lora_b.permute(1, 0, 2))
+    return weight, cols.permute(1, 0, 2)
 
 
 def meteora_linear(

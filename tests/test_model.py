@@ -245,8 +245,21 @@ def test_inference_op_matches_training_path(device, tmp_path):
     layer.to(torch.float32)
     assert not layer.pack_()
     layer.packable = True
-    if device == "cuda":  # the inference path packs again by itself
+    if device == "cuda":  # the inference path packs again by itself, B's columns too
         with torch.no_grad():
             model(ids)
-        assert layer.is_packed()
+        assert layer.is_packed() and layer.is_packed(base=True)
+
+    # lora_B as columns (beside the base weight's where d_out > d_in): same outputs, both paths.
+    for layer in model.meteora_layers().values():
+        assert layer.pack_(base=True) and layer.is_packed(base=True)
+    up = model.meteora_layers()["model.layers.0.mlp.up_proj"]
+    w, b = up.base_layer.weight, up.lora_B
+    assert w.shape[0] > w.shape[1] and w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert b.stride() == (b.shape[2], w.stride(0), 1)
+    down = model.meteora_layers()["model.layers.0.mlp.down_proj"]  # d_out < d_in: B in a buffer of its own
+    assert down.lora_B.untyped_storage().data_ptr() != down.base_layer.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(ids).logits, training, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "ckpt")  # shared storage is copied apart for safetensors

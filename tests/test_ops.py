@@ -133,11 +133,31 @@ def packed(gate, lora_a):
     return buffer[: gate.shape[0]], buffer[gate.shape[0]: rows].view(lora_a.shape)
 
 
-def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=False, impl="kernel", what=""):
-    """meteora.linear (inference op) against a float64 evaluation at the op's own selection."""
+def expert_columns(w0, lora_b, wide, aligned=True):
+    """lora_b (N, d_out, r) as the columns of a row-major buffer, after w0's when ``wide`` (the
+    layouts MeteoRALinear.pack_(base=True) keeps), with NaN in the padding columns (never used):
+    rows a multiple of 8 elements apart (16-byte loads), or not."""
+    n, d_out, r = lora_b.shape
+    d_in = w0.shape[1] if wide else 0
+    pad = 8 + -(d_in + n * r) % 8 if aligned else 5
+    buffer = torch.full((d_out, d_in + n * r + pad), float("nan"), dtype=w0.dtype, device=w0.device)
+    buffer[:, d_in: d_in + n * r] = lora_b.permute(1, 0, 2).reshape(d_out, n * r)
+    cols = buffer[:, d_in: d_in + n * r].view(d_out, n, r).permute(1, 0, 2)
+    if wide:
+        buffer[:, :d_in] = w0
+        w0 = buffer[:, :d_in]
+    return w0, cols
+
+
+def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl="kernel", what=""):
+    """meteora.linear (inference op) against a float64 evaluation at the op's own selection.
+    pack: None, "rows" ([gate; A] one buffer), "cols" (and B_all's columns), "wide" ([W0 | B_all]);
+    "cols5" / "wide5": their rows not a multiple of 8 elements apart."""
     x, gate, lora_a, lora_b, scaling, w0 = (inp[k] for k in ("x", "gate_weight", "lora_a", "lora_b", "scaling", "weight"))
     if pack:
         gate, lora_a = packed(gate, lora_a)
+    if pack and pack != "rows":
+        w0, lora_b = expert_columns(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
     out, logits, weight, idx = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
     tokens, experts, d_out = x.shape[0], gate.shape[0], w0.shape[0]
     assert out.shape == (tokens, d_out) and out.dtype == x.dtype, what
@@ -172,7 +192,8 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
     gen = torch.Generator().manual_seed(seed)
     mask = (torch.rand(experts, generator=gen) < 0.6).to(device)
     bias = (torch.randn(inp["weight"].shape[0], generator=gen)).to(device=device, dtype=dtype)
-    for pack, use_mask, use_bias in [(False, False, False), (True, True, True), (True, False, True)]:
+    for pack, use_mask, use_bias in [(None, False, False), ("rows", True, True), ("cols", False, True),
+                                     ("wide", True, False), ("wide5", False, True), ("cols5", True, False)]:
         check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, impl,
                      what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
 
@@ -352,7 +373,8 @@ def _run_fuzz_case(case, device, seed):
     for name, leaf, ref in zip(("x", "gate", "lora_a", "lora_b"), leaves, ref_leaves):
         assert_close(leaf.grad, ref.grad, dtype, tol=GRAD_TOL, what=f"grad {name} {what}", scaled=True)
     bias = base[0] if tokens and case["masked"] else None
-    check_linear(inp, top_k, case["temperature"], mask, bias, pack=case["strided"] != case["masked"], what=what)
+    layout = [None, "rows", "cols", "wide", "cols5", "wide5"][seed % 6]
+    check_linear(inp, top_k, case["temperature"], mask, bias, pack=layout, what=f"{what} layout {layout}")
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")

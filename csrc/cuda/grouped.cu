@@ -857,12 +857,14 @@ __device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row,
 
 // Decode-sized T: grid (d / kThreads, T). Warp 0 routes the token from its hall row in shared
 // memory (block 0 also writes logits, weight and idx); then every thread writes its output column's
-// sum over the selected experts: delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>.
+// sum over the selected experts: delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>
+// (B[e, n, c] at e b_es + n b_ns + c: the experts' (N, d, r) tensor, or their columns beside W0).
 template <typename h_t, bool kVec>
 __global__ void __launch_bounds__(kThreads) route_expand_kernel(
     const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int experts, int rank, int top_k,
-    float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t d,
-    float* __restrict__ delta, float* __restrict__ logits, float* __restrict__ weight, int64_t* __restrict__ idx) {
+    float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t b_es, int64_t b_ns,
+    int64_t d, float* __restrict__ delta, float* __restrict__ logits, float* __restrict__ weight,
+    int64_t* __restrict__ idx) {
   extern __shared__ float s_row[];  // experts * (1 + rank) values of hall
   __shared__ float s_coef[kMaxTopK], s_scale[kMaxExperts];
   __shared__ int s_e[kMaxTopK];
@@ -893,7 +895,7 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(
   if (n >= d) return;
   float acc = 0.f;
   for (int j = 0; j < top_k; ++j) {
-    const h_t* b = B + (int64_t(s_e[j]) * d + n) * rank;
+    const h_t* b = B + int64_t(s_e[j]) * b_es + n * b_ns;
     const float* h = s_row + experts + s_e[j] * rank;
     float dot = 0.f;
     if constexpr (kVec) {
@@ -930,13 +932,13 @@ __global__ void __launch_bounds__(kThreads) add_delta_kernel(h_t* __restrict__ o
 }
 
 // Prefill-sized T: one warp per token routes it and writes logits, weight, idx and the row
-// H[t] (N r, x's dtype) = w s hall at the selected experts, 0 elsewhere: the left operand of the
-// in-place expand GEMM out += H B_all^T.
+// H[t] (N r, x's dtype; rows ldh apart) = w s hall at the selected experts, 0 elsewhere: the left
+// operand of the expand GEMM (out += H B_all^T, or the columns after x in [x | H] [W0 | B_all]^T).
 template <typename h_t>
 __global__ void __launch_bounds__(kThreads) route_select_kernel(
     const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int64_t tokens, int experts,
     int rank, int top_k, float temperature, const float* __restrict__ scaling, float* __restrict__ logits,
-    float* __restrict__ weight, int64_t* __restrict__ idx, h_t* __restrict__ H) {
+    float* __restrict__ weight, int64_t* __restrict__ idx, h_t* __restrict__ H, int64_t ldh) {
   const int lane = threadIdx.x % 32;
   const int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (t >= tokens) return;
@@ -951,12 +953,13 @@ __global__ void __launch_bounds__(kThreads) route_select_kernel(
     }
   for (int q = lane; q < experts; q += 32) logits[t * experts + q] = row[q];
   const int nr = experts * rank;
-  for (int q = lane; q < nr; q += 32) {
+#pragma unroll 4
+  for (int q = lane; q < nr; q += 32) {  // unrolled: four loads of hall in flight per lane
     const int eq = q / rank;
     float v = 0.f;
     for (int j = 0; j < top_k; ++j)
       if (e[j] == eq) v += w[j] * scaling[eq] * row[experts + q];
-    H[t * int64_t(nr) + q] = from_f<h_t>(v);
+    H[t * ldh + q] = from_f<h_t>(v);
   }
 }
 
@@ -1136,21 +1139,21 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 }
 
 void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t d_out, float* delta,
-                  float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
+                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
   if (tokens == 0) return;
   const dim3 grid(blocks_for(d_out > 0 ? d_out : 1, kThreads), unsigned(tokens));
-  const bool vec = rank % 8 == 0 && aligned16(lora_b);
+  const bool vec = rank % 8 == 0 && aligned16(lora_b) && (experts == 1 || b_es % 8 == 0) && b_ns % 8 == 0;
   const size_t smem = size_t(experts) * (1 + rank) * sizeof(float);  // <= 64 x 65 floats
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
     const auto* b = static_cast<const h_t*>(lora_b);
     vec ? route_expand_kernel<h_t, true><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                         temperature, scaling, b, d_out, delta,
-                                                                         logits, weight, idx)
+                                                                         temperature, scaling, b, b_es, b_ns, d_out,
+                                                                         delta, logits, weight, idx)
         : route_expand_kernel<h_t, false><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                          temperature, scaling, b, d_out, delta,
-                                                                          logits, weight, idx);
+                                                                          temperature, scaling, b, b_es, b_ns, d_out,
+                                                                          delta, logits, weight, idx);
   });
 }
 
@@ -1166,13 +1169,13 @@ void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStre
 
 void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
                   int top_k, float temperature, const float* scaling, float* logits, float* weight, int64_t* idx,
-                  void* H, cudaStream_t stream) {
+                  void* H, int64_t ldh, cudaStream_t stream) {
   if (tokens == 0) return;
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
     route_select_kernel<h_t><<<blocks_for(tokens, kThreads / 32), kThreads, 0, stream>>>(
         hall, ld, mask, tokens, experts, rank, top_k, temperature, scaling, logits, weight, idx,
-        static_cast<h_t*>(H));
+        static_cast<h_t*>(H), ldh);
   });
 }
 

@@ -66,14 +66,16 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 // meteora.linear's inference path. hall (T, ld) fp32 rows = [N gate logits | N r expert shrink
 // values]; both route each token as topk() does and write logits (T, N), weight, idx (T, k).
 // route_expand (decode-sized T): delta (T, d_out) fp32 = the selected experts' expand (lora_b
-// contiguous); add_delta then adds it into out (count = T d_out values, contiguous) in place.
+// element [e, n, c] at e b_es + n b_ns + c); add_delta then adds it into out (count = T d_out
+// values, contiguous) in place.
 void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t d_out, float* delta,
-                  float* logits, float* weight, int64_t* idx, cudaStream_t stream);
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
+                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream);
 void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream);
-// route_select (larger T): H (T, N r) in x's dtype = w s hall at the selected experts, 0 elsewhere.
+// route_select (larger T): H (T, N r), rows ldh apart, in x's dtype = w s hall at the selected
+// experts, 0 elsewhere.
 void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
                   int top_k, float temperature, const float* scaling, float* logits, float* weight, int64_t* idx,
-                  void* H, cudaStream_t stream);
+                  void* H, int64_t ldh, cudaStream_t stream);
 
 }  // namespace meteora::cuda

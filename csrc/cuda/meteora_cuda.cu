@@ -465,18 +465,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   if (expert_mask.has_value()) mask = expert_mask->contiguous();
   const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   const at::Tensor s = scaling.to(at::kFloat).contiguous();
-  const at::Tensor b = lora_b.contiguous();
-  const bool fused = tokens <= kFusedMaxTokens;
-  at::Tensor H, b_all, delta;
+  // The experts' B may be kept as columns of a (d_out, ldb) row-major buffer (b[e, n, c] at
+  // n ldb + e r + c; MeteoRALinear.pack_(base=True)): then B_all (d_out, N r) is a view of it, and
+  // when those columns follow W0's in the same rows ("wide": [W0 | B_all] (d_out, d_in + N r)),
+  // the prefill base GEMM and the experts' expand are one GEMM of [x | H] with them.
+  const bool b_rows = (rank == 1 || lora_b.stride(2) == 1) && lora_b.stride(1) >= nr &&
+                      (experts == 1 || lora_b.stride(0) == rank);
+  const int64_t ldb = lora_b.stride(1);
+  const bool wide = b_rows && base_weight.stride(1) == 1 && base_weight.stride(0) == ldb && ldb >= d_in + nr &&
+                    lora_b.is_alias_of(base_weight) &&
+                    lora_b.storage_offset() == base_weight.storage_offset() + d_in;
+  const at::Tensor b = b_rows ? lora_b : lora_b.contiguous();
+  const bool fused = tokens <= kFusedMaxTokens, cat = wide && !fused;
+  at::Tensor H, x_cat, b_all, delta;
   if (fused) {
     delta = at::empty({tokens, d_out}, f32);
+  } else if (cat) {
+    x_cat = at::empty({tokens, ldb}, x.options());  // [x | H | unused]
+    H = x_cat.narrow(1, d_in, nr);
   } else {
     H = at::empty({tokens, nr}, x.options());
-    b_all = at::empty({d_out, nr}, x.options());
+    b_all = b_rows ? b.as_strided({d_out, nr}, {ldb, 1}, b.storage_offset()) : at::empty({d_out, nr}, x.options());
   }
   // The routing side (one GEMM of x with [gate; A_all], then the routing with the experts' expand at
-  // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM runs on
-  // the current one; they join before the experts' sum is added to the base output.
+  // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM (or,
+  // wide, the copy of x beside H) runs on the current one; they join before the experts' sum is
+  // added to the base output (or the one GEMM of [x | H] runs).
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   ov.fork(main_stream.stream());
@@ -486,19 +500,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
     at::mm_out(hall, x, ext.t(), at::kFloat);
     if (fused) {
       cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
-                         int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), d_out,
-                         delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
+                         int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1),
+                         d_out, delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
                          idx.data_ptr<int64_t>(), ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
-                         weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), ov.side.stream());
+                         weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0),
+                         ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
+      if (!wide && !b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
     }
   }
-  at::Tensor out = base_gemm();
+  at::Tensor out;
+  if (cat) {
+    if (x.stride(1) == 1 && x.stride(0) >= d_in) {  // one 2D copy runs at copy bandwidth; a strided copy_ ran at a third of it
+      C10_CUDA_CHECK(cudaMemcpy2DAsync(x_cat.data_ptr(), ldb * x.element_size(), x.data_ptr(),
+                                       x.stride(0) * x.element_size(), d_in * x.element_size(), tokens,
+                                       cudaMemcpyDeviceToDevice, main_stream.stream()));
+    } else {
+      x_cat.narrow(1, 0, d_in).copy_(x);
+    }
+    ov.join(main_stream.stream());
+    const at::Tensor xh = x_cat.narrow(1, 0, d_in + nr);
+    const at::Tensor w = base_weight.as_strided({d_out, d_in + nr}, {ldb, 1}, base_weight.storage_offset());
+    out = base_bias.has_value() ? at::addmm(*base_bias, xh, w.t()) : at::mm(xh, w.t());
+    return {out, logits, weight, idx};
+  }
+  out = base_gemm();
   ov.join(main_stream.stream());
   if (fused) {
     cuda::add_delta(half16(x), out.data_ptr(), delta.data_ptr<float>(), out.numel(), main_stream);
