@@ -194,7 +194,8 @@ class GatherBmmLinear(nn.Module):
         return out.reshape(*lead, out.shape[-1])
 
 
-def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator) -> dict:
+def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
+                expert_columns: bool = False) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them."""
     layers = {}
     with torch.no_grad():
@@ -207,7 +208,8 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
                 m.set_expert(e, a.to(lin.weight.dtype), b.to(lin.weight.dtype), scaling=2.0)
             m.gate.weight.copy_(torch.randn(experts, d_in, generator=gen, device="cuda") * d_in**-0.5)
             m.requires_grad_(False)
-            m.pack_(base=True)
+            m.expert_columns = expert_columns
+            m.pack_(base=expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
     return layers
@@ -352,6 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--expert-columns", action="store_true",
+                    help="lora_B as columns (MeteoRALinear.expert_columns: the prefill layout)")
     ap.add_argument("--out", default="benchmarks/results/e2e_latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -374,7 +378,8 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill.split(",") if s]
     batches = [int(b) for b in args.decode_batches.split(",") if b]
     results = dict(device=device, torch=torch.__version__, layers=cfg.layers, experts=args.experts, rank=args.rank,
-                   top_k=args.top_k, prompt=args.prompt, new_tokens=args.new_tokens, weights_gb=weights_gb, rows=[])
+                   top_k=args.top_k, expert_columns=args.expert_columns, prompt=args.prompt,
+                   new_tokens=args.new_tokens, weights_gb=weights_gb, rows=[])
 
     def run(system: str) -> None:
         for batch, tokens in shapes:
@@ -398,7 +403,7 @@ def main(argv=None) -> int:
     del warm
     if "base" in systems:
         run("base")
-    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen)
+    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns)
     adapter_gb = sum(m.gate.weight.untyped_storage().nbytes() + m.lora_B.numel() * m.lora_B.element_size()
                      for m in layers.values()) / 1e9  # the packed [gate; A] buffer and B (its columns
     # go beside W0's in gate_proj / up_proj, MeteoRALinear.pack_(base=True): no more than B itself)

@@ -87,8 +87,11 @@ class Linear:
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
-        # ours: B as columns, beside W0's where d_out > d_in, as MeteoRALinear.pack_(base=True) keeps them
-        self.w0_ours, self.b_ours = expert_columns(self.w0, self.b, wide=d_out > d_in)
+        # ours: lora_B as MeteoRALinear keeps it for inference: (N, d_out, r) by default; with
+        # --expert-columns as columns (beside W0's where d_out > d_in), MeteoRALinear.pack_(base=True)
+        self.w0_ours, self.b_ours = self.w0, self.b
+        if EXPERT_COLUMNS:
+            self.w0_ours, self.b_ours = expert_columns(self.w0, self.b, wide=d_out > d_in)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -100,6 +103,8 @@ class Linear:
         val, idx = logits.topk(k, dim=-1)
         return torch.softmax(val, -1), idx
 
+
+EXPERT_COLUMNS = False  # --expert-columns
 
 # ----------------------------------------------------------------------------- the methods
 def run_base(lin, x, k):
@@ -322,6 +327,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reference", default=None, help="checkout of NJUDeepEngine/meteora (for 'authors')")
+    ap.add_argument("--expert-columns", action="store_true",
+                    help="ours with lora_B as columns (MeteoRALinear.expert_columns: the prefill layout)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -346,8 +353,10 @@ def main(argv=None) -> int:
     print(f"{device}: copy {hw['copy_bandwidth_gbs']:.0f} GB/s, bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     hot_dirs = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
+    global EXPERT_COLUMNS
+    EXPERT_COLUMNS = args.expert_columns
     results = dict(device=device, torch=torch.__version__, hardware=hw, experts=args.experts, rank=args.rank,
-                   top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, rows=[])
+                   top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, expert_columns=args.expert_columns, rows=[])
     for routing in args.routing.split(","):
         hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
         linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None) for n, di, do in shapes]
@@ -449,7 +458,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         f"# MeteoRA linears: {results['device']}",
         "",
         f"torch {results['torch']}, {results['dtype']}, N={results['experts']} experts, r={results['rank']}, "
-        f"top-{results['top_k']}; shapes {results['shapes']}.",
+        f"top-{results['top_k']}; shapes {results['shapes']}"
+        + ("; ours with lora_B as columns (--expert-columns)." if results.get("expert_columns") else "."),
         f"Measured in the same run: copy bandwidth {hw['copy_bandwidth_gbs']:.0f} GB/s, "
         f"bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s.",
         "Times are medians in microseconds; `x base` and `x floor` use the CUDA-graph time where the method "

@@ -101,6 +101,12 @@ class MeteoRAModel(nn.Module):
                 mask[self.adapter_index(adapter)] = True
                 layer.forced_mask = mask
 
+    def set_expert_columns(self, enabled: bool = True) -> None:
+        """Keep every layer's lora_B as columns (beside the base weight's where d_out > d_in) for
+        prefill-heavy inference; see MeteoRALinear.expert_columns for the measured trade-off."""
+        for layer in self.meteora_layers().values():
+            layer.expert_columns = enabled
+
     def record_routing(self, enabled: bool = True) -> None:
         """Keep each layer's last Routing (with autograd history) for the gate loss."""
         for layer in self.meteora_layers().values():

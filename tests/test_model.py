@@ -245,10 +245,14 @@ def test_inference_op_matches_training_path(device, tmp_path):
     layer.to(torch.float32)
     assert not layer.pack_()
     layer.packable = True
-    if device == "cuda":  # the inference path packs again by itself, B's columns too
+    if device == "cuda":  # the inference path packs again by itself, B's columns too when asked
         with torch.no_grad():
             model(ids)
-        assert layer.is_packed() and layer.is_packed(base=True)
+        assert layer.is_packed() and not layer.is_packed(base=True)
+        model.set_expert_columns()
+        with torch.no_grad():
+            model(ids)
+        assert layer.is_packed(base=True)
 
     # lora_B as columns (beside the base weight's where d_out > d_in): same outputs, both paths.
     for layer in model.meteora_layers().values():

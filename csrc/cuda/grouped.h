@@ -72,6 +72,9 @@ void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
                   int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
                   int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream);
 void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream);
+// dst[t, :cols] = src[t, :cols] for rows of 2-byte elements, ldd / lds elements apart.
+void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,
+               cudaStream_t stream);
 // route_select (larger T): H (T, N r), rows ldh apart, in x's dtype = w s hall at the selected
 // experts, 0 elsewhere.
 void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,

@@ -515,10 +515,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   }
   at::Tensor out;
   if (cat) {
-    if (x.stride(1) == 1 && x.stride(0) >= d_in) {  // one 2D copy runs at copy bandwidth; a strided copy_ ran at a third of it
-      C10_CUDA_CHECK(cudaMemcpy2DAsync(x_cat.data_ptr(), ldb * x.element_size(), x.data_ptr(),
-                                       x.stride(0) * x.element_size(), d_in * x.element_size(), tokens,
-                                       cudaMemcpyDeviceToDevice, main_stream.stream()));
+    if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
+      cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       x_cat.narrow(1, 0, d_in).copy_(x);
     }
