@@ -185,6 +185,7 @@ class MeteoRAModel(nn.Module):
                 layer.expert_mask[:old_n] = old.expert_mask
                 layer.gate.weight[:old_n].copy_(old.gate.weight)
                 layer.impl = old.impl
+                layer.expert_columns = old.expert_columns
                 layer.pack_()  # the dtype changes above gave gate and lora_A buffers of their own
             layer.gate.weight[old_n:].zero_()
             if module in loaded.lora_a:

@@ -267,3 +267,27 @@ def test_inference_op_matches_training_path(device, tmp_path):
         torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(ids).logits, training, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "ckpt")  # shared storage is copied apart for safetensors
+
+
+def test_expert_columns_survive_add_adapter(tmp_path):
+    """lora_B kept as columns (the prefill layout): adding an adapter keeps the setting, and the
+    old adapters' outputs, before and after the new layer packs its own buffers."""
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i)
+                for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model(), adapters, top_k=1).eval()
+    model.set_expert_columns()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model.force_adapter("a")
+        before = model(ids).logits
+        for layer in model.meteora_layers().values():
+            assert layer.pack_(base=True)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        model.add_adapter("c", make_adapter(base, tmp_path / "c", r=8, alpha=8, targets=ALL_LINEARS, seed=7))
+        assert all(layer.expert_columns for layer in model.meteora_layers().values())
+        model.force_adapter("a")
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        for layer in model.meteora_layers().values():
+            assert layer.pack_(base=True) and layer.is_packed(base=True)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
