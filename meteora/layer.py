@@ -94,7 +94,7 @@ class MeteoRALinear(nn.Module):
         (beside the base weight's columns when d_out > d_in); see ``pack_``."""
         g, a = self.gate.weight, self.lora_A
         key = (g.data_ptr(), a.data_ptr())
-        if key != self._packed_at:  # checked before, and neither has moved since (every forward asks)
+        if key != self._packed_at:  # not checked since they last moved (every forward asks; cached)
             packed = (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
                       and g.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
                       and a.storage_offset() == g.storage_offset() + g.numel())
