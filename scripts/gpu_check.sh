@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU box (device tool): build the extension against the torch there, run the CUDA tests,
-# compute-sanitizer on a representative subset, and (BENCH=1) the benchmark. Logs go to $OUT.
+# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark and (E2E=1) the
+# whole-model benchmark. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIRE_EXTENSION=1
@@ -27,4 +28,13 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   python3 benchmarks/moe_fwd.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-60}
+fi
+if [ "${E2E:-0}" = 1 ]; then
+  python3 benchmarks/e2e.py --out "$OUT/e2e" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -${E2E_TAIL:-20}
+fi
+# The device tool brings back at most 8 files: everything goes back in one archive (logs, JSON,
+# markdown, PNG), beside device.txt (PACK=0 leaves them as files, for commands that read them after).
+if [ "${PACK:-1}" = 1 ]; then
+  tar czf /tmp/gpu_check.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -maxdepth 1 ! -name device.txt -exec rm -rf {} + \
+    && mv /tmp/gpu_check.tgz "$OUT/gpu_check.tgz"
 fi
