@@ -195,6 +195,8 @@ def evaluate(args) -> dict:
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
                "tasks": table, "composite": comp_table, "limit": args.limit,
                "seconds": round(time.perf_counter() - started, 1)}
+    if args.bootstrap:
+        summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
     data_mod.write_jsonl(out / "samples.jsonl", rows)
     _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     markdown = results_markdown(summary)
@@ -261,6 +263,54 @@ def score_composite(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> dict
     return result
 
 
+def bootstrap(rows: Sequence[dict], systems: Sequence[str], resamples: int = 1000, seed: int = 0) -> dict:
+    """Paired bootstrap of the mean score over tasks: each resample draws every task's test rows with
+    replacement (the same rows for every system) and rescores them. Returns, per system, the mean
+    and its 95% interval, and for MeteoRA the 95% intervals of its ratio to each other system's mean
+    and of the difference. ``rows``: samples.jsonl rows of single tasks (not composite-n), in the
+    same order for every system; tasks that some system lacks are left out."""
+    import numpy as np
+
+    by_task: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], {}).setdefault(r["system"], []).append(r)
+    tasks = [t for t, got in by_task.items() if all(len(got.get(s, [])) == len(got[systems[0]]) for s in systems)]
+    if not tasks:
+        return {}
+    rng = np.random.default_rng(seed)
+    means = np.zeros((resamples + 1, len(systems)))  # row 0: the full sample
+    for task in tasks:
+        metric = data_mod.TASK_METRICS.get(task, "contained")
+        n = len(by_task[task][systems[0]])
+        picks = np.vstack([np.arange(n), rng.integers(0, n, size=(resamples, n))])
+        for j, system in enumerate(systems):
+            got = by_task[task][system]
+            outs, refs = [r["output"] for r in got], [r["reference"] for r in got]
+            if metric in metrics.CORPUS_METRICS:
+                for b, idx in enumerate(picks):
+                    means[b, j] += metrics.corpus_bleu([outs[i] for i in idx], [refs[i] for i in idx]) / 100
+            else:
+                hits = np.asarray(metrics.row_hits(metric, outs, refs, [r.get("prompt", "") for r in got]))
+                means[:, j] += hits[picks].mean(axis=1)
+    means /= len(tasks)
+    result = {"resamples": resamples, "tasks": len(tasks),
+              "mean": {s: [float(means[0, j]), *np.percentile(means[1:, j], [2.5, 97.5]).tolist()]
+                       for j, s in enumerate(systems)}}
+    if "meteora" in systems:
+        m = systems.index("meteora")
+        for j, other in enumerate(systems):
+            if j == m:
+                continue
+            ratio = np.divide(means[:, m], means[:, j], out=np.full(len(means), np.nan), where=means[:, j] > 0)
+            diff = means[:, m] - means[:, j]
+            # the ratio is undefined (None) where the other system scores 0 on the full sample
+            ratio_ci = [None] * 3 if np.isnan(ratio[0]) else \
+                [float(ratio[0]), *np.nanpercentile(ratio[1:], [2.5, 97.5]).tolist()]
+            result.setdefault("meteora_vs", {})[other] = {
+                "ratio": ratio_ci, "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
+    return result
+
+
 def results_markdown(summary: dict) -> str:
     systems = summary["systems"]
     lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, up to {summary['limit']} test rows per task.",
@@ -283,6 +333,15 @@ def results_markdown(summary: dict) -> str:
         for s, scores in by_system.items():
             lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
                          + f" | {scores['sum']:.3f} | {scores['attempted']:.0%} |")
+    boot = summary.get("bootstrap")
+    if boot:
+        lines += ["", f"Mean over {boot['tasks']} tasks with its 95% interval (paired bootstrap over test rows, "
+                  f"{boot['resamples']} resamples): "
+                  + ", ".join(f"{s} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for s, v in boot["mean"].items()) + "."]
+        for other, got in boot.get("meteora_vs", {}).items():
+            r, d = got["ratio"], got["difference"]
+            ratio = "undefined (0 mean)" if r[0] is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
+            lines.append(f"MeteoRA vs {other}: ratio of means {ratio}, difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}].")
     lines.append("")
     lines.append("Scores: accuracy (exact / contained / gsm8k / strategyqa rules) or corpus BLEU / 100 (TASKS.md).")
     return "\n".join(lines) + "\n"
@@ -347,6 +406,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "free (one plain generation), or both as numbered,free")
     parser.add_argument("--limit", type=int, default=32, help="test rows per task")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples of the paired bootstrap interval of the mean over tasks (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="for short-answer tasks")
     parser.add_argument("--max-new-tokens-long", type=int, default=64, help="for BLEU/ROUGE tasks")
     parser.add_argument("--device", default="auto")

@@ -97,6 +97,22 @@ def rouge(outputs: Sequence[str], references: Sequence[str]) -> dict[str, float]
     return {k: v / max(1, len(outputs)) for k, v in totals.items()}
 
 
+CORPUS_METRICS = ("bleu", "bleu_rouge")  # the headline is corpus BLEU: not a mean over rows
+
+
+def row_hits(metric: str, outputs: Sequence[str], references: Sequence[str],
+             prompts: Sequence[str] | None = None) -> list[float]:
+    """Per-row headline of an accuracy metric (1.0 / 0.0): ``score``'s headline is their mean."""
+    prompts = prompts or [""] * len(outputs)
+    if metric in ("exact", "contained"):
+        rule = exact if metric == "exact" else contained
+        return [float(rule(o, r, p)) for o, r, p in zip(outputs, references, prompts)]
+    if metric in ("gsm8k", "strategyqa"):
+        rule = gsm8k if metric == "gsm8k" else strategyqa
+        return [float(rule(o, r)) for o, r in zip(outputs, references)]
+    raise ValueError(f"row_hits: {metric!r} is not an accuracy metric")
+
+
 def score(metric: str, outputs: Sequence[str], references: Sequence[str],
           prompts: Sequence[str] | None = None) -> dict[str, float]:
     """The task's scores: always a ``score`` key (the headline: accuracy, or BLEU / 100), plus the

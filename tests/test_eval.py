@@ -82,6 +82,44 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
     table = (out / "results.md").read_text()
     assert "| **mean** |" in table and "composite-3" in table and "| adapter |" not in table.split("composite-3")[1]
+    boot = summary["bootstrap"]  # over the three single tasks only
+    assert boot["tasks"] == 3 and set(boot["mean"]) == set(summary["systems"])
+    for system, (point, lo, hi) in boot["mean"].items():
+        mean = sum(summary["tasks"][t][system]["score"] for t in summary["tasks"]) / 3
+        assert point == pytest.approx(mean) and lo <= point + 1e-9 and point <= hi + 1e-9
+    assert set(boot["meteora_vs"]) == {"adapter", "base", "mixed"} and "MeteoRA vs adapter: ratio" in table
+    assert "NaN" not in (out / "summary.json").read_text()
+
+
+def test_bootstrap_intervals():
+    """The paired bootstrap: its full-sample row is the mean over tasks (accuracy and corpus-BLEU
+    tasks), a system against itself has a zero-width interval, a clearly better one a positive one."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(40):
+        ref = f"answer {i}"
+        right = torch.rand(2, generator=gen) < torch.tensor([0.9, 0.3])
+        for system, ok in zip(("meteora", "mixed"), right.tolist()):
+            rows.append({"system": system, "task": "object_counting", "reference": ref,
+                         "output": ref if ok else "no idea"})
+            # a corpus-BLEU task, the same outputs for both
+            rows.append({"system": system, "task": "linguistics_puzzles", "reference": f"the cat sat on mat {i}",
+                         "output": f"the cat sat on the mat {i}"})
+    rows += [dict(r, system="twin") for r in rows if r["system"] == "meteora"]
+    boot = meteora_eval.bootstrap(rows, ["meteora", "mixed", "twin"], resamples=300, seed=1)
+    assert boot["tasks"] == 2 and boot["resamples"] == 300
+    for system in ("meteora", "mixed"):
+        got = [r for r in rows if r["system"] == system]
+        acc = metrics.score("exact", [r["output"] for r in got if r["task"] == "object_counting"],
+                            [r["reference"] for r in got if r["task"] == "object_counting"])["score"]
+        bleu = metrics.score("bleu", [r["output"] for r in got if r["task"] == "linguistics_puzzles"],
+                             [r["reference"] for r in got if r["task"] == "linguistics_puzzles"])["score"]
+        assert boot["mean"][system][0] == pytest.approx((acc + bleu) / 2)
+    assert boot["meteora_vs"]["twin"]["ratio"] == pytest.approx([1.0, 1.0, 1.0])
+    assert boot["meteora_vs"]["twin"]["difference"] == pytest.approx([0.0, 0.0, 0.0])
+    lo = boot["meteora_vs"]["mixed"]["difference"][1]
+    assert lo > 0, boot["meteora_vs"]["mixed"]
+    assert meteora_eval.bootstrap([], ["meteora"]) == {}
 
 
 def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
