@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meteora import ops, reference  # noqa: E402
-from meteora.layer import expert_columns, meteora_linear  # noqa: E402
+from meteora.layer import column_layout, meteora_linear  # noqa: E402
 
 LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
@@ -91,7 +91,7 @@ class Linear:
         # --expert-columns as columns (beside W0's where d_out > d_in), MeteoRALinear.pack_(base=True)
         self.w0_ours, self.b_ours = self.w0, self.b
         if EXPERT_COLUMNS:
-            self.w0_ours, self.b_ours = expert_columns(self.w0, self.b, wide=d_out > d_in)
+            self.w0_ours, self.b_ours = column_layout(self.w0, self.b, wide=d_out > d_in)
         self.authors = None
 
     def routing_torch(self, x, k):

@@ -152,7 +152,7 @@ class MeteoRALinear(nn.Module):
         b, w = self.lora_B, self.base_layer.weight
         if type(b.data) is not torch.Tensor:
             return False
-        w.data, b.data = expert_columns(w.detach(), b.detach(), self._wide())
+        w.data, b.data = column_layout(w.detach(), b.detach(), self._wide())
         return self.is_packed(base)
 
     @torch.no_grad()
@@ -220,7 +220,7 @@ class MeteoRALinear(nn.Module):
 
 
 @torch.no_grad()
-def expert_columns(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def column_layout(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of a base ``weight`` (d_out, d_in) and the experts' ``lora_b`` (N, d_out, r) in the
     layout meteora.linear reads without copies: lora_b as the (d_out, N r) columns of a row-major
     buffer (strides (r, ld, 1)), after ``weight``'s columns in the same rows when ``wide``

@@ -133,7 +133,7 @@ def packed(gate, lora_a):
     return buffer[: gate.shape[0]], buffer[gate.shape[0]: rows].view(lora_a.shape)
 
 
-def expert_columns(w0, lora_b, wide, aligned=True):
+def column_layout(w0, lora_b, wide, aligned=True):
     """lora_b (N, d_out, r) as the columns of a row-major buffer, after w0's when ``wide`` (the
     layouts MeteoRALinear.pack_(base=True) keeps), with NaN in the padding columns (never used):
     rows a multiple of 8 elements apart (16-byte loads), or not."""
@@ -157,7 +157,7 @@ def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl=
     if pack:
         gate, lora_a = packed(gate, lora_a)
     if pack and pack != "rows":
-        w0, lora_b = expert_columns(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
+        w0, lora_b = column_layout(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
     out, logits, weight, idx = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
     tokens, experts, d_out = x.shape[0], gate.shape[0], w0.shape[0]
     assert out.shape == (tokens, d_out) and out.dtype == x.dtype, what
