@@ -18,7 +18,7 @@ IMPLS = [
     "reference",
 ]
 # (rtol, atol) against the float64 evaluation, by dtype.
-TOL = {torch.float32: (3e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 5e-2)}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (3e-4, 1e-4), torch.float16: (3e-3, 5e-3), torch.bfloat16: (1e-2, 5e-2)}
 GRAD_TOL = {torch.float32: (1e-3, 1e-4), torch.float16: (1e-2, 5e-3), torch.bfloat16: (3e-2, 2e-2)}
 RANK_CYCLE = (4, 8, 16)
 
@@ -161,7 +161,7 @@ def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl=
     out, logits, weight, idx = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
     tokens, experts, d_out = x.shape[0], gate.shape[0], w0.shape[0]
     assert out.shape == (tokens, d_out) and out.dtype == x.dtype, what
-    assert logits.shape == (tokens, experts) and logits.dtype == torch.float32, what
+    assert logits.shape == (tokens, experts) and logits.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32), what
     assert weight.shape == idx.shape == (tokens, top_k) and idx.dtype == torch.long, what
     logits64 = f64(x) @ f64(gate).t()
     assert_close(logits, logits64, torch.float32, what=f"linear logits {what}")
@@ -195,6 +195,25 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
     for pack, use_mask, use_bias in [(None, False, False), ("rows", True, True), ("cols", False, True),
                                      ("wide", True, False), ("wide5", False, True), ("cols5", True, False)]:
         check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, impl,
+                     what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tokens", [1, 7, 129])
+@pytest.mark.parametrize("experts,top_k,ranks", [(1, 1, [8]), (3, 3, [4, 8, 2]), (4, 2, [8, 8, 8, 8])])
+def test_linear_dense_cpu_path(dtype, tokens, experts, top_k, ranks):
+    """The CPU op's dense path (few small experts next to a wide base weight: one GEMM for the gate
+    and every shrink, H of the selected experts, one expand GEMM), every layout, mask and bias."""
+    seed = fresh_seed()
+    inp = make_inputs(tokens, experts, top_k, dtype, "cpu", seed, noncontiguous=seed % 2 == 0, ranks=ranks,
+                      d_in=400 + seed % 9, d_out=384 + seed % 7)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(experts, generator=gen) < 0.6
+    bias = torch.randn(inp["weight"].shape[0], generator=gen).to(dtype)
+    for pack, use_mask, use_bias in [(None, False, False), ("rows", True, True), ("wide", True, False),
+                                     ("cols5", False, True)]:
+        check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, "kernel",
                      what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
 
 
