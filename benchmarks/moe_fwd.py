@@ -65,7 +65,7 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
 class Linear:
     """One base linear with N rank-r experts and a gate, in every layout the methods need."""
 
-    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None):
+    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns=False):
         dev = "cuda"
         self.name, self.d_in, self.d_out = name, d_in, d_out
 
@@ -88,10 +88,8 @@ class Linear:
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
         # ours: lora_B as MeteoRALinear keeps it for inference: (N, d_out, r) by default; with
-        # --expert-columns as columns (beside W0's where d_out > d_in), MeteoRALinear.pack_(base=True)
-        self.w0_ours, self.b_ours = self.w0, self.b
-        if EXPERT_COLUMNS:
-            self.w0_ours, self.b_ours = column_layout(self.w0, self.b, wide=d_out > d_in)
+        # columns (--expert-columns) as columns, beside W0's where d_out > d_in (pack_(base=True))
+        self.w0_ours, self.b_ours = column_layout(self.w0, self.b, d_out > d_in) if columns else (self.w0, self.b)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -103,8 +101,6 @@ class Linear:
         val, idx = logits.topk(k, dim=-1)
         return torch.softmax(val, -1), idx
 
-
-EXPERT_COLUMNS = False  # --expert-columns
 
 # ----------------------------------------------------------------------------- the methods
 def run_base(lin, x, k):
@@ -353,13 +349,12 @@ def main(argv=None) -> int:
     print(f"{device}: copy {hw['copy_bandwidth_gbs']:.0f} GB/s, bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     hot_dirs = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
-    global EXPERT_COLUMNS
-    EXPERT_COLUMNS = args.expert_columns
     results = dict(device=device, torch=torch.__version__, hardware=hw, experts=args.experts, rank=args.rank,
                    top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, expert_columns=args.expert_columns, rows=[])
     for routing in args.routing.split(","):
         hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
-        linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None) for n, di, do in shapes]
+        linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns)
+                   for n, di, do in shapes]
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)

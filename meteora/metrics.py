@@ -117,17 +117,10 @@ def score(metric: str, outputs: Sequence[str], references: Sequence[str],
           prompts: Sequence[str] | None = None) -> dict[str, float]:
     """The task's scores: always a ``score`` key (the headline: accuracy, or BLEU / 100), plus the
     metric's parts. ``metric`` is one of data.TASK_METRICS' values."""
-    prompts = prompts or [""] * len(outputs)
-    n = max(1, len(outputs))
-    if metric in ("exact", "contained"):
-        rule = exact if metric == "exact" else contained
-        acc = sum(rule(o, r, p) for o, r, p in zip(outputs, references, prompts)) / n
-        return {"score": acc, "accuracy": acc}
-    if metric == "gsm8k":
-        acc = sum(gsm8k(o, r) for o, r in zip(outputs, references)) / n
-        return {"score": acc, "accuracy": acc}
-    if metric == "strategyqa":
-        acc = sum(strategyqa(o, r) for o, r in zip(outputs, references)) / n
+    if metric in ("exact", "contained", "gsm8k", "strategyqa"):
+        acc = sum(row_hits(metric, outputs, references, prompts)) / max(1, len(outputs))
+        if metric != "strategyqa":
+            return {"score": acc, "accuracy": acc}
         return {"score": acc, "accuracy": acc, "bleu": corpus_bleu(outputs, references),
                 **rouge(outputs, references)}
     if metric == "bleu":

@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cpu(
     return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
                             temperature);
   }
-  const at::Tensor hall = at::mm(x, at::cat({gate_weight, lora_a.reshape({nr, d_in})}).t()).contiguous();
+  const at::Tensor hall = at::mm(x, at::cat({gate_weight, lora_a.reshape({nr, d_in})}).t());
   at::Tensor logits = hall.narrow(1, 0, experts).contiguous();
   at::Tensor weight = at::empty({tokens, top_k}, x.options());
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
