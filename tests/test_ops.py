@@ -199,6 +199,30 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 16, 17, 32])
+@pytest.mark.parametrize("d_in", [8, 40, 1032, 4096])
+def test_linear_decode_shapes(device, dtype, tokens, d_in):
+    """Decode-sized T through the routing GEMM's paths on CUDA: one or two 16-token tiles, d_in
+    ending in a partial 16-wide step (40, 1032), d_in cut into 1, 3 or 8 slices whose partial sums
+    are added apart, [gate; A] rows not a multiple of 16 (3 experts of mixed ranks), x rows a
+    multiple of 8 elements apart but wider than d_in, and not (the cuBLAS fallback)."""
+    _skip_unless_available("kernel", device)
+    seed = fresh_seed()
+    for experts, top_k in [(3, 2), (28, 2)]:
+        inp = make_inputs(tokens, experts, top_k, dtype, device, seed, d_in=d_in, d_out=72)
+        wider = {"x": inp["x"]}
+        for extra in (8, 3):
+            wide_x = torch.zeros(tokens, d_in + extra, device=device, dtype=dtype)
+            wide_x[:, :d_in] = inp["x"]
+            wider[f"x in rows of {d_in + extra}"] = wide_x[:, :d_in]
+        for name, x in wider.items():
+            for pack in (None, "rows"):
+                check_linear(dict(inp, x=x), top_k, 1.0, pack=pack,
+                             what=f"{name} experts={experts} pack={pack} seed {seed}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tokens", [1, 7, 129])
 @pytest.mark.parametrize("experts,top_k,ranks", [(1, 1, [8]), (3, 3, [4, 8, 2]), (4, 2, [8, 8, 8, 8])])

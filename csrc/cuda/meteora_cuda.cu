@@ -453,7 +453,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
              : at::cat({gate_weight, lora_a.reshape({nr, d_in}), at::zeros({rows_pad - rows, d_in}, x.options())}, 0);
   const auto f32 = x.options().dtype(at::kFloat);
   // Everything is allocated on the current stream; the side stream only computes into it.
-  at::Tensor hall = at::empty({tokens, ext.size(0)}, f32);
   at::Tensor logits = at::empty({tokens, experts}, f32);
   at::Tensor weight = at::empty({tokens, top_k}, f32);
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
@@ -491,21 +490,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM (or,
   // wide, the copy of x beside H) runs on the current one; they join before the experts' sum is
   // added to the base output (or the one GEMM of [x | H] runs).
+  const int splits = fused ? cuda::decode_shrink_splits(d_in) : 1;
+  const int64_t ld = ext.size(0);
+  at::Tensor hall = at::empty({splits, tokens, ld}, f32);  // [gate logits | shrink values] rows (partial sums)
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   ov.fork(main_stream.stream());
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
-    // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
-    at::mm_out(hall, x, ext.t(), at::kFloat);
+    // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits. At decode
+    // sizes our own kernel writes them as partial sums over slices of d_in (no split-K reduction
+    // kernel), else one cuBLAS GEMM.
+    const bool ours = fused && ext.stride(0) == d_in && x.stride(1) == 1 &&
+                      cuda::decode_shrink(half16(x), x.data_ptr(), x.stride(0), tokens, ext.data_ptr(), ext.size(0),
+                                          d_in, hall.data_ptr<float>(), ld, splits, ov.side.stream());
+    if (!ours) {
+      at::Tensor first = hall.select(0, 0);
+      at::mm_out(first, x, ext.t(), at::kFloat);
+    }
     if (fused) {
-      cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cuda::route_expand(half16(x), hall.data_ptr<float>(), ld, ours ? splits : 1, tokens * ld, mask_p, tokens,
+                         int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1),
                          d_out, delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
                          idx.data_ptr<int64_t>(), ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
+      cuda::route_select(half16(x), hall.data_ptr<float>(), ld, mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
                          weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0),
                          ov.side.stream());
