@@ -121,4 +121,15 @@ inline void check_linear_base(const at::Tensor& x, const at::Tensor& base_weight
   }
 }
 
+// meteora.linear's experts: check_lora_weights, and lora_a / lora_b agree with the gate's N and the
+// base weight's d_out.
+inline void check_linear_experts(const at::Tensor& x, const at::Tensor& base_weight, const at::Tensor& gate_weight,
+                                 const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling) {
+  check_lora_weights("linear", x, lora_a, lora_b, scaling);
+  const int64_t experts = gate_weight.size(0), d_out = base_weight.size(0);
+  TORCH_CHECK(lora_a.size(0) == experts && lora_b.size(1) == d_out, "meteora.linear: lora_a (N, r, d_in) and lora_b "
+              "(N, d_out, r) must have N=", experts, " (the gate's) and d_out=", d_out, ", got ", lora_a.sizes(),
+              " and ", lora_b.sizes());
+}
+
 }  // namespace meteora

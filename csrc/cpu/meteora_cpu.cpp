@@ -184,12 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cpu(
   }
   check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
   check_linear_base(x, base_weight, base_bias);
-  check_lora_weights("linear", x, lora_a, lora_b, scaling);
+  check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
   const int64_t tokens = x.size(0), d_in = x.size(1), d_out = base_weight.size(0);
   const int64_t experts = gate_weight.size(0), rank = lora_a.size(1), nr = experts * rank;
-  TORCH_CHECK(lora_a.size(0) == experts && lora_b.size(1) == d_out, "meteora.linear: lora_a (N, r, d_in) and "
-              "lora_b (N, d_out, r) must have N=", experts, " (the gate's) and d_out=", d_out, ", got ",
-              lora_a.sizes(), " and ", lora_b.sizes());
   if (4 * ((experts + nr) * d_in + nr * d_out) > d_in * d_out) {
     return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
                             temperature);

@@ -861,10 +861,10 @@ __device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row,
 // (B[e, n, c] at e b_es + n b_ns + c: the experts' (N, d, r) tensor, or their columns beside W0).
 template <typename h_t, bool kVec>
 __global__ void __launch_bounds__(kThreads) route_expand_kernel(
-    const float* __restrict__ hall, int64_t ld, int splits, int64_t split_stride, const bool* __restrict__ mask,
-    int experts, int rank, int top_k, float temperature, const float* __restrict__ scaling,
-    const h_t* __restrict__ B, int64_t b_es, int64_t b_ns, int64_t d, float* __restrict__ delta,
-    float* __restrict__ logits, float* __restrict__ weight, int64_t* __restrict__ idx) {
+    const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int experts, int rank, int top_k,
+    float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t b_es, int64_t b_ns,
+    int64_t d, float* __restrict__ delta, float* __restrict__ logits, float* __restrict__ weight,
+    int64_t* __restrict__ idx) {
   extern __shared__ float s_row[];  // experts * (1 + rank) values of hall
   __shared__ float s_coef[kMaxTopK], s_scale[kMaxExperts];
   __shared__ int s_e[kMaxTopK];
@@ -872,11 +872,7 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(
   const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const float* row = hall + t * ld;
   const int width = experts * (1 + rank);
-  for (int q = threadIdx.x; q < width; q += kThreads) {
-    float v = 0.f;
-    for (int s = 0; s < splits; ++s) v += row[s * split_stride + q];
-    s_row[q] = v;
-  }
+  for (int q = threadIdx.x; q < width; q += kThreads) s_row[q] = row[q];
   if (threadIdx.x < experts) s_scale[threadIdx.x] = scaling[threadIdx.x];
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -950,92 +946,6 @@ __global__ void __launch_bounds__(kThreads) copy_rows_kernel(uint16_t* __restric
     *reinterpret_cast<uint4*>(dst + t * ldd + c) = *reinterpret_cast<const uint4*>(src + t * lds + c);
   } else {
     dst[t * ldd + c] = src[t * lds + c];
-  }
-}
-
-// Decode-sized T (<= 32): part[s, t, q] = <w[q, K_s], x[t, K_s]> in fp32 over the s-th slice K_s
-// of d_in, for the routing GEMM of meteora.linear (w = [gate; A_all], rows (N + N r) x d_in). cuBLAS
-// ran this skinny product as a split-K GEMM plus a reduction kernel; here the slices' partial sums
-// stay apart (route_expand adds them in a fixed order: deterministic). Grid (row tiles of 16,
-// slices); each of 8 warps takes every 8th 16-wide step of its block's slice and loads its operands
-// straight into mma.sync m16n8k16 fragments (no shared-memory staging, kDecodeUnroll steps of loads
-// in flight); the 8 warps' sums are added in shared memory.
-constexpr int kDecodeWarps = 8, kDecodeUnroll = 4;
-
-template <typename h_t>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<h_t, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-__device__ __forceinline__ uint32_t load_pair(const void* p, bool valid) {
-  return valid ? __ldg(static_cast<const uint32_t*>(p)) : 0u;
-}
-
-// NT: 8-token tiles (T <= 8 NT).
-template <typename h_t, int NT>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_shrink_kernel(
-    const h_t* __restrict__ x, int64_t x_ld, int64_t tokens, const h_t* __restrict__ w, int64_t rows, int64_t d_in,
-    int64_t steps_per_split, float* __restrict__ part, int64_t ld) {
-  __shared__ float red[kDecodeWarps][NT][16][8];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
-  const int64_t r0 = int64_t(blockIdx.x) * 16;
-  const int64_t steps = (d_in + 15) / 16;
-  const int64_t s_begin = int64_t(blockIdx.y) * steps_per_split;
-  const int64_t s_end = s_begin + steps_per_split < steps ? s_begin + steps_per_split : steps;
-  // Fragment rows of w (g, g + 8) and tokens of x (g in each 8-token tile) that exist.
-  const bool w_lo = r0 + g < rows, w_hi = r0 + g + 8 < rows;
-  const h_t* w_row = w + (r0 + g) * d_in + 2 * tg;
-  float acc[NT][4] = {};
-  for (int64_t st0 = s_begin + warp; st0 < s_end; st0 += int64_t(kDecodeWarps) * kDecodeUnroll) {
-    uint32_t a[kDecodeUnroll][4], b[kDecodeUnroll][NT][2];
-#pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u) {
-      const int64_t st = st0 + int64_t(u) * kDecodeWarps;
-      const int64_t k = st * 16 + 2 * tg;  // d_in % 8 == 0: a pair at k exists iff k < d_in
-      const bool in = st < s_end, lo = in && k < d_in, hi = in && k + 8 < d_in;
-      a[u][0] = load_pair(w_row + st * 16, lo && w_lo);
-      a[u][1] = load_pair(w_row + 8 * d_in + st * 16, lo && w_hi);
-      a[u][2] = load_pair(w_row + st * 16 + 8, hi && w_lo);
-      a[u][3] = load_pair(w_row + 8 * d_in + st * 16 + 8, hi && w_hi);
-#pragma unroll
-      for (int f = 0; f < NT; ++f) {
-        const int64_t t = f * 8 + g;
-        const h_t* xr = x + t * x_ld + k;
-        b[u][f][0] = load_pair(xr, lo && t < tokens);
-        b[u][f][1] = load_pair(xr + 8, hi && t < tokens);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kDecodeUnroll; ++u)
-#pragma unroll
-      for (int f = 0; f < NT; ++f) mma_16816<h_t>(acc[f], a[u], b[u][f]);
-  }
-#pragma unroll
-  for (int f = 0; f < NT; ++f) {  // c0, c1: row g, tokens 2 tg, 2 tg + 1; c2, c3: row g + 8
-    red[warp][f][g][2 * tg] = acc[f][0];
-    red[warp][f][g][2 * tg + 1] = acc[f][1];
-    red[warp][f][g + 8][2 * tg] = acc[f][2];
-    red[warp][f][g + 8][2 * tg + 1] = acc[f][3];
-  }
-  __syncthreads();
-  float* out = part + int64_t(blockIdx.y) * tokens * ld;
-  for (int e = threadIdx.x; e < NT * 128; e += kDecodeWarps * 32) {
-    const int f = e / 128, t = f * 8 + (e % 128) / 16, q = e % 16;  // consecutive threads: consecutive q
-    if (t >= tokens || r0 + q >= ld) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int u = 0; u < kDecodeWarps; ++u) v += red[u][f][q][t % 8];
-    out[int64_t(t) * ld + r0 + q] = v;
   }
 }
 
@@ -1246,39 +1156,9 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
   });
 }
 
-bool decode_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, const void* w, int64_t rows,
-                   int64_t d_in, float* part, int64_t ld, int splits, cudaStream_t stream) {
-  if (tokens == 0) return true;
-  if (tokens > 32 || d_in % 8 != 0 || x_ld % 8 != 0 || !aligned16(x) || !aligned16(w) || splits < 1) return false;
-  const int64_t steps = (d_in + 15) / 16;
-  const int64_t per = (steps + splits - 1) / splits;
-  const dim3 grid(blocks_for(ld, 16), unsigned(splits));
-  dispatch_half(dt, [&](auto tag) {
-    using h_t = decltype(tag);
-    const auto* xp = static_cast<const h_t*>(x);
-    const auto* wp = static_cast<const h_t*>(w);
-    constexpr int threads = kDecodeWarps * 32;
-    if (tokens <= 8) {
-      decode_shrink_kernel<h_t, 1><<<grid, threads, 0, stream>>>(xp, x_ld, tokens, wp, rows, d_in, per, part, ld);
-    } else if (tokens <= 16) {
-      decode_shrink_kernel<h_t, 2><<<grid, threads, 0, stream>>>(xp, x_ld, tokens, wp, rows, d_in, per, part, ld);
-    } else {
-      decode_shrink_kernel<h_t, 4><<<grid, threads, 0, stream>>>(xp, x_ld, tokens, wp, rows, d_in, per, part, ld);
-    }
-  });
-  return true;
-}
-
-int decode_shrink_splits(int64_t d_in) {
-  const int64_t steps = (d_in + 15) / 16;
-  const int64_t by_size = (steps + 4 * kDecodeWarps - 1) / (4 * kDecodeWarps);  // >= 4 steps per warp
-  return int(by_size < 1 ? 1 : (by_size > 8 ? 8 : by_size));
-}
-
-void route_expand(Half16 dt, const float* hall, int64_t ld, int splits, int64_t split_stride, const bool* mask,
-                  int64_t tokens, int experts, int rank, int top_k, float temperature, const float* scaling,
-                  const void* lora_b, int64_t b_es, int64_t b_ns, int64_t d_out, float* delta, float* logits,
-                  float* weight, int64_t* idx, cudaStream_t stream) {
+void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
+                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
   if (tokens == 0) return;
   const dim3 grid(blocks_for(d_out > 0 ? d_out : 1, kThreads), unsigned(tokens));
   const bool vec = rank % 8 == 0 && aligned16(lora_b) && (experts == 1 || b_es % 8 == 0) && b_ns % 8 == 0;
@@ -1286,10 +1166,10 @@ void route_expand(Half16 dt, const float* hall, int64_t ld, int splits, int64_t 
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
     const auto* b = static_cast<const h_t*>(lora_b);
-    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, smem, stream>>>(hall, ld, splits, split_stride, mask, experts, rank, top_k,
+    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
                                                                          temperature, scaling, b, b_es, b_ns, d_out,
                                                                          delta, logits, weight, idx)
-        : route_expand_kernel<h_t, false><<<grid, kThreads, smem, stream>>>(hall, ld, splits, split_stride, mask, experts, rank, top_k,
+        : route_expand_kernel<h_t, false><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
                                                                           temperature, scaling, b, b_es, b_ns, d_out,
                                                                           delta, logits, weight, idx);
   });

@@ -68,17 +68,9 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 // route_expand (decode-sized T): delta (T, d_out) fp32 = the selected experts' expand (lora_b
 // element [e, n, c] at e b_es + n b_ns + c); add_delta then adds it into out (count = T d_out
 // values, contiguous) in place.
-// hall may come as `splits` partial sums split_stride floats apart (decode_shrink), summed in order.
-void route_expand(Half16 dt, const float* hall, int64_t ld, int splits, int64_t split_stride, const bool* mask,
-                  int64_t tokens, int experts, int rank, int top_k, float temperature, const float* scaling,
-                  const void* lora_b, int64_t b_es, int64_t b_ns, int64_t d_out, float* delta, float* logits,
-                  float* weight, int64_t* idx, cudaStream_t stream);
-// Decode-sized T (<= 32): part (splits, T, ld) fp32 = the partial sums of x w^T over `splits`
-// slices of d_in (w (rows, d_in) row-major; columns rows..ld of part are 0). Returns false, launching
-// nothing, where it does not apply (T > 32, d_in or x's row stride not a multiple of 8, unaligned).
-bool decode_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, const void* w, int64_t rows,
-                   int64_t d_in, float* part, int64_t ld, int splits, cudaStream_t stream);
-int decode_shrink_splits(int64_t d_in);
+void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
+                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
+                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream);
 void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream);
 // dst[t, :cols] = src[t, :cols] for rows of 2-byte elements, ldd / lds elements apart.
 void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,

@@ -434,10 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   check_linear_base(x, base_weight, base_bias);
   const int64_t tokens = x.size(0), d_in = x.size(1), d_out = base_weight.size(0);
   const int64_t experts = gate_weight.size(0);
-  check_lora_weights("linear", x, lora_a, lora_b, scaling);
-  TORCH_CHECK(lora_a.size(0) == experts && lora_b.size(1) == d_out, "meteora.linear: lora_a (N, r, d_in) and lora_b "
-              "(N, d_out, r) must have N=", experts, " (the gate's) and d_out=", d_out, ", got ", lora_a.sizes(),
-              " and ", lora_b.sizes());
+  check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
   const int64_t rank = lora_a.size(1), nr = experts * rank;
   const c10::cuda::CUDAGuard guard(x.device());
   // [gate; A_all] (N + N r, d_in), with rows up to a multiple of 8 (cuBLAS runs (T, 256) twice as
@@ -453,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
              : at::cat({gate_weight, lora_a.reshape({nr, d_in}), at::zeros({rows_pad - rows, d_in}, x.options())}, 0);
   const auto f32 = x.options().dtype(at::kFloat);
   // Everything is allocated on the current stream; the side stream only computes into it.
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, f32);
   at::Tensor logits = at::empty({tokens, experts}, f32);
   at::Tensor weight = at::empty({tokens, top_k}, f32);
   at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
@@ -490,39 +488,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM (or,
   // wide, the copy of x beside H) runs on the current one; they join before the experts' sum is
   // added to the base output (or the one GEMM of [x | H] runs).
-  const int splits = fused ? cuda::decode_shrink_splits(d_in) : 1;
-  const int64_t ld = ext.size(0);
-  at::Tensor hall = at::empty({splits, tokens, ld}, f32);  // [gate logits | shrink values] rows (partial sums)
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   ov.fork(main_stream.stream());
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
-    // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits. At decode
-    // sizes our own kernel writes them as partial sums over slices of d_in (no split-K reduction
-    // kernel), else one cuBLAS GEMM.
-    const bool ours = fused && ext.stride(0) == d_in && x.stride(1) == 1 &&
-                      cuda::decode_shrink(half16(x), x.data_ptr(), x.stride(0), tokens, ext.data_ptr(), ext.size(0),
-                                          d_in, hall.data_ptr<float>(), ld, splits, ov.side.stream());
-    if (!ours) {
-      at::Tensor first = hall.select(0, 0);
-      at::mm_out(first, x, ext.t(), at::kFloat);
-    }
+    // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
+    at::mm_out(hall, x, ext.t(), at::kFloat);
     if (fused) {
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      cuda::route_expand(half16(x), hall.data_ptr<float>(), ld, ours ? splits : 1, tokens * ld, mask_p, tokens,
-                         int(experts), int(rank),
+      cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1),
                          d_out, delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
                          idx.data_ptr<int64_t>(), ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      cuda::route_select(half16(x), hall.data_ptr<float>(), ld, mask_p, tokens, int(experts), int(rank),
+      cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
                          weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0),
                          ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!wide && !b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
+      if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
     }
   }
   at::Tensor out;
