@@ -4,11 +4,16 @@
 // kernels below. Everything runs on the current stream with no host sync, so CUDA graphs capture it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -407,8 +412,15 @@ struct Overlap {
     C10_CUDA_CHECK(cudaEventRecord(join_event, side.stream()));
     C10_CUDA_CHECK(cudaStreamWaitEvent(into, join_event, 0));
   }
+  // The side stream's cuBLAS workspace (kSideWorkspace bytes, made at first use): see side_gemm.
+  void* workspace() {
+    if (!space) space = c10::cuda::CUDACachingAllocator::get()->allocate(kSideWorkspace);
+    return space.get();
+  }
+  static constexpr size_t kSideWorkspace = size_t(16) << 20;
   c10::cuda::CUDAStream side;
   cudaEvent_t fork_event = nullptr, join_event = nullptr;
+  at::DataPtr space;
 };
 
 Overlap& overlap_for(c10::DeviceIndex device) {
@@ -417,6 +429,32 @@ Overlap& overlap_for(c10::DeviceIndex device) {
   auto& slot = per_device[size_t(device)];
   if (!slot) slot = std::make_unique<Overlap>(device);
   return *slot;
+}
+
+// meteora.linear's routing GEMM on the side stream: hall (T, ld) fp32 = x ext^T, with the side
+// stream's own 16 MiB cuBLAS workspace. at::mm there would give that stream torch's workspaces of a
+// new stream (32 MiB for cuBLAS and as much for cuBLASLt on an H200: 64 MiB per process that issue
+// 7's memory budget, the adapters' weights + 5%, does not hold). `blas` is torch's handle of this
+// thread, taken while the main stream was current; torch sets its stream and workspace again at
+// its next use (getCurrentCUDABlasHandle does at every call). Strided x goes through at::mm.
+void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, at::Tensor& hall) {
+  const int64_t tokens = x.size(0), d_in = x.size(1), rows = ext.size(0);
+  const int64_t ldx = tokens == 1 ? std::max<int64_t>(x.stride(0), d_in) : x.stride(0);
+  const int64_t limit = std::numeric_limits<int>::max();
+  if (x.stride(1) != 1 || ext.stride(1) != 1 || ldx < d_in || ext.stride(0) < d_in || hall.stride(1) != 1 ||
+      tokens > limit || ldx > limit || ext.stride(0) > limit || hall.stride(0) > limit) {
+    at::mm_out(hall, x, ext.t(), at::kFloat);
+    return;
+  }
+  const cudaDataType_t dt = x.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  const float one = 1.f, zero = 0.f;
+  TORCH_CUDABLAS_CHECK(cublasSetStream(blas, ov.side.stream()));
+  TORCH_CUDABLAS_CHECK(cublasSetWorkspace(blas, ov.workspace(), Overlap::kSideWorkspace));
+  // Column-major: hall^T (rows x T, ld) = ext (d_in x rows)^T x (d_in x T).
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(tokens), int(d_in), &one,
+                                    ext.data_ptr(), dt, int(ext.stride(0)), x.data_ptr(), dt, int(ldx), &zero,
+                                    hall.data_ptr(), CUDA_R_32F, int(hall.stride(0)), CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
@@ -490,11 +528,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   // added to the base output (or the one GEMM of [x | H] runs).
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
+  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();  // while the main stream is current
   ov.fork(main_stream.stream());
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
-    at::mm_out(hall, x, ext.t(), at::kFloat);
+    side_gemm(blas, ov, x, ext, hall);
     if (fused) {
       cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
                          int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1),
