@@ -292,11 +292,19 @@ def make_inputs(linears, tokens, routing, dtype, gen, hot_dirs):
     return xs
 
 
-def reference_out(lin, x, k):
-    """fp32 reference with our routing (the methods that route in bf16 may differ on near-ties)."""
-    _, w, idx = ops.route(x, lin.gate, None, k, 1.0, impl="kernel")
+def reference_out(lin, x, k, routing=None):
+    """fp32 reference with our routing (the methods that route in bf16 may differ on near-ties):
+    meteora.route's, or the given (weight, idx)."""
+    w, idx = routing if routing is not None else ops.route(x, lin.gate, None, k, 1.0, impl="kernel")[1:]
     out, _ = reference.lora_experts(x.float(), lin.a.float(), lin.b.float(), lin.s, idx, w, F.linear(x.float(), lin.w0.float()))
     return out, idx
+
+
+def ours_routing(lin, x, k):
+    """meteora.linear's own (weight, idx): its logits come from the GEMM of the packed [gate; A]
+    rows, whose fp32 rounding may differ from meteora.route's at near-ties."""
+    _, routing = meteora_linear(x, lin.w0_ours, None, lin.gate, lin.a, lin.b_ours, lin.s, None, k, 1.0, impl="kernel")
+    return routing.expert_weight, routing.expert_idx
 
 
 def train_step(method, lin_list, xs, k, grads):
@@ -375,7 +383,11 @@ def main(argv=None) -> int:
                     fn = lambda m=method: [RUN[m](lin, xs[lin.d_in], args.top_k) for lin in lin_list]  # noqa: E731
                     try:
                         outs = fn()
-                        err = max(float((o.float() - r[0]).abs().max()) if tokens else 0.0 for o, r in zip(outs, refs))
+                        refs_m = refs
+                        if method == "ours" and tokens:  # at its own selection
+                            refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, ours_routing(lin, xs[lin.d_in], args.top_k))
+                                      for lin in lin_list]
+                        err = max(float((o.float() - r[0]).abs().max()) if tokens else 0.0 for o, r in zip(outs, refs_m))
                         if method in ("base",):
                             err = float("nan")  # no LoRA term: not comparable
                         eager = median_ms(fn) * 1e3
@@ -459,8 +471,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         f"bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s.",
         "Times are medians in microseconds; `x base` and `x floor` use the CUDA-graph time where the method "
         "can be captured (the loop cannot), else eager. `+MB`: peak memory over what was allocated before the call "
-        "(outputs included). `err`: max |out - fp32 reference| (the reference uses our routing; methods routing "
-        "from bf16 logits can differ on near-ties).",
+        "(outputs included). `err`: max |out - fp32 reference| (the reference routes with meteora.route, and for "
+        "ours with meteora.linear's own selection; methods routing from bf16 logits can differ on near-ties).",
         "",
     ]
     rows = results["rows"]
