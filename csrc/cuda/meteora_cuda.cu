@@ -433,8 +433,8 @@ Overlap& overlap_for(c10::DeviceIndex device) {
 
 // meteora.linear's routing GEMM on the side stream: hall (T, ld) fp32 = x ext^T, with the side
 // stream's own 16 MiB cuBLAS workspace. at::mm there would give that stream torch's workspaces of a
-// new stream (32 MiB for cuBLAS and as much for cuBLASLt on an H200: 64 MiB per process that issue
-// 7's memory budget, the adapters' weights + 5%, does not hold). `blas` is torch's handle of this
+// new stream (32 MiB for cuBLAS on Hopper, 1 MiB for cuBLASLt: H200 e2e, 17 MiB more than this).
+// `blas` is torch's handle of this
 // thread, taken while the main stream was current; torch sets its stream and workspace again at
 // its next use (getCurrentCUDABlasHandle does at every call). Strided x goes through at::mm.
 void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, at::Tensor& hall) {
