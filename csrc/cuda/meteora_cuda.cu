@@ -434,9 +434,9 @@ Overlap& overlap_for(c10::DeviceIndex device) {
 // meteora.linear's routing GEMM on the side stream: hall (T, ld) fp32 = x ext^T, with the side
 // stream's own 16 MiB cuBLAS workspace. at::mm there would give that stream torch's workspaces of a
 // new stream (32 MiB for cuBLAS on Hopper, 1 MiB for cuBLASLt: H200 e2e, 17 MiB more than this).
-// `blas` is torch's handle of this
-// thread, taken while the main stream was current; torch sets its stream and workspace again at
-// its next use (getCurrentCUDABlasHandle does at every call). Strided x goes through at::mm.
+// `blas` is torch's handle of this thread, taken while the main stream was current; torch sets its
+// stream and workspace again at its next use (getCurrentCUDABlasHandle does at every call). Strided
+// x goes through at::mm (and so gets torch's workspaces).
 void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, at::Tensor& hall) {
   const int64_t tokens = x.size(0), d_in = x.size(1), rows = ext.size(0);
   const int64_t ldx = tokens == 1 ? std::max<int64_t>(x.stride(0), d_in) : x.stride(0);
