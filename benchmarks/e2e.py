@@ -341,6 +341,22 @@ def decode(model: Llama, batch: int, prompt: int, new: int, gen: torch.Generator
                 eager_tokens_per_s=batch * new / eager, peak_gb=peak / 1e9, peak_over_weights_gb=(peak - before) / 1e9)
 
 
+def persistent_allocations(top: int = 12, frames: int = 14) -> list[dict]:
+    """The largest live blocks allocated while memory history was recorded, with their stacks
+    (Python and C++ frames, innermost first), or one entry naming the error."""
+    try:
+        snapshot = torch.cuda.memory._snapshot()
+        blocks = [b for seg in snapshot["segments"] for b in seg["blocks"]
+                  if b.get("state") == "active_allocated" and b.get("frames")]
+        blocks.sort(key=lambda b: -b["size"])
+        return [dict(mib=b["size"] / 2**20,
+                     stack=[f"{f.get('name', '?')} ({Path(f.get('filename', '?')).name}:{f.get('line', 0)})"
+                            for f in b["frames"][:frames]])
+                for b in blocks[:top]]
+    except Exception as err:  # a diagnostic: it must not stop the benchmark
+        return [dict(error=f"{type(err).__name__}: {err}")]
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -356,6 +372,9 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--expert-columns", action="store_true",
                     help="lora_B as columns (MeteoRALinear.expert_columns: the prefill layout)")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="record the stacks of the allocations that outlive meteora's set-up and first calls "
+                         "(results.json: persistent_allocations)")
     ap.add_argument("--out", default="benchmarks/results/e2e_latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -403,6 +422,9 @@ def main(argv=None) -> int:
     del warm
     if "base" in systems:
         run("base")
+    allocated_before = torch.cuda.memory_allocated()
+    if args.trace_memory:
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns)
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in
@@ -418,6 +440,12 @@ def main(argv=None) -> int:
     calibrate_gates(model, layers, calib)
     probe = torch.randint(0, cfg.vocab, (2, 512), generator=gen, device="cuda")
     results["routing_share_top2"] = routing_share(model, layers, probe)
+    # What meteora keeps allocated once set up and called (the adapters, and whatever its first
+    # calls leave behind, such as cuBLAS workspaces).
+    results["meteora_static_gb"] = (torch.cuda.memory_allocated() - allocated_before) / 1e9
+    if args.trace_memory:
+        results["persistent_allocations"] = persistent_allocations()
+        torch.cuda.memory._record_memory_history(enabled=None)
     print(f"adapters + gates: {adapter_gb:.2f} GB; pairs on experts 0/1 (fresh tokens): "
           f"{results['routing_share_top2']:.0%}", flush=True)
     for system in systems:
@@ -460,6 +488,8 @@ def verdicts(results: dict, rows: list[dict]) -> list[str]:
         if r["vs_gather_bmm"] is not None:
             lines.append(f"- {r['mode']} {shape}: {r['vs_gather_bmm']:.2f}x gather-bmm with graphs on both sides, "
                          f"{r['vs_gather_bmm_eager']:.2f}x eager (target >= 5x)")
+    if results.get("meteora_static_gb") is not None:
+        lines.append(f"- kept allocated by meteora once set up and first called: {results['meteora_static_gb']:.3f} GB")
     over = max((r["peak_over_base_gb"] for r in ours if r["peak_over_base_gb"] is not None), default=None)
     if over is not None:
         limit = 1.05 * results["adapters_gb"]
