@@ -204,10 +204,10 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
 @pytest.mark.parametrize("tokens", [1, 16, 17, 32])
 @pytest.mark.parametrize("d_in", [8, 40, 1032, 4096])
 def test_linear_decode_shapes(device, dtype, tokens, d_in):
-    """Decode-sized T through the routing GEMM's paths on CUDA: one or two 16-token tiles, d_in
-    ending in a partial 16-wide step (40, 1032), d_in cut into 1, 3 or 8 slices whose partial sums
-    are added apart, [gate; A] rows not a multiple of 16 (3 experts of mixed ranks), x rows a
-    multiple of 8 elements apart but wider than d_in, and not (the cuBLAS fallback)."""
+    """Decode-sized T through the inference op's routing GEMM (cuBLAS on the side stream with its
+    own workspace) and route_expand: d_in from 8 to 4096, [gate; A] rows not a multiple of 16
+    (3 experts of mixed ranks) and 28 x 8, x in rows wider than d_in (a multiple of 8 elements
+    apart, and not), and a single row whose row stride is 1 (cuBLAS still needs ld >= d_in)."""
     _skip_unless_available("kernel", device)
     seed = fresh_seed()
     for experts, top_k in [(3, 2), (28, 2)]:
@@ -217,6 +217,8 @@ def test_linear_decode_shapes(device, dtype, tokens, d_in):
             wide_x = torch.zeros(tokens, d_in + extra, device=device, dtype=dtype)
             wide_x[:, :d_in] = inp["x"]
             wider[f"x in rows of {d_in + extra}"] = wide_x[:, :d_in]
+        if tokens == 1:  # one row whose row stride says nothing (cuBLAS still needs ld >= d_in)
+            wider["x with row stride 1"] = inp["x"].reshape(-1).as_strided((1, d_in), (1, 1))
         for name, x in wider.items():
             for pack in (None, "rows"):
                 check_linear(dict(inp, x=x), top_k, 1.0, pack=pack,
