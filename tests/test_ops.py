@@ -230,7 +230,8 @@ def test_linear_decode_shapes(device, dtype, tokens, d_in):
 @pytest.mark.parametrize("experts,top_k,ranks", [(1, 1, [8]), (3, 3, [4, 8, 2]), (4, 2, [8, 8, 8, 8])])
 def test_linear_dense_cpu_path(dtype, tokens, experts, top_k, ranks):
     """The CPU op's dense path (few small experts next to a wide base weight: one GEMM for the gate
-    and every shrink, H of the selected experts, one expand GEMM), every layout, mask and bias."""
+    and every shrink, H of the selected experts, the expand as one GEMM (T = 7, 129) or over the
+    selected experts only (T = 1)), every layout, mask and bias."""
     seed = fresh_seed()
     inp = make_inputs(tokens, experts, top_k, dtype, "cpu", seed, noncontiguous=seed % 2 == 0, ranks=ranks,
                       d_in=400 + seed % 9, d_out=384 + seed % 7)
