@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import py_compile
 import subprocess
 from pathlib import Path
@@ -77,3 +78,17 @@ def test_e2e_model_cache_and_gather_bmm():
         m.gate.weight.normal_()
         x = torch.randn(3, 7, lin.in_features)
         torch.testing.assert_close(e2e.GatherBmmLinear(m)(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_decode_benchmark(smollm2_adapters, tmp_path):
+    """benchmarks/cpu_decode.py times the base model and MeteoRA over the given adapters and writes
+    its numbers."""
+    from benchmarks import cpu_decode
+
+    root = next(iter(smollm2_adapters.values())).parent
+    out = tmp_path / "cpu_decode.json"
+    assert cpu_decode.main(["--adapters", str(root), "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["adapters"] == 2 and result["linears"] == 210 and result["new_tokens"] == 2
+    assert result["base_ms_per_token"] > 0 and result["meteora_ms_per_token"] > 0
+    assert cpu_decode.main(["--adapters", str(tmp_path)]) == 2  # no adapters there
