@@ -92,7 +92,7 @@ class MeteoRALinear(nn.Module):
         """Whether ``gate.weight`` and ``lora_A`` are the rows of one (N + N r, d_in) buffer; with
         ``base``, also whether ``lora_B`` is kept as the (d_out, N r) columns of a row-major buffer
         (beside the base weight's columns when d_out > d_in); see ``pack_``."""
-        g, a = self.gate.weight, self.lora_A
+        g, a, b = self._weights()  # every CUDA inference forward asks
         key = (g.data_ptr(), a.data_ptr())
         if key != self._packed_at:  # not checked since they last moved (every forward asks; cached)
             packed = (g.is_contiguous() and a.is_contiguous() and g.dtype == a.dtype and g.device == a.device
@@ -103,7 +103,7 @@ class MeteoRALinear(nn.Module):
                 return False
         if not base:
             return True
-        b, w = self.lora_B, self.base_layer.weight
+        w = self._registered(self._modules, "base_layer").weight
         key = (b.data_ptr(), w.data_ptr())
         if key != self._b_packed_at:
             n, d_out, r = b.shape
@@ -179,28 +179,29 @@ class MeteoRALinear(nn.Module):
         check_routing(self.num_experts, top_k, temperature)
         self.top_k, self.temperature = top_k, float(temperature)
 
+    def _registered(self, table: dict, name: str):
+        """``getattr(self, name)`` for a registered parameter, buffer or submodule, read from its
+        dict (``table``): nn.Module.__getattr__ costs ~0.6 us a lookup and a decode step calls
+        forward once per adapted linear (210 on SmolLM2). What is not there (a parametrization,
+        say) goes through getattr."""
+        value = table.get(name)
+        return getattr(self, name) if value is None else value
+
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate.weight, lora_A, lora_B), read from the modules' dicts: nn.Module.__getattr__ costs
-        ~0.6 us a lookup and a decode step calls forward once per adapted linear (210 on SmolLM2).
-        Anything not registered there (a parametrization, say) goes through getattr."""
-        gate_mod = self._modules.get("gate")
-        gate = gate_mod._parameters.get("weight") if gate_mod is not None else None
-        lora_a, lora_b = self._parameters.get("lora_A"), self._parameters.get("lora_B")
-        if gate is None or lora_a is None or lora_b is None:
-            return self.gate.weight, self.lora_A, self.lora_B
-        return gate, lora_a, lora_b
+        """(gate.weight, lora_A, lora_B), see _registered."""
+        gate = self._registered(self._modules, "gate")
+        weight = gate._parameters.get("weight")
+        return (gate.weight if weight is None else weight, self._registered(self._parameters, "lora_A"),
+                self._registered(self._parameters, "lora_B"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
-        # Every attribute is read once, registered ones from their dicts (see _weights).
+        # Every attribute is read once, registered ones from their dicts (see _registered).
         x2 = x.reshape(-1, x.shape[-1])
-        buffers = self._buffers
-        mask = buffers.get("expert_mask")
-        if mask is None:
-            mask = self.expert_mask
+        mask = self._registered(self._buffers, "expert_mask")
         if self.forced_mask is not None:
             mask = mask & self.forced_mask
-        dropout = self._modules.get("lora_dropout")
+        dropout = self._registered(self._modules, "lora_dropout")
         x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
         gate, lora_a, lora_b = self._weights()
         if self.packable and x_lora is x2 and x2.is_cuda and not _needs_grad(x2, gate, lora_a, lora_b) \
@@ -216,15 +217,10 @@ class MeteoRALinear(nn.Module):
             lora_a = lora_a.to(dtype)
         if lora_b.dtype != dtype:
             lora_b = lora_b.to(dtype)
-        base = self._modules.get("base_layer")
-        if base is None:
-            base = self.base_layer
-        scaling = buffers.get("scaling")
-        if scaling is None:
-            scaling = self.scaling
+        base = self._registered(self._modules, "base_layer")
         out, routing = meteora_linear(
             x2, base.weight, base.bias, gate, lora_a, lora_b,
-            scaling, mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
+            self._registered(self._buffers, "scaling"), mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
         )
         if self.record_routing:
             self.routing = routing
