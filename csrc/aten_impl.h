@@ -22,6 +22,27 @@ inline at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
+// [gate; A_1; ...; A_N] as one (N + N r, d_in) matrix, the rows of the shrink GEMM that gives the
+// gate logits and every expert's x A_e^T at once. A view when the layer keeps gate and A as adjacent
+// rows of one buffer (MeteoRALinear.pack_), else a copy. `align` > 1 rounds the rows up to a
+// multiple of it (zero rows; cuBLAS runs (T, 256) twice as fast as (T, 252)): the view takes the
+// rows that follow A when its buffer holds them (pack_ leaves them zero), the copy appends zeros.
+inline at::Tensor gate_lora_rows(const at::Tensor& gate_weight, const at::Tensor& lora_a, int64_t align = 1) {
+  const int64_t experts = gate_weight.size(0), d_in = gate_weight.size(1);
+  const int64_t nr = lora_a.size(0) * lora_a.size(1), rows = experts + nr;
+  const int64_t rows_pad = (rows + align - 1) / align * align;
+  const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
+                      lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
+  if (packed) {
+    const bool room = int64_t(gate_weight.storage().nbytes()) >=
+                      (gate_weight.storage_offset() + rows_pad * d_in) * int64_t(gate_weight.element_size());
+    return gate_weight.as_strided({room ? rows_pad : rows, d_in}, {d_in, 1}, gate_weight.storage_offset());
+  }
+  const at::Tensor a_rows = lora_a.reshape({nr, d_in});
+  if (rows_pad == rows) return at::cat({gate_weight, a_rows}, 0);
+  return at::cat({gate_weight, a_rows, at::zeros({rows_pad - rows, d_in}, gate_weight.options())}, 0);
+}
+
 // Backward of route: w = softmax(v / tau) gives dv_j = w_j (dw_j - sum_l w_l dw_l) / tau, scattered
 // to the selected logits and added to the logits' own gradient; then dx = dz G, dG = dz^T x.
 inline std::tuple<at::Tensor, at::Tensor> route_backward_aten(

@@ -194,11 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cpu(
     return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
                             temperature);
   }
-  // [gate; A_all]: a view when the layer keeps them as adjacent rows of one buffer (MeteoRALinear.pack_).
-  const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
-                      lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
-  const at::Tensor ext = packed ? gate_weight.as_strided({experts + nr, d_in}, {d_in, 1}, gate_weight.storage_offset())
-                                : at::cat({gate_weight, lora_a.reshape({nr, d_in})});
+  const at::Tensor ext = gate_lora_rows(gate_weight, lora_a);  // [gate; A_all], a view when packed
   const at::Tensor hall = at::mm(x, ext.t());
   at::Tensor logits = hall.narrow(1, 0, experts).contiguous();
   at::Tensor weight = at::empty({tokens, top_k}, x.options());

@@ -475,17 +475,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
   const int64_t rank = lora_a.size(1), nr = experts * rank;
   const c10::cuda::CUDAGuard guard(x.device());
-  // [gate; A_all] (N + N r, d_in), with rows up to a multiple of 8 (cuBLAS runs (T, 256) twice as
-  // fast as (T, 252)): a view when the layer keeps them as adjacent rows of one buffer with that
-  // room after them (MeteoRALinear.pack_), else a copy.
-  const int64_t rows = experts + nr, rows_pad = (rows + 7) / 8 * 8;
-  const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
-                      lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
-  const bool room = packed && int64_t(gate_weight.storage().nbytes()) >=
-                                  (gate_weight.storage_offset() + rows_pad * d_in) * gate_weight.element_size();
-  const at::Tensor ext =
-      packed ? gate_weight.as_strided({room ? rows_pad : rows, d_in}, {d_in, 1}, gate_weight.storage_offset())
-             : at::cat({gate_weight, lora_a.reshape({nr, d_in}), at::zeros({rows_pad - rows, d_in}, x.options())}, 0);
+  // [gate; A_all], rows up to a multiple of 8: a view of the layer's packed buffer, else a copy.
+  const at::Tensor ext = gate_lora_rows(gate_weight, lora_a, 8);
   const auto f32 = x.options().dtype(at::kFloat);
   // Everything is allocated on the current stream; the side stream only computes into it.
   at::Tensor hall = at::empty({tokens, ext.size(0)}, f32);
