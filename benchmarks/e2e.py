@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_fwd import capture as graph_of  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
+from meteora.layer import group_linears  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
 
 SYSTEMS = ("base", "merged", "gather_bmm", "meteora")
@@ -195,8 +196,9 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: bool = False) -> dict:
-    """Put a MeteoRALinear with random experts in place of every adapted linear; returns them."""
+                expert_columns: bool = False, groups: bool = True) -> dict:
+    """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
+    With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does)."""
     layers = {}
     with torch.no_grad():
         for parent, name, lin in list(linears(model)):
@@ -212,6 +214,8 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             m.pack_(base=expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
+        for group in group_linears(model, groups):
+            group.pack_()
     return layers
 
 
@@ -372,6 +376,8 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--expert-columns", action="store_true",
                     help="lora_B as columns (MeteoRALinear.expert_columns: the prefill layout)")
+    ap.add_argument("--no-groups", action="store_true",
+                    help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record the stacks of the allocations that outlive meteora's set-up and first calls "
                          "(results.json: persistent_allocations)")
@@ -397,7 +403,7 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill.split(",") if s]
     batches = [int(b) for b in args.decode_batches.split(",") if b]
     results = dict(device=device, torch=torch.__version__, layers=cfg.layers, experts=args.experts, rank=args.rank,
-                   top_k=args.top_k, expert_columns=args.expert_columns, prompt=args.prompt,
+                   top_k=args.top_k, expert_columns=args.expert_columns, groups=not args.no_groups, prompt=args.prompt,
                    new_tokens=args.new_tokens, weights_gb=weights_gb, rows=[])
 
     def run(system: str) -> None:
@@ -425,14 +431,16 @@ def main(argv=None) -> int:
     allocated_before = torch.cuda.memory_allocated()
     if args.trace_memory:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
-    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns)
+    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups)
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in
     # gate_proj / up_proj, MeteoRALinear.pack_(base=True), take no more than B itself).
     adapter_gb = sum(sum(t.numel() * t.element_size() for t in (m.gate.weight, m.lora_A, m.lora_B))
                      for m in layers.values()) / 1e9
-    packed_gb = sum(m.gate.weight.untyped_storage().nbytes() + m.lora_B.numel() * m.lora_B.element_size()
-                    for m in layers.values()) / 1e9
+    rows_buffers = {m.gate.weight.untyped_storage().data_ptr(): m.gate.weight.untyped_storage().nbytes()
+                    for m in layers.values()}  # one per linear, or one per group
+    packed_gb = (sum(rows_buffers.values()) + sum(m.lora_B.numel() * m.lora_B.element_size()
+                                                  for m in layers.values())) / 1e9
     results["adapters_gb"] = adapter_gb
     results["packed_adapters_gb"] = packed_gb
     set_system(layers, "meteora")

@@ -6,8 +6,10 @@ One run measures, on the same inputs and the same GPU:
   loop        Mixtral-style loop over experts with token gathers (the authors' training path)
   gather_bmm  per-token copies of the selected A and B + bmm (the authors' default inference path)
   dense       all experts as one shrink GEMM, masked, one expand GEMM (plain torch)
-  ours        what MeteoRALinear runs: the one meteora.linear op (forward without autograd);
-              meteora.route + meteora.lora_experts + addmm when training
+  ours        what MeteoRALinear runs: the one meteora.linear op per linear (forward without
+              autograd), one meteora.linear_group op for q/k/v and for gate/up (one routing GEMM
+              per group, LinearGroup); meteora.route + meteora.lora_experts + addmm when training
+  ours_each   ours without the groups: one meteora.linear op per linear
   authors     the authors' Triton kernel (v4), when --reference points at their checkout
 for one linear and one LLaMA layer (7 linears), T tokens, uniform or concentrated routing
 (90% of tokens on experts 0 and 1), eager and CUDA-graph replay (median of many runs), plus
@@ -40,14 +42,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meteora import ops, reference  # noqa: E402
-from meteora.layer import column_layout, meteora_linear  # noqa: E402
+from meteora.layer import GROUPS, Routing, column_layout, meteora_linear  # noqa: E402
 
 LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
     "gate_proj:4096x14336,up_proj:4096x14336,down_proj:14336x4096"
 )
-METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "authors")
-GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "authors"}  # loop syncs on the host
+METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "ours_each", "authors")
+GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "ours_each", "authors"}  # loop syncs on the host
 
 
 def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
@@ -153,6 +155,51 @@ def run_ours(lin, x, k):
     return out
 
 
+def pack_groups(linears) -> None:
+    """The [gate; A] rows of the linears MeteoRALinear groups (q/k/v, gate/up: LinearGroup) as
+    consecutive blocks of one buffer, each padded to a multiple of 8 rows, as LinearGroup.pack_
+    keeps them; every linear's gate / a become views of it and ``group`` lists its members."""
+    by_name = {lin.name: lin for lin in linears}
+    for names in GROUPS:
+        members = [by_name[n] for n in names if n in by_name]
+        if len(members) < 2 or len({m.d_in for m in members}) != 1:
+            continue
+        blocks = []
+        for m in members:
+            n, rows = m.gate.shape[0], m.gate.shape[0] + m.a.shape[0] * m.a.shape[1]
+            blocks.append(torch.cat([m.gate, m.a.reshape(-1, m.d_in),
+                                     m.gate.new_zeros(-rows % 8, m.d_in)]))
+        buffer, start = torch.cat(blocks), 0
+        for m, block in zip(members, blocks):
+            n, shape = m.gate.shape[0], m.a.shape
+            m.gate = buffer[start: start + n]
+            m.a = buffer[start + n: start + n + shape[0] * shape[1]].view(shape)
+            m.a_cat = m.a.reshape(shape[0] * shape[1], m.d_in)
+            m.group = members
+            start += block.shape[0]
+
+
+def run_ours_layer(lin_list, xs, k, routings=None):
+    """ours over lin_list: one meteora.linear_group per group whose members are all in lin_list,
+    one meteora.linear per other linear; outputs in lin_list's order (routings, if a list, gets
+    each linear's (weight, idx))."""
+    results = {}
+    for lin in lin_list:
+        if id(lin) in results:
+            continue
+        group = getattr(lin, "group", None)
+        if group and all(any(m is l for l in lin_list) for m in group):
+            args = [ops.LinearArgs(m.w0_ours, None, m.gate, m.a, m.b_ours, m.s, None, k, 1.0) for m in group]
+            for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
+                results[id(m)] = (out, Routing(logits, w, idx))
+        else:
+            results[id(lin)] = meteora_linear(xs[lin.d_in], lin.w0_ours, None, lin.gate, lin.a, lin.b_ours, lin.s,
+                                              None, k, 1.0, impl="kernel")
+    if routings is not None:
+        routings.extend((results[id(l)][1].expert_weight, results[id(l)][1].expert_idx) for l in lin_list)
+    return [results[id(l)][0] for l in lin_list]
+
+
 def load_authors(path: str):
     """The authors' layer_ops package from a checkout of NJUDeepEngine/meteora (kept out of git)."""
     folder = Path(path) / "MoELoRA" / "layer_ops"
@@ -194,7 +241,7 @@ def run_authors(lin, x, k):
 
 
 RUN = dict(base=run_base, lora1=run_lora1, loop=run_loop, gather_bmm=run_gather_bmm, dense=run_dense,
-           ours=run_ours, authors=run_authors)
+           ours=run_ours, ours_each=run_ours, authors=run_authors)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -363,6 +410,7 @@ def main(argv=None) -> int:
         hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
         linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns)
                    for n, di, do in shapes]
+        pack_groups(linears)
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)
@@ -380,11 +428,20 @@ def main(argv=None) -> int:
                         continue
                     if method == "loop" and tokens > 4096:
                         continue
-                    fn = lambda m=method: [RUN[m](lin, xs[lin.d_in], args.top_k) for lin in lin_list]  # noqa: E731
+                    if method == "ours_each" and (scope == "linear" or "ours" not in methods):
+                        continue  # the same calls as ours there
+                    if method == "ours":
+                        fn = lambda: run_ours_layer(lin_list, xs, args.top_k)  # noqa: E731
+                    else:
+                        fn = lambda m=method: [RUN[m](lin, xs[lin.d_in], args.top_k) for lin in lin_list]  # noqa: E731
                     try:
                         outs = fn()
                         refs_m = refs
                         if method == "ours" and tokens:  # at its own selection
+                            own = []
+                            run_ours_layer(lin_list, xs, args.top_k, own)
+                            refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, r) for lin, r in zip(lin_list, own)]
+                        elif method == "ours_each" and tokens:
                             refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, ours_routing(lin, xs[lin.d_in], args.top_k))
                                       for lin in lin_list]
                         err = max(float((o.float() - r[0]).abs().max()) if tokens else 0.0 for o, r in zip(outs, refs_m))

@@ -22,18 +22,23 @@ inline at::Tensor mm_fp32(const at::Tensor& a, const at::Tensor& b) {
   return at::mm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
+// Whether gate_weight (N, d_in) and lora_a (N, r, d_in) are adjacent rows of one buffer
+// (MeteoRALinear.pack_): [gate; A_1; ...; A_N] is then a view.
+inline bool gate_lora_adjacent(const at::Tensor& gate_weight, const at::Tensor& lora_a) {
+  return gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
+         lora_a.storage_offset() == gate_weight.storage_offset() + gate_weight.numel();
+}
+
 // [gate; A_1; ...; A_N] as one (N + N r, d_in) matrix, the rows of the shrink GEMM that gives the
-// gate logits and every expert's x A_e^T at once. A view when the layer keeps gate and A as adjacent
-// rows of one buffer (MeteoRALinear.pack_), else a copy. `align` > 1 rounds the rows up to a
-// multiple of it (zero rows; cuBLAS runs (T, 256) twice as fast as (T, 252)): the view takes the
-// rows that follow A when its buffer holds them (pack_ leaves them zero), the copy appends zeros.
+// gate logits and every expert's x A_e^T at once. A view when they are adjacent rows of one buffer,
+// else a copy. `align` > 1 rounds the rows up to a multiple of it (zero rows; cuBLAS runs (T, 256)
+// twice as fast as (T, 252)): the view takes the rows that follow A when its buffer holds them
+// (pack_ leaves them zero), the copy appends zeros.
 inline at::Tensor gate_lora_rows(const at::Tensor& gate_weight, const at::Tensor& lora_a, int64_t align = 1) {
   const int64_t experts = gate_weight.size(0), d_in = gate_weight.size(1);
   const int64_t nr = lora_a.size(0) * lora_a.size(1), rows = experts + nr;
   const int64_t rows_pad = (rows + align - 1) / align * align;
-  const bool packed = gate_weight.is_contiguous() && lora_a.is_contiguous() && gate_weight.is_alias_of(lora_a) &&
-                      lora_a.storage_offset() == gate_weight.storage_offset() + experts * d_in;
-  if (packed) {
+  if (gate_lora_adjacent(gate_weight, lora_a)) {
     const bool room = int64_t(gate_weight.storage().nbytes()) >=
                       (gate_weight.storage_offset() + rows_pad * d_in) * int64_t(gate_weight.element_size());
     return gate_weight.as_strided({room ? rows_pad : rows, d_in}, {d_in, 1}, gate_weight.storage_offset());
@@ -89,6 +94,48 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_composi
                                                 : at::mm(x, base_weight.t());
   auto [out, hidden] = lora.call(x, lora_a, lora_b, scaling, idx, weight, base);
   return {out, logits, weight, idx};
+}
+
+// meteora.linear_group's lists: one entry per member, every list as long as base_weight.
+inline int64_t check_group_lists(at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
+                                 at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b,
+                                 at::TensorList scaling, const c10::List<std::optional<at::Tensor>>& expert_mask,
+                                 at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  const size_t n = base_weight.size();
+  TORCH_CHECK(n >= 1, "meteora.linear_group: needs at least one member (base_weight is an empty list)");
+  TORCH_CHECK(base_bias.size() == n && gate_weight.size() == n && lora_a.size() == n && lora_b.size() == n &&
+                  scaling.size() == n && expert_mask.size() == n && top_k.size() == n && temperature.size() == n,
+              "meteora.linear_group: every list needs one entry per member (", n, " base_weight), got base_bias ",
+              base_bias.size(), ", gate_weight ", gate_weight.size(), ", lora_a ", lora_a.size(), ", lora_b ",
+              lora_b.size(), ", scaling ", scaling.size(), ", expert_mask ", expert_mask.size(), ", top_k ",
+              top_k.size(), ", temperature ", temperature.size());
+  return int64_t(n);
+}
+
+// meteora.linear_group as one meteora.linear per member (each device's own kernel, through the
+// dispatcher): [out_0, gate_logits_0, expert_weight_0, expert_idx_0, out_1, ...].
+inline std::vector<at::Tensor> linear_group_each(
+    const at::Tensor& x, at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
+    at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling,
+    const c10::List<std::optional<at::Tensor>>& expert_mask, at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  const int64_t n = check_group_lists(base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                                      temperature);
+  static const auto linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("meteora::linear", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+              double)>();
+  std::vector<at::Tensor> outs;
+  outs.reserve(size_t(4 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    auto [out, logits, weight, idx] =
+        linear.call(x, base_weight[i], base_bias.get(i), gate_weight[i], lora_a[i], lora_b[i], scaling[i],
+                    expert_mask.get(i), top_k[i], temperature[i]);
+    outs.insert(outs.end(), {out, logits, weight, idx});
+  }
+  return outs;
 }
 
 }  // namespace meteora

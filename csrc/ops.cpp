@@ -32,12 +32,22 @@ TORCH_LIBRARY(meteora, m) {
   m.def("linear(Tensor x, Tensor base_weight, Tensor? base_bias, Tensor gate_weight, Tensor lora_a,"
         " Tensor lora_b, Tensor scaling, Tensor? expert_mask, int top_k, float temperature)"
         " -> (Tensor out, Tensor gate_logits, Tensor expert_weight, Tensor expert_idx)");
+  // meteora.linear for several linears that read the same x (q, k, v; gate, up): entry i of every
+  // list is member i's argument; returns [out_0, gate_logits_0, expert_weight_0, expert_idx_0,
+  // out_1, ...], the values of one meteora.linear per member. On CUDA, when the members' [gate; A]
+  // rows are consecutive blocks of one buffer (MeteoRALinear.pack_, each block padded to a multiple
+  // of 8 rows; LinearGroup packs them so), one GEMM on the side stream computes every member's
+  // routing, beside all the base GEMMs.
+  m.def("linear_group(Tensor x, Tensor[] base_weight, Tensor?[] base_bias, Tensor[] gate_weight,"
+        " Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling, Tensor?[] expert_mask, int[] top_k,"
+        " float[] temperature) -> Tensor[]");
 }
 
-// meteora.linear has no backward: its outputs carry a grad_fn that says so if one is asked for
+// meteora.linear and linear_group have no backward: its outputs carry a grad_fn that says so if one is asked for
 // (a C++ kernel at the Autograd key, so inference pays no Python wrapper per call).
 TORCH_LIBRARY_IMPL(meteora, Autograd, m) {
   m.impl("linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_group", torch::autograd::autogradNotImplementedFallback());
 }
 
 // The Python module only loads this library (its static initialisers register the ops).

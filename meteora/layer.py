@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -79,6 +79,7 @@ class MeteoRALinear(nn.Module):
         self.record_routing = False
         self.routing: Routing | None = None
         self.routing_hook: Callable[[Routing], None] | None = None
+        self.group: LinearGroup | None = None  # linears that read the same input (group_linears)
 
     @property
     def num_experts(self) -> int:
@@ -194,8 +195,41 @@ class MeteoRALinear(nn.Module):
         return (gate.weight if weight is None else weight, self._registered(self._parameters, "lora_A"),
                 self._registered(self._parameters, "lora_B"))
 
+    def _inference_op(self, x2: torch.Tensor) -> bool:
+        """Whether ``forward`` on x2 (T, d_in) is one CUDA meteora.linear op: no autograd, no
+        dropout at work, every operand in x's dtype, the weights packed (``pack_``), impl "auto"."""
+        gate, lora_a, lora_b = self._weights()
+        base = self._registered(self._modules, "base_layer")
+        dtype = x2.dtype
+        return (x2.is_cuda and self.impl == "auto" and (not self.training or type(
+            self._registered(self._modules, "lora_dropout")) is nn.Identity)
+            and gate.dtype == dtype and lora_a.dtype == dtype and lora_b.dtype == dtype and base.weight.dtype == dtype
+            and not _needs_grad(x2, base.weight, base.bias, gate, lora_a, lora_b))
+
+    def _op_args(self) -> ops.LinearArgs:
+        mask = self._registered(self._buffers, "expert_mask")
+        if self.forced_mask is not None:
+            mask = mask & self.forced_mask
+        gate, lora_a, lora_b = self._weights()
+        base = self._registered(self._modules, "base_layer")
+        return ops.LinearArgs(base.weight, base.bias, gate, lora_a, lora_b, self._registered(self._buffers, "scaling"),
+                              mask, self.top_k, self.temperature)
+
+    def _finish(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.record_routing:
+            self.routing = routing
+        hook = self.routing_hook
+        if hook is not None:
+            hook(routing)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
+        group = self.group
+        if group is not None:
+            done = group.forward(self, x)
+            if done is not None:
+                return self._finish(x, *done)
         # Every attribute is read once, registered ones from their dicts (see _registered).
         x2 = x.reshape(-1, x.shape[-1])
         mask = self._registered(self._buffers, "expert_mask")
@@ -222,18 +256,131 @@ class MeteoRALinear(nn.Module):
             x2, base.weight, base.bias, gate, lora_a, lora_b,
             self._registered(self._buffers, "scaling"), mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
         )
-        if self.record_routing:
-            self.routing = routing
-        hook = self.routing_hook
-        if hook is not None:
-            hook(routing)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return self._finish(x, out, routing)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, rank={self.max_rank}, top_k={self.top_k}, "
             f"temperature={self.temperature:g}"
         )
+
+
+class LinearGroup:
+    """MeteoRA linears that read the same input (q, k, v; gate, up; ``group_linears`` finds them).
+
+    On CUDA inference, the first member called on an input runs one ``meteora.linear_group`` op
+    for all of them: one GEMM on the side stream gives every member's gate logits and experts'
+    shrink (their [gate; A] rows are consecutive blocks of one buffer, ``pack_``), beside all the
+    base GEMMs. The others' calls on that same tensor (``is``, and unchanged: same version where
+    the tensor counts versions) take their results; a call on anything else, or outside that path
+    (autograd, dropout, the CPU, torch.compile tracing, ``expert_columns``), is the member's own
+    forward. Results wait at most until the group's next call on another input.
+    """
+
+    def __init__(self, members: Sequence[MeteoRALinear]) -> None:
+        members = list(members)
+        if len(members) < 2 or len({id(m) for m in members}) != len(members):
+            raise ValueError(f"meteora: a LinearGroup needs at least two distinct MeteoRALinear, got {len(members)}")
+        d_in = {m.lora_A.shape[-1] for m in members}
+        if len(d_in) != 1:
+            raise ValueError(f"meteora: a LinearGroup's members must share d_in (they read one input), got {sorted(d_in)}")
+        self.members = members
+        self._packed_at: tuple[int, ...] | None = None
+        self._input: torch.Tensor | None = None
+        self._version: int | None = None
+        self._waiting: dict[int, tuple[torch.Tensor, Routing]] = {}
+
+    def __repr__(self) -> str:
+        return f"LinearGroup({len(self.members)} members)"
+
+    def _key(self) -> tuple[int, ...]:
+        return tuple(p for m in self.members for p in (m._weights()[0].data_ptr(), m._weights()[1].data_ptr()))
+
+    def is_packed(self) -> bool:
+        """Whether every member's [gate; A] rows are consecutive blocks of one buffer (pack_)."""
+        return self._packed_at is not None and self._key() == self._packed_at
+
+    @torch.no_grad()
+    def pack_(self) -> bool:
+        """One buffer for every member's [gate; A] rows, each block padded with zero rows to a
+        multiple of 8; every member's ``gate.weight`` and ``lora_A`` become views of it. Returns
+        whether they are packed (not under FSDP, or across dtypes or devices)."""
+        if self.is_packed():
+            return True
+        weights = [m._weights() for m in self.members]
+        if not all(m.packable for m in self.members) or len({(g.dtype, g.device) for g, a, _ in weights} | {
+                (a.dtype, a.device) for g, a, _ in weights}) != 1 or any(
+                type(g.data) is not torch.Tensor or type(a.data) is not torch.Tensor for g, a, _ in weights):
+            return False
+        blocks = [-(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 for g, a, _ in weights]
+        g0 = weights[0][0]
+        buffer = torch.zeros(sum(blocks), g0.shape[1], dtype=g0.dtype, device=g0.device)
+        start = 0
+        for m, (g, a, _), rows in zip(self.members, weights, blocks):
+            n = g.shape[0]
+            buffer[start: start + n] = g.detach()
+            buffer[start + n: start + n + a.shape[0] * a.shape[1]] = a.detach().reshape(-1, a.shape[-1])
+            m.gate.weight.data = buffer[start: start + n]
+            m.lora_A.data = buffer[start + n: start + n + a.shape[0] * a.shape[1]].view(a.shape)
+            start += rows
+        self._packed_at = self._key()
+        return True
+
+    def _drop(self) -> None:
+        self._input, self._version, self._waiting = None, None, {}
+
+    def forward(self, member: MeteoRALinear, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
+        """``member``'s (out (T, d_out), Routing) on x, from the group's op; None: the member runs
+        its own forward."""
+        if torch.compiler.is_compiling():
+            return None
+        if self._input is x and id(member) in self._waiting and self._version == _version(x):
+            done = self._waiting.pop(id(member))
+            if not self._waiting:
+                self._drop()
+            return done
+        x2 = x.reshape(-1, x.shape[-1])
+        if not all(m._inference_op(x2) and not m.expert_columns for m in self.members) or not self.pack_():
+            self._drop()
+            return None
+        results = ops.linear_group(x2, [m._op_args() for m in self.members])
+        mine = None
+        self._drop()
+        for m, (out, logits, weight, idx) in zip(self.members, results):
+            if m is member:
+                mine = (out, Routing(logits, weight, idx))
+            else:
+                self._waiting[id(m)] = (out, Routing(logits, weight, idx))
+        self._input, self._version = x, _version(x)
+        return mine
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """x's version counter (in-place writes bump it); None for inference tensors, which count none."""
+    return None if x.is_inference() else x._version
+
+
+# Sibling linears that HF's LLaMA-family modules call on one tensor.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_linears(root: nn.Module, enabled: bool = True) -> list[LinearGroup]:
+    """Give the MeteoRA linears under ``root`` that read the same input a ``LinearGroup`` each
+    (``GROUPS``: q/k/v and gate/up siblings of one parent), or (``enabled=False``) take them away.
+    Returns the groups made."""
+    groups = []
+    for parent in root.modules():
+        for names in GROUPS:
+            members = [parent._modules.get(n) for n in names]
+            members = [m for m in members if isinstance(m, MeteoRALinear)]
+            for m in members:
+                m.group = None
+            if enabled and len(members) >= 2 and len({m.lora_A.shape[-1] for m in members}) == 1:
+                group = LinearGroup(members)
+                for m in members:
+                    m.group = group
+                groups.append(group)
+    return groups
 
 
 @torch.no_grad()

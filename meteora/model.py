@@ -14,7 +14,7 @@ from torch import nn
 
 from ._files import atomic_write as _atomic_write
 from .adapters import AdapterError, LoraAdapter, load_adapter
-from .layer import MeteoRALinear, Routing, check_routing
+from .layer import MeteoRALinear, Routing, check_routing, group_linears
 
 CONFIG_NAME = "meteora_config.json"
 WEIGHTS_NAME = "meteora_model.safetensors"
@@ -38,6 +38,8 @@ class MeteoRAModel(nn.Module):
         self.adapter_names = list(adapter_names)
         self.base_model_id = base_model_id
         self.lora_dropout = lora_dropout
+        self.grouped = True
+        self.group_linears()
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -106,6 +108,13 @@ class MeteoRAModel(nn.Module):
         prefill-heavy inference; see MeteoRALinear.expert_columns for the measured trade-off."""
         for layer in self.meteora_layers().values():
             layer.expert_columns = enabled
+
+    def group_linears(self, enabled: bool = True) -> int:
+        """Let the linears that read one input (q, k, v; gate, up) run as one op on CUDA inference
+        (``meteora.layer.LinearGroup``; on by default), or (``enabled=False``) each as its own.
+        Returns the number of groups."""
+        self.grouped = enabled
+        return len(group_linears(self.model, enabled))
 
     def record_routing(self, enabled: bool = True) -> None:
         """Keep each layer's last Routing (with autograd history) for the gate loss."""
@@ -192,6 +201,7 @@ class MeteoRAModel(nn.Module):
                 layer.set_expert(old_n, loaded.lora_a[module], loaded.lora_b[module], loaded.scaling[module])
             _replace_module(self.model, module, layer)
         self.adapter_names.append(name)
+        self.group_linears(self.grouped)  # the new layers
         self.model.requires_grad_(False)
         self.set_trainable(gates=True, loras=False)
         return old_n

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -122,6 +123,39 @@ def linear(
     return out, logits, weight, idx
 
 
+class LinearArgs(NamedTuple):
+    """One member of ``linear_group``: meteora.linear's arguments after x."""
+
+    base_weight: torch.Tensor
+    base_bias: torch.Tensor | None
+    gate_weight: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: torch.Tensor
+    expert_mask: torch.Tensor | None
+    top_k: int
+    temperature: float
+
+
+def linear_group(
+    x: torch.Tensor, members: Sequence[LinearArgs], impl: str = "auto"
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``linear`` for several linears that read the same x (q, k, v; gate, up): one
+    ``(out, gate_logits, expert_weight, expert_idx)`` per member, the values ``linear`` gives. The
+    compiled CUDA op computes every member's routing with one GEMM (beside all the base GEMMs) when
+    their [gate; A] rows are consecutive blocks of one buffer (``LinearGroup.pack_``)."""
+    if not members:
+        raise ValueError("meteora: linear_group needs at least one member")
+    if _use_kernel(impl, x.device):
+        cols = list(zip(*members))
+        flat = torch.ops.meteora.linear_group(
+            x, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]), list(cols[5]),
+            list(cols[6]), [int(k) for k in cols[7]], [float(t) for t in cols[8]]
+        )
+        return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
+    return [linear(x, *m, impl=impl) for m in members]
+
+
 def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
     """The routing settings every path accepts (the compiled ops check the same in C++)."""
     if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
@@ -161,6 +195,16 @@ if HAS_EXTENSION:
             x.new_empty((tokens, top_k), dtype=dtype),
             x.new_empty((tokens, top_k), dtype=torch.long),
         )
+
+    @torch.library.register_fake("meteora::linear_group")
+    def _linear_group_fake(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                           temperature):
+        torch._check(len(base_weight) >= 1)
+        outs = []
+        for i in range(len(base_weight)):
+            outs.extend(_linear_fake(x, base_weight[i], base_bias[i], gate_weight[i], lora_a[i], lora_b[i],
+                                     scaling[i], expert_mask[i], top_k[i], temperature[i]))
+        return outs
 
     @torch.library.register_fake("meteora::route_backward")
     def _route_backward_fake(grad_logits, grad_weight, x, gate_weight, expert_weight, expert_idx, temperature):

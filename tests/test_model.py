@@ -291,3 +291,68 @@ def test_expert_columns_survive_add_adapter(tmp_path):
         for layer in model.meteora_layers().values():
             assert layer.pack_(base=True) and layer.is_packed(base=True)
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_linear_groups(device, tmp_path, monkeypatch):
+    """q/k/v and gate/up run as one linear_group op (on CUDA inference; on the CPU here too, by
+    letting every call count as the inference op): the model's outputs and every layer's routing
+    equal those of each linear on its own; a member called on a changed or another input computes
+    its own; groups follow add_adapter and can be turned off."""
+    if device == "cpu":
+        monkeypatch.setattr(meteora.MeteoRALinear, "_inference_op",
+                            lambda self, x2: not torch.is_grad_enabled() and self.impl == "auto")
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4 + 4 * i, alpha=8, targets=ALL_LINEARS, seed=i)
+                for i, n in enumerate("abc")}
+    model = meteora.from_adapters(tiny_model().to(device), adapters, top_k=2).eval()
+    layers = model.meteora_layers()
+    q, k, v = (layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv")
+    assert q.group is k.group is v.group and q.group.members == [q, k, v]
+    assert layers["model.layers.1.mlp.gate_proj"].group is layers["model.layers.1.mlp.up_proj"].group
+    assert layers["model.layers.1.mlp.down_proj"].group is None and layers["model.layers.1.self_attn.o_proj"].group is None
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    ids = torch.randint(0, 97, (3, 13), device=device)
+    calls = []
+    monkeypatch.setattr(meteora.ops, "linear_group", lambda *a, _f=meteora.ops.linear_group, **kw: calls.append(1) or _f(*a, **kw))
+    with torch.no_grad():
+        model.record_routing()
+        grouped = model(ids).logits
+        routing = {n: layer.routing for n, layer in layers.items()}
+        assert len(calls) == 4 and q.group.is_packed()  # 2 layers x (q/k/v, gate/up)
+        assert q.gate.weight.untyped_storage().data_ptr() == v.lora_A.untyped_storage().data_ptr()
+        assert model.group_linears(False) == 0 and q.group is None
+        alone = model(ids).logits
+        assert len(calls) == 4
+        for n, layer in layers.items():
+            for mine, theirs in zip(routing[n], layer.routing):
+                torch.testing.assert_close(mine, theirs, msg=n)
+        torch.testing.assert_close(grouped, alone, rtol=1e-5, atol=1e-5)
+        assert model.group_linears() == 4
+
+        def alone(m, inp):
+            group, m.group = m.group, None
+            try:
+                return m(inp)
+            finally:
+                m.group = group
+
+        x = torch.randn(2, 5, q.lora_A.shape[-1], device=device)
+        torch.testing.assert_close(q(x), alone(q, x))  # k and v wait on x
+        assert set(q.group._waiting) == {id(k), id(v)}
+        torch.testing.assert_close(k(x), alone(k, x))
+        torch.testing.assert_close(v(x), alone(v, x))
+        assert not q.group._waiting and q.group._input is None  # nothing kept once taken
+        q(x)
+        x.add_(1.0)  # changed in place: k and v must not take what was computed before
+        torch.testing.assert_close(k(x), alone(k, x))
+        torch.testing.assert_close(v(x), alone(v, x))
+        q(x)
+        y = torch.randn_like(x)  # another input
+        torch.testing.assert_close(k(y), alone(k, y))
+        assert len(calls) == 8
+
+    model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=9))
+    layers = model.meteora_layers()
+    assert layers["model.layers.0.self_attn.k_proj"].group.members[0] is layers["model.layers.0.self_attn.q_proj"]

@@ -158,7 +158,13 @@ def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl=
         gate, lora_a = packed(gate, lora_a)
     if pack and pack != "rows":
         w0, lora_b = column_layout(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
-    out, logits, weight, idx = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
+    result = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
+    verify_linear(result, x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, what)
+
+
+def verify_linear(result, x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, what):
+    """One meteora.linear result (out, logits, weight, idx) against float64 at its own selection."""
+    out, logits, weight, idx = result
     tokens, experts, d_out = x.shape[0], gate.shape[0], w0.shape[0]
     assert out.shape == (tokens, d_out) and out.dtype == x.dtype, what
     assert logits.shape == (tokens, experts) and logits.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32), what
@@ -223,6 +229,76 @@ def test_linear_decode_shapes(device, dtype, tokens, d_in):
             for pack in (None, "rows"):
                 check_linear(dict(inp, x=x), top_k, 1.0, pack=pack,
                              what=f"{name} experts={experts} pack={pack} seed {seed}")
+
+
+def packed_group(pairs):
+    """(gate, lora_a) pairs as consecutive blocks [gate_i; A_i; NaN rows up to a multiple of 8] of
+    one buffer (the layout LinearGroup.pack_ keeps, with the padding never read)."""
+    blocks, views, start = [], [], 0
+    for gate, lora_a in pairs:
+        rows = gate.shape[0] + lora_a.shape[0] * lora_a.shape[1]
+        pad = torch.full((-rows % 8, gate.shape[1]), float("nan"), dtype=gate.dtype, device=gate.device)
+        blocks.append(torch.cat([gate, lora_a.reshape(-1, lora_a.shape[-1]), pad]))
+        views.append((start, gate.shape[0], rows, lora_a.shape))
+        start += rows + pad.shape[0]
+    buffer = torch.cat(blocks)
+    return [(buffer[s: s + n], buffer[s + n: s + rows].view(shape)) for s, n, rows, shape in views]
+
+
+# Members of a linear_group case: (d_out, experts, top_k, ranks, bias, mask).
+GROUP_MEMBERS = [(40, 3, 2, [4, 8, 2], True, False), (24, 28, 2, None, False, True), (72, 5, 5, [1, 3, 8, 8, 2], True, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 32, 33, 129])
+def test_linear_group_matches_float64(device, impl, dtype, tokens):
+    """linear_group: every member's result is meteora.linear's (against float64 at its own
+    selection), with the members' [gate; A] in one buffer (one routing GEMM on CUDA, from every
+    block's columns), in two members' buffers and one's own (one op per member), in buffer order
+    other than the list's, with B as columns for one member and [W0 | B_all] for another (wide at
+    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x."""
+    _skip_unless_available(impl, device)
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    d_in = 24 + seed % 17
+    x = make_inputs(tokens, 1, 1, dtype, device, seed, noncontiguous=seed % 2 == 0, d_in=d_in)["x"]
+    members = []
+    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
+        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
+        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
+        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
+        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], mask, top_k, 0.5 + i * 0.3))
+    pairs = [(m.gate_weight, m.lora_a) for m in members]
+    layouts = {
+        "one buffer": packed_group(pairs),
+        "reversed buffer": packed_group(pairs[::-1])[::-1],
+        "two buffers": packed_group(pairs[:2]) + [packed(*pairs[2])],
+        "unpacked": pairs,
+    }
+    for name, views in layouts.items():
+        for b_layout in ("rows", "cols", "wide"):
+            group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
+            if b_layout != "rows":  # member 0's B as columns (beside W0's: wide)
+                w0, b = column_layout(group[0].base_weight, group[0].lora_b, b_layout == "wide")
+                group[0] = group[0]._replace(base_weight=w0, lora_b=b)
+            results = ops.linear_group(x, group, impl=impl)
+            assert len(results) == len(group)
+            for i, (m, result) in enumerate(zip(group, results)):
+                verify_linear(result, x, *m, what=f"member {i}, {name}, B {b_layout}, seed {seed}")
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
+def test_linear_group_bad_lists():
+    inp = make_inputs(3, 2, 1, torch.float32, "cpu", 0)
+    args = [inp["x"], [inp["weight"]] * 2, [None] * 2, [inp["gate_weight"]] * 2, [inp["lora_a"]] * 2,
+            [inp["lora_b"]] * 2, [inp["scaling"]], [None] * 2, [1] * 2, [1.0] * 2]
+    with pytest.raises(RuntimeError, match=r"every list needs one entry per member \(2 base_weight\).*scaling 1"):
+        torch.ops.meteora.linear_group(*args)
+    with pytest.raises(ValueError, match="at least one member"):
+        ops.linear_group(inp["x"], [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

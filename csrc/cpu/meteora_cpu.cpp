@@ -260,6 +260,7 @@ TORCH_LIBRARY_IMPL(meteora, CPU, m) {
   m.impl("lora_experts", &lora_experts_cpu);
   m.impl("lora_experts_backward", &lora_experts_backward_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("linear_group", &linear_group_each);
 }
 
 }  // namespace meteora

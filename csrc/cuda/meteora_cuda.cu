@@ -457,66 +457,101 @@ void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::
                                     CUBLAS_GEMM_DEFAULT));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
-    const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
-    const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k,
-    double temperature) {
-  const bool same = gate_weight.scalar_type() == x.scalar_type() && lora_a.scalar_type() == x.scalar_type() &&
-                    lora_b.scalar_type() == x.scalar_type();
-  if (!is_half16(x) || !same || x.dim() != 2) {  // fp32 / fp64, or mixed dtypes (the checks there name them)
-    return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
-                            temperature);
+// One linear of a meteora.linear / linear_group call on CUDA: its inputs, checked, and what it
+// allocates on the current stream (the side stream only computes into it).
+struct Member {
+  Member(const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
+         const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+         const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k, double temperature)
+      : base_weight(base_weight), base_bias(base_bias), gate_weight(gate_weight), lora_a(lora_a), lora_b(lora_b),
+        top_k(top_k), temperature(temperature) {
+    check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
+    check_linear_base(x, base_weight, base_bias);
+    check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
+    experts = gate_weight.size(0);
+    rank = lora_a.size(1);
+    nr = experts * rank;
+    d_out = base_weight.size(0);
+    d_in = x.size(1);
+    if (expert_mask.has_value()) mask = expert_mask->contiguous();
+    s = scaling.to(at::kFloat).contiguous();
+    // The experts' B may be kept as columns of a (d_out, ldb) row-major buffer (b[e, n, c] at
+    // n ldb + e r + c; MeteoRALinear.pack_(base=True)): then B_all (d_out, N r) is a view of it, and
+    // when those columns follow W0's in the same rows ("wide": [W0 | B_all] (d_out, d_in + N r)),
+    // the prefill base GEMM and the experts' expand are one GEMM of [x | H] with them.
+    b_rows = (rank == 1 || lora_b.stride(2) == 1) && lora_b.stride(1) >= nr && (experts == 1 || lora_b.stride(0) == rank);
+    ldb = lora_b.stride(1);
+    wide = b_rows && base_weight.stride(1) == 1 && base_weight.stride(0) == ldb && ldb >= d_in + nr &&
+           lora_b.is_alias_of(base_weight) && lora_b.storage_offset() == base_weight.storage_offset() + d_in;
+    b = b_rows ? lora_b : lora_b.contiguous();
   }
-  check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
-  check_linear_base(x, base_weight, base_bias);
-  const int64_t tokens = x.size(0), d_in = x.size(1), d_out = base_weight.size(0);
-  const int64_t experts = gate_weight.size(0);
-  check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
-  const int64_t rank = lora_a.size(1), nr = experts * rank;
-  const c10::cuda::CUDAGuard guard(x.device());
-  // [gate; A_all], rows up to a multiple of 8: a view of the layer's packed buffer, else a copy.
-  const at::Tensor ext = gate_lora_rows(gate_weight, lora_a, 8);
-  const auto f32 = x.options().dtype(at::kFloat);
-  // Everything is allocated on the current stream; the side stream only computes into it.
-  at::Tensor hall = at::empty({tokens, ext.size(0)}, f32);
-  at::Tensor logits = at::empty({tokens, experts}, f32);
-  at::Tensor weight = at::empty({tokens, top_k}, f32);
-  at::Tensor idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
-  const auto base_gemm = [&] {
+  // Outputs and work buffers for T tokens: decode-sized T (fused) routes and expands into delta
+  // (T, d_out) fp32; larger T selects into H (T, N r) for the expand GEMM with B_all.
+  void allocate(const at::Tensor& x, bool fused) {
+    const int64_t tokens = x.size(0);
+    const auto f32 = x.options().dtype(at::kFloat);
+    logits = at::empty({tokens, experts}, f32);
+    weight = at::empty({tokens, top_k}, f32);
+    idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
+    if (fused) {
+      delta = at::empty({tokens, d_out}, f32);
+    } else {
+      H = at::empty({tokens, nr}, x.options());
+      b_all = b_rows ? b.as_strided({d_out, nr}, {ldb, 1}, b.storage_offset()) : at::empty({d_out, nr}, x.options());
+    }
+  }
+  // Side stream: the routing from hall's columns [col, col + N + N r) and (fused) the expand.
+  void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, bool fused, cudaStream_t stream) {
+    const float* h = hall.data_ptr<float>() + col;
+    const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    if (fused) {
+      cuda::route_expand(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
+                         float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1), d_out,
+                         delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
+                         idx.data_ptr<int64_t>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      cuda::route_select(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
+                         float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
+                         idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
+    }
+  }
+  at::Tensor base_gemm(const at::Tensor& x) const {
     return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
-  };
-  if (tokens == 0) return {base_gemm(), logits, weight, idx};
-  at::Tensor mask;
-  if (expert_mask.has_value()) mask = expert_mask->contiguous();
-  const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const at::Tensor s = scaling.to(at::kFloat).contiguous();
-  // The experts' B may be kept as columns of a (d_out, ldb) row-major buffer (b[e, n, c] at
-  // n ldb + e r + c; MeteoRALinear.pack_(base=True)): then B_all (d_out, N r) is a view of it, and
-  // when those columns follow W0's in the same rows ("wide": [W0 | B_all] (d_out, d_in + N r)),
-  // the prefill base GEMM and the experts' expand are one GEMM of [x | H] with them.
-  const bool b_rows = (rank == 1 || lora_b.stride(2) == 1) && lora_b.stride(1) >= nr &&
-                      (experts == 1 || lora_b.stride(0) == rank);
-  const int64_t ldb = lora_b.stride(1);
-  const bool wide = b_rows && base_weight.stride(1) == 1 && base_weight.stride(0) == ldb && ldb >= d_in + nr &&
-                    lora_b.is_alias_of(base_weight) &&
-                    lora_b.storage_offset() == base_weight.storage_offset() + d_in;
-  const at::Tensor b = b_rows ? lora_b : lora_b.contiguous();
-  const bool fused = tokens <= kFusedMaxTokens, cat = wide && !fused;
-  at::Tensor H, x_cat, b_all, delta;
-  if (fused) {
-    delta = at::empty({tokens, d_out}, f32);
-  } else if (cat) {
-    x_cat = at::empty({tokens, ldb}, x.options());  // [x | H | unused]
-    H = x_cat.narrow(1, d_in, nr);
-  } else {
-    H = at::empty({tokens, nr}, x.options());
-    b_all = b_rows ? b.as_strided({d_out, nr}, {ldb, 1}, b.storage_offset()) : at::empty({d_out, nr}, x.options());
   }
-  // The routing side (one GEMM of x with [gate; A_all], then the routing with the experts' expand at
-  // decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMM (or,
-  // wide, the copy of x beside H) runs on the current one; they join before the experts' sum is
-  // added to the base output (or the one GEMM of [x | H] runs).
+  // Current stream, after the join: the experts' sum into the base output.
+  void finish(const at::Tensor& x, bool fused, const c10::cuda::CUDAStream& stream) {
+    if (fused) {
+      cuda::add_delta(half16(x), out.data_ptr(), delta.data_ptr<float>(), out.numel(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      out.addmm_(H, b_all.t());
+    }
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const { return {out, logits, weight, idx}; }
+
+  at::Tensor base_weight;
+  std::optional<at::Tensor> base_bias;
+  at::Tensor gate_weight, lora_a, lora_b;
+  int64_t top_k;
+  double temperature;
+  int64_t experts = 0, rank = 0, nr = 0, d_out = 0, d_in = 0, ldb = 0;
+  bool b_rows = false, wide = false;
+  at::Tensor mask, s, b, b_all, H, delta, logits, weight, idx, out;
+};
+
+// The routing side (one GEMM of x with `ext`, every member's [gate; A_all] rows, member i's
+// starting at column cols[i] of its result; then each member's routing with the experts' expand at
+// decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMMs run
+// on the current one; they join before each member's experts' sum is added to its base output.
+void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
+                 const std::vector<int64_t>& cols) {
+  const int64_t tokens = x.size(0);
+  const bool fused = tokens <= kFusedMaxTokens;
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
+  for (auto& m : members) m.allocate(x, fused);
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();  // while the main stream is current
@@ -525,50 +560,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
     side_gemm(blas, ov, x, ext, hall);
-    if (fused) {
-      cuda::route_expand(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
-                         int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1),
-                         d_out, delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
-                         idx.data_ptr<int64_t>(), ov.side.stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      cuda::route_select(half16(x), hall.data_ptr<float>(), hall.stride(0), mask_p, tokens, int(experts), int(rank),
-                         int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
-                         weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0),
-                         ov.side.stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
-    }
+    for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], fused, ov.side.stream());
   }
-  at::Tensor out;
-  if (cat) {
-    if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
-      cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      x_cat.narrow(1, 0, d_in).copy_(x);
-    }
-    ov.join(main_stream.stream());
-    const at::Tensor xh = x_cat.narrow(1, 0, d_in + nr);
-    const at::Tensor w = base_weight.as_strided({d_out, d_in + nr}, {ldb, 1}, base_weight.storage_offset());
-    out = base_bias.has_value() ? at::addmm(*base_bias, xh, w.t()) : at::mm(xh, w.t());
-    return {out, logits, weight, idx};
-  }
-  out = base_gemm();
+  for (auto& m : members) m.out = m.base_gemm(x);
   ov.join(main_stream.stream());
-  if (fused) {
-    cuda::add_delta(half16(x), out.data_ptr(), delta.data_ptr<float>(), out.numel(), main_stream);
+  for (auto& m : members) m.finish(x, fused, main_stream);
+}
+
+// Wide prefill: the copy of x beside H on the current stream while the side stream routes, then one
+// GEMM of [x | H] with [W0 | B_all].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Tensor& x, const at::Tensor& ext,
+                                                                    Member& m) {
+  const int64_t tokens = x.size(0), d_in = m.d_in, nr = m.nr, ldb = m.ldb;
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
+  m.logits = at::empty({tokens, m.experts}, hall.options());
+  m.weight = at::empty({tokens, m.top_k}, hall.options());
+  m.idx = at::empty({tokens, m.top_k}, x.options().dtype(at::kLong));
+  const at::Tensor x_cat = at::empty({tokens, ldb}, x.options());  // [x | H | unused]
+  m.H = x_cat.narrow(1, d_in, nr);
+  auto main_stream = c10::cuda::getCurrentCUDAStream();
+  Overlap& ov = overlap_for(x.device().index());
+  cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
+  ov.fork(main_stream.stream());
+  {
+    const c10::cuda::CUDAStreamGuard on_side(ov.side);
+    side_gemm(blas, ov, x, ext, hall);
+    m.route(x, hall, 0, /*fused=*/false, ov.side.stream());
+  }
+  if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
+    cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    out.addmm_(H, b_all.t());
+    x_cat.narrow(1, 0, d_in).copy_(x);
   }
-  return {out, logits, weight, idx};
+  ov.join(main_stream.stream());
+  const at::Tensor xh = x_cat.narrow(1, 0, d_in + nr);
+  const at::Tensor w = m.base_weight.as_strided({m.d_out, d_in + nr}, {ldb, 1}, m.base_weight.storage_offset());
+  m.out = m.base_bias.has_value() ? at::addmm(*m.base_bias, xh, w.t()) : at::mm(xh, w.t());
+  return m.result();
+}
+
+bool half16_operands(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& lora_a,
+                     const at::Tensor& lora_b) {
+  return is_half16(x) && x.dim() == 2 && gate_weight.scalar_type() == x.scalar_type() &&
+         lora_a.scalar_type() == x.scalar_type() && lora_b.scalar_type() == x.scalar_type();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
+    const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
+    const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k,
+    double temperature) {
+  if (!half16_operands(x, gate_weight, lora_a, lora_b)) {  // fp32 / fp64, or mixed dtypes (the checks there name them)
+    return linear_composite(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                            temperature);
+  }
+  Member m(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k, temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.size(0) == 0) {
+    m.allocate(x, /*fused=*/true);
+    m.out = m.base_gemm(x);
+    return m.result();
+  }
+  // [gate; A_all], rows up to a multiple of 8: a view of the layer's packed buffer, else a copy.
+  const at::Tensor ext = gate_lora_rows(gate_weight, lora_a, 8);
+  if (m.wide && x.size(0) > kFusedMaxTokens) return run_wide(x, ext, m);
+  std::vector<Member> members{std::move(m)};
+  run_members(x, ext, members, {0});
+  return members[0].result();
+}
+
+// meteora.linear_group on CUDA: one routing GEMM for every member when their [gate; A] rows are
+// consecutive blocks (each padded to a multiple of 8 rows) of one buffer; otherwise, or for
+// fp32 / mixed dtypes, T = 0 or wide members at prefill sizes, one meteora.linear per member.
+std::vector<at::Tensor> linear_group_cuda(
+    const at::Tensor& x, at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
+    at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling,
+    const c10::List<std::optional<at::Tensor>>& expert_mask, at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  const int64_t n = check_group_lists(base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask,
+                                      top_k, temperature);
+  const auto each = [&] {
+    return linear_group_each(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                             temperature);
+  };
+  if (x.dim() != 2 || x.size(0) == 0) return each();
+  for (int64_t i = 0; i < n; ++i) {
+    if (!half16_operands(x, gate_weight[i], lora_a[i], lora_b[i]) || !gate_lora_adjacent(gate_weight[i], lora_a[i]) ||
+        !gate_weight[i].is_alias_of(gate_weight[0]) || gate_weight[i].size(1) != x.size(1)) {
+      return each();
+    }
+  }
+  std::vector<Member> members;
+  members.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    members.emplace_back(x, base_weight[i], base_bias.get(i), gate_weight[i], lora_a[i], lora_b[i], scaling[i],
+                         expert_mask.get(i), top_k[i], temperature[i]);
+    if (members.back().wide && x.size(0) > kFusedMaxTokens) return each();
+  }
+  // The members' blocks, in buffer order, must follow each other: [gate_i; A_i; zero rows to 8].
+  const int64_t d_in = x.size(1);
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return gate_weight[a].storage_offset() < gate_weight[b].storage_offset();
+  });
+  const int64_t first = gate_weight[order[0]].storage_offset();
+  int64_t end = first;
+  for (const int64_t i : order) {
+    if (gate_weight[i].storage_offset() != end) return each();
+    end += (members[size_t(i)].experts + members[size_t(i)].nr + 7) / 8 * 8 * d_in;
+  }
+  if (int64_t(gate_weight[0].storage().nbytes()) < end * int64_t(gate_weight[0].element_size())) return each();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor ext = gate_weight[0].as_strided({(end - first) / d_in, d_in}, {d_in, 1}, first);
+  std::vector<int64_t> cols(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) cols[size_t(i)] = (gate_weight[i].storage_offset() - first) / d_in;
+  run_members(x, ext, members, cols);
+  std::vector<at::Tensor> outs;
+  outs.reserve(size_t(4 * n));
+  for (const auto& m : members) outs.insert(outs.end(), {m.out, m.logits, m.weight, m.idx});
+  return outs;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(meteora, CUDA, m) {
   m.impl("linear", &linear_cuda);
+  m.impl("linear_group", &linear_group_cuda);
   m.impl("route", &route_cuda);
   m.impl("route_backward", &route_backward_aten);
   m.impl("lora_experts", &lora_experts_cuda);
