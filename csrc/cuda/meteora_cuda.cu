@@ -403,6 +403,18 @@ struct Overlap {
   ~Overlap() {  // at thread exit; errors there are ignored
     cudaEventDestroy(fork_event);
     cudaEventDestroy(join_event);
+    for (cudaEvent_t e : base_done) cudaEventDestroy(e);
+  }
+  // The side stream waits for work recorded on `from` so far (the i-th of one call's such waits:
+  // each has an event of its own, so a later record cannot overtake a wait not yet enqueued).
+  void side_waits(cudaStream_t from, size_t i) {
+    while (base_done.size() <= i) {
+      cudaEvent_t e = nullptr;
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      base_done.push_back(e);
+    }
+    C10_CUDA_CHECK(cudaEventRecord(base_done[i], from));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), base_done[i], 0));
   }
   void fork(cudaStream_t from) const {
     C10_CUDA_CHECK(cudaEventRecord(fork_event, from));
@@ -420,6 +432,7 @@ struct Overlap {
   static constexpr size_t kSideWorkspace = size_t(16) << 20;
   c10::cuda::CUDAStream side;
   cudaEvent_t fork_event = nullptr, join_event = nullptr;
+  std::vector<cudaEvent_t> base_done;
   at::DataPtr space;
 };
 
@@ -455,6 +468,27 @@ void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::
                                     ext.data_ptr(), dt, int(ext.stride(0)), x.data_ptr(), dt, int(ldx), &zero,
                                     hall.data_ptr(), CUDA_R_32F, int(hall.stride(0)), CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
+}
+
+// The prefill expand on the side stream: out (T, d_out) += H (T, N r) B_all^T, with the side
+// stream's workspace (see side_gemm). False (nothing done) for layouts it does not take.
+bool side_expand(cublasHandle_t blas, Overlap& ov, const at::Tensor& H, const at::Tensor& b_all, at::Tensor& out) {
+  const int64_t limit = std::numeric_limits<int>::max();
+  if (H.stride(1) != 1 || b_all.stride(1) != 1 || out.stride(1) != 1 || H.stride(0) < H.size(1) ||
+      b_all.stride(0) < b_all.size(1) || out.stride(0) < out.size(1) || out.size(0) > limit || out.size(1) > limit ||
+      H.stride(0) > limit || b_all.stride(0) > limit || out.stride(0) > limit || H.size(1) > limit) {
+    return false;
+  }
+  const cudaDataType_t dt = out.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  const float one = 1.f;
+  TORCH_CUDABLAS_CHECK(cublasSetStream(blas, ov.side.stream()));
+  TORCH_CUDABLAS_CHECK(cublasSetWorkspace(blas, ov.workspace(), Overlap::kSideWorkspace));
+  // Column-major: out^T (d_out x T, ld) += B_all (N r x d_out, ld)^T x H^T (N r x T, ld).
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(out.size(1)), int(out.size(0)),
+                                    int(H.size(1)), &one, b_all.data_ptr(), dt, int(b_all.stride(0)), H.data_ptr(),
+                                    dt, int(H.stride(0)), &one, out.data_ptr(), dt, int(out.stride(0)),
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return true;
 }
 
 // One linear of a meteora.linear / linear_group call on CUDA: its inputs, checked, and what it
@@ -544,8 +578,9 @@ struct Member {
 
 // The routing side (one GEMM of x with `ext`, every member's [gate; A_all] rows, member i's
 // starting at column cols[i] of its result; then each member's routing with the experts' expand at
-// decode sizes, or the selection at prefill sizes) runs on a side stream while the base GEMMs run
-// on the current one; they join before each member's experts' sum is added to its base output.
+// decode sizes, or the selection at prefill sizes, then each member's expand GEMM as soon as its
+// base output exists) runs on a side stream while the base GEMMs run on the current one; decode
+// joins before each member's experts' sum is added to its base output.
 void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
                  const std::vector<int64_t>& cols) {
   const int64_t tokens = x.size(0);
@@ -562,9 +597,27 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     side_gemm(blas, ov, x, ext, hall);
     for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], fused, ov.side.stream());
   }
-  for (auto& m : members) m.out = m.base_gemm(x);
+  if (fused) {
+    for (auto& m : members) m.out = m.base_gemm(x);
+    ov.join(main_stream.stream());
+    for (auto& m : members) m.finish(x, fused, main_stream);
+    return;
+  }
+  // Prefill: each member's expand on the side stream once its base GEMM is done, beside the next
+  // member's base GEMM (a memory-bound GEMM beside a compute-bound one; H200 layer, graph replay:
+  // 1-2% less than every expand after the join, the same bits). A layout side_expand does not
+  // take adds its sum after the join.
+  std::vector<bool> pending(members.size(), false);
+  for (size_t i = 0; i < members.size(); ++i) {
+    Member& m = members[i];
+    m.out = m.base_gemm(x);
+    ov.side_waits(main_stream.stream(), i);
+    pending[i] = !side_expand(blas, ov, m.H, m.b_all, m.out);
+  }
   ov.join(main_stream.stream());
-  for (auto& m : members) m.finish(x, fused, main_stream);
+  for (size_t i = 0; i < members.size(); ++i) {
+    if (pending[i]) members[i].finish(x, fused, main_stream);
+  }
 }
 
 // Wide prefill: the copy of x beside H on the current stream while the side stream routes, then one
