@@ -524,16 +524,21 @@ def test_torch_compile_and_cuda_graph(device):
     inp = make_inputs(70, 5, 2, dtype, device, seed=fresh_seed())
 
     gate_p, a_p = packed(inp["gate_weight"], inp["lora_a"])
+    (g1, a1), (g2, a2) = packed_group([(inp["gate_weight"], inp["lora_a"])] * 2)
+    group_args = ([inp["weight"]] * 2, [None] * 2, [g1, g2], [a1, a2], [inp["lora_b"]] * 2, [inp["scaling"]] * 2,
+                  [None] * 2, [2, 1], [1.0, 0.5])
 
     def layer(x):
         _, w, idx = torch.ops.meteora.route(x, inp["gate_weight"], None, 2, 1.0)
         out, _ = torch.ops.meteora.lora_experts(x, inp["lora_a"], inp["lora_b"], inp["scaling"], idx, w, None)
-        # The inference op on both sides of its decode/prefill split. Each output is returned as the op
-        # wrote it: a sum over them in bf16 is free to round differently once inductor fuses it.
-        return (out,) + tuple(
-            torch.ops.meteora.linear(rows, inp["weight"], None, gate_p, a_p, inp["lora_b"], inp["scaling"], None,
-                                     2, 1.0)[0]
-            for rows in (x[:5], x))
+        # The inference ops on both sides of their decode/prefill split. Each output is returned as the
+        # op wrote it: a sum over them in bf16 is free to round differently once inductor fuses it.
+        outs = [out]
+        for rows in (x[:5], x):
+            outs.append(torch.ops.meteora.linear(rows, inp["weight"], None, gate_p, a_p, inp["lora_b"], inp["scaling"],
+                                                 None, 2, 1.0)[0])
+            outs.extend(torch.ops.meteora.linear_group(rows, *group_args))
+        return tuple(outs)
 
     x = inp["x"]
     eager = layer(x)
