@@ -196,12 +196,12 @@ class MeteoRALinear(nn.Module):
                 self._registered(self._parameters, "lora_B"))
 
     def _inference_op(self, x2: torch.Tensor) -> bool:
-        """Whether ``forward`` on x2 (T, d_in) is one CUDA meteora.linear op: no autograd, no
-        dropout at work, every operand in x's dtype, the weights packed (``pack_``), impl "auto"."""
+        """Whether ``forward`` on x2 (T, d_in) is one meteora.linear op: no autograd, no dropout at
+        work, every operand in x's dtype, impl "auto"."""
         gate, lora_a, lora_b = self._weights()
         base = self._registered(self._modules, "base_layer")
         dtype = x2.dtype
-        return (x2.is_cuda and self.impl == "auto" and (not self.training or type(
+        return (self.impl == "auto" and (not self.training or type(
             self._registered(self._modules, "lora_dropout")) is nn.Identity)
             and gate.dtype == dtype and lora_a.dtype == dtype and lora_b.dtype == dtype and base.weight.dtype == dtype
             and not _needs_grad(x2, base.weight, base.bias, gate, lora_a, lora_b))
@@ -226,7 +226,7 @@ class MeteoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
         group = self.group
-        if group is not None:
+        if group is not None and (x.is_cuda or group.on_cpu):
             done = group.forward(self, x)
             if done is not None:
                 return self._finish(x, *done)
@@ -276,6 +276,10 @@ class LinearGroup:
     (autograd, dropout, the CPU, torch.compile tracing, ``expert_columns``), is the member's own
     forward. Results wait at most until the group's next call on another input.
     """
+
+    # On the CPU, linear_group runs each member's op in turn: the group's bookkeeping costs more
+    # than it saves there (docs/performance.md), so CPU inputs skip it unless this is set (tests).
+    on_cpu = False
 
     def __init__(self, members: Sequence[MeteoRALinear]) -> None:
         members = list(members)

@@ -9,6 +9,7 @@ import torch
 
 import meteora
 from conftest import ALL_LINEARS, make_adapter, tiny_model
+from meteora.layer import LinearGroup
 
 PROMPT = "The three primary colours are red, yellow and"
 
@@ -295,13 +296,11 @@ def test_expert_columns_survive_add_adapter(tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_linear_groups(device, tmp_path, monkeypatch):
-    """q/k/v and gate/up run as one linear_group op (on CUDA inference; on the CPU here too, by
-    letting every call count as the inference op): the model's outputs and every layer's routing
+    """q/k/v and gate/up run as one linear_group op (on CUDA inference; on the CPU here too, where
+    it is off by default): the model's outputs and every layer's routing
     equal those of each linear on its own; a member called on a changed or another input computes
     its own; groups follow add_adapter and can be turned off."""
-    if device == "cpu":
-        monkeypatch.setattr(meteora.MeteoRALinear, "_inference_op",
-                            lambda self, x2: not torch.is_grad_enabled() and self.impl == "auto")
+    monkeypatch.setattr(LinearGroup, "on_cpu", True)
     base = tiny_model()
     adapters = {n: make_adapter(base, tmp_path / n, r=4 + 4 * i, alpha=8, targets=ALL_LINEARS, seed=i)
                 for i, n in enumerate("abc")}
