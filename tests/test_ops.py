@@ -290,6 +290,27 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
                 verify_linear(result, x, *m, what=f"member {i}, {name}, B {b_layout}, seed {seed}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_linear_group_many_members(device, tokens):
+    """Eleven members in one buffer: more than one add_delta launch at decode sizes (8 pieces a
+    launch), one member with a single output column (its piece is too short for 16-byte steps)."""
+    _skip_unless_available("kernel", device)
+    seed = fresh_seed()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    d_in = 16 + seed % 9
+    x = make_inputs(tokens, 1, 1, dtype, device, seed, d_in=d_in)["x"]
+    members = []
+    for i in range(11):
+        inp = make_inputs(tokens, 2 + i % 3, 1 + i % 2, dtype, device, seed + i, d_in=d_in, d_out=1 if i == 4 else 8 + i)
+        members.append(ops.LinearArgs(inp["weight"], None, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], None, 1 + i % 2, 1.0))
+    views = packed_group([(m.gate_weight, m.lora_a) for m in members])
+    members = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
+    for i, (m, result) in enumerate(zip(members, ops.linear_group(x, members))):
+        verify_linear(result, x, *m, what=f"member {i} of 11, seed {seed}")
+
+
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
 def test_linear_group_bad_lists():
     inp = make_inputs(3, 2, 1, torch.float32, "cpu", 0)

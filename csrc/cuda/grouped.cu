@@ -913,12 +913,28 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(
   delta[t * d + n] = acc;
 }
 
-// out (T, d) in place += delta (T, d) fp32, one rounding; 8 elements per thread when aligned.
+// Up to kMaxDeltaPieces (out, delta) pairs of one launch: piece p covers blocks
+// [first_block[p], first_block[p + 1]).
+struct DeltaPieces {
+  void* out[kMaxDeltaPieces];
+  const float* delta[kMaxDeltaPieces];
+  int64_t count[kMaxDeltaPieces];
+  unsigned first_block[kMaxDeltaPieces + 1];
+  bool vec[kMaxDeltaPieces];
+  int n;
+};
+
+// out (T, d) in place += delta (T, d) fp32, one rounding, for every piece; 8 elements per thread
+// when aligned.
 template <typename h_t>
-__global__ void __launch_bounds__(kThreads) add_delta_kernel(h_t* __restrict__ out, const float* __restrict__ delta,
-                                                            int64_t count, bool vec) {
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 8;
-  if (vec && i + 8 <= count) {
+__global__ void __launch_bounds__(kThreads) add_delta_kernel(const DeltaPieces pieces) {
+  int p = 0;
+  while (p + 1 < pieces.n && blockIdx.x >= pieces.first_block[p + 1]) ++p;
+  h_t* __restrict__ out = static_cast<h_t*>(pieces.out[p]);
+  const float* __restrict__ delta = pieces.delta[p];
+  const int64_t count = pieces.count[p];
+  const int64_t i = (int64_t(blockIdx.x - pieces.first_block[p]) * kThreads + threadIdx.x) * 8;
+  if (pieces.vec[p] && i + 8 <= count) {
     uint4 raw = *reinterpret_cast<const uint4*>(out + i);
     h_t* v = reinterpret_cast<h_t*>(&raw);
     const float4 d0 = *reinterpret_cast<const float4*>(delta + i), d1 = *reinterpret_cast<const float4*>(delta + i + 4);
@@ -1175,14 +1191,27 @@ void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
   });
 }
 
-void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream) {
-  if (count == 0) return;
-  const bool vec = aligned16(out) && aligned16(delta);
-  dispatch_half(dt, [&](auto tag) {
-    using h_t = decltype(tag);
-    add_delta_kernel<h_t><<<blocks_for(count, int64_t(kThreads) * 8), kThreads, 0, stream>>>(
-        static_cast<h_t*>(out), delta, count, vec);
-  });
+void add_delta(Half16 dt, const DeltaPiece* pieces, int n, cudaStream_t stream) {
+  for (int j = 0; j < n;) {
+    DeltaPieces launch{};
+    unsigned blocks = 0;
+    for (; j < n && launch.n < kMaxDeltaPieces; ++j) {
+      if (pieces[j].count == 0) continue;
+      const int p = launch.n++;
+      launch.out[p] = pieces[j].out;
+      launch.delta[p] = pieces[j].delta;
+      launch.count[p] = pieces[j].count;
+      launch.vec[p] = aligned16(pieces[j].out) && aligned16(pieces[j].delta);
+      launch.first_block[p] = blocks;
+      blocks += blocks_for(pieces[j].count, int64_t(kThreads) * 8);
+    }
+    if (launch.n == 0) continue;
+    launch.first_block[launch.n] = blocks;
+    dispatch_half(dt, [&](auto tag) {
+      using h_t = decltype(tag);
+      add_delta_kernel<h_t><<<blocks, kThreads, 0, stream>>>(launch);
+    });
+  }
 }
 
 void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,

@@ -66,12 +66,19 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 // meteora.linear's inference path. hall (T, ld) fp32 rows = [N gate logits | N r expert shrink
 // values]; both route each token as topk() does and write logits (T, N), weight, idx (T, k).
 // route_expand (decode-sized T): delta (T, d_out) fp32 = the selected experts' expand (lora_b
-// element [e, n, c] at e b_es + n b_ns + c); add_delta then adds it into out (count = T d_out
-// values, contiguous) in place.
+// element [e, n, c] at e b_es + n b_ns + c); add_delta then adds it into out in place, for one
+// or several (out, delta) pieces (a LinearGroup's members) in one launch per kMaxDeltaPieces
+// (count = T d_out values, contiguous; pieces of count 0 are skipped).
 void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
                   int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
                   int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream);
-void add_delta(Half16 dt, void* out, const float* delta, int64_t count, cudaStream_t stream);
+struct DeltaPiece {
+  void* out;
+  const float* delta;
+  int64_t count;
+};
+constexpr int kMaxDeltaPieces = 8;  // per launch
+void add_delta(Half16 dt, const DeltaPiece* pieces, int n, cudaStream_t stream);
 // dst[t, :cols] = src[t, :cols] for rows of 2-byte elements, ldd / lds elements apart.
 void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,
                cudaStream_t stream);

@@ -555,15 +555,6 @@ struct Member {
   at::Tensor base_gemm(const at::Tensor& x) const {
     return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
   }
-  // Current stream, after the join: the experts' sum into the base output.
-  void finish(const at::Tensor& x, bool fused, const c10::cuda::CUDAStream& stream) {
-    if (fused) {
-      cuda::add_delta(half16(x), out.data_ptr(), delta.data_ptr<float>(), out.numel(), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      out.addmm_(H, b_all.t());
-    }
-  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const { return {out, logits, weight, idx}; }
 
   at::Tensor base_weight;
@@ -597,10 +588,15 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     side_gemm(blas, ov, x, ext, hall);
     for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], fused, ov.side.stream());
   }
-  if (fused) {
-    for (auto& m : members) m.out = m.base_gemm(x);
+  if (fused) {  // every member's delta added by one kernel after the join
+    std::vector<cuda::DeltaPiece> pieces;
+    for (auto& m : members) {
+      m.out = m.base_gemm(x);
+      pieces.push_back({m.out.data_ptr(), m.delta.data_ptr<float>(), m.out.numel()});
+    }
     ov.join(main_stream.stream());
-    for (auto& m : members) m.finish(x, fused, main_stream);
+    cuda::add_delta(half16(x), pieces.data(), int(pieces.size()), main_stream.stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   // Prefill: each member's expand on the side stream once its base GEMM is done, beside the next
@@ -616,7 +612,7 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
   }
   ov.join(main_stream.stream());
   for (size_t i = 0; i < members.size(); ++i) {
-    if (pending[i]) members[i].finish(x, fused, main_stream);
+    if (pending[i]) members[i].out.addmm_(members[i].H, members[i].b_all.t());
   }
 }
 
