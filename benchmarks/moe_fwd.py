@@ -91,7 +91,9 @@ class Linear:
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
         # ours: lora_B as MeteoRALinear keeps it for inference: (N, d_out, r) by default; with
         # columns (--expert-columns) as columns, beside W0's where d_out > d_in (pack_(base=True))
-        self.w0_ours, self.b_ours = column_layout(self.w0, self.b, d_out > d_in) if columns else (self.w0, self.b)
+        # columns: "wide" (beside W0's where d_out > d_in) or "narrow" (in a buffer of their own)
+        self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
+            if columns else (self.w0, self.b)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -378,8 +380,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reference", default=None, help="checkout of NJUDeepEngine/meteora (for 'authors')")
-    ap.add_argument("--expert-columns", action="store_true",
-                    help="ours with lora_B as columns (MeteoRALinear.expert_columns: the prefill layout)")
+    ap.add_argument("--expert-columns", nargs="?", const="wide", default=None, choices=["wide", "narrow"],
+                    help="ours with lora_B as columns (MeteoRALinear.expert_columns: the prefill layout), beside "
+                         "W0's where d_out > d_in (wide, the default) or in a buffer of their own (narrow)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -523,7 +526,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         "",
         f"torch {results['torch']}, {results['dtype']}, N={results['experts']} experts, r={results['rank']}, "
         f"top-{results['top_k']}; shapes {results['shapes']}"
-        + ("; ours with lora_B as columns (--expert-columns)." if results.get("expert_columns") else "."),
+        + (f"; ours with lora_B as columns (--expert-columns {results['expert_columns']})."
+           if results.get("expert_columns") else "."),
         f"Measured in the same run: copy bandwidth {hw['copy_bandwidth_gbs']:.0f} GB/s, "
         f"bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s.",
         "Times are medians in microseconds; `x base` and `x floor` use the CUDA-graph time where the method "

@@ -65,8 +65,12 @@ class MeteoRALinear(nn.Module):
         # reads best. H200, one LLaMA-3-8B layer, N=28 r=8 top-2, graph replay: T=128 -8%,
         # T=1024 -4%, T=4096 0%, T=16 +4 to +6% (16-byte pieces of B 8 KB apart in decode).
         self.expert_columns = False
+        # With expert_columns, whether B's columns go beside W0's where d_out > d_in (False: in a
+        # buffer of their own everywhere: prefill reads B_all without a copy, decode reads 16-byte
+        # pieces N r elements apart instead of 8 KB apart).
+        self.wide_columns = True
         self._packed_at: tuple[int, int] | None = None
-        self._b_packed_at: tuple[int, int] | None = None
+        self._b_packed_at: tuple[int, int, bool] | None = None
         self.pack_()
         self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
         self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
@@ -105,14 +109,17 @@ class MeteoRALinear(nn.Module):
         if not base:
             return True
         w = self._registered(self._modules, "base_layer").weight
-        key = (b.data_ptr(), w.data_ptr())
+        wide = self._wide()
+        key = (b.data_ptr(), w.data_ptr(), wide)
         if key != self._b_packed_at:
             n, d_out, r = b.shape
             d_in = w.shape[1]
             packed = b.stride(0) == r and b.stride(2) == 1 and b.stride(1) >= n * r
-            if packed and self._wide():
+            if packed and wide:
                 packed = (w.stride() == (b.stride(1), 1) and w.untyped_storage().data_ptr()
                           == b.untyped_storage().data_ptr() and b.storage_offset() == w.storage_offset() + d_in)
+            elif packed:  # B's columns in a buffer of their own, W0 contiguous
+                packed = w.is_contiguous() and w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
             self._b_packed_at = key if packed else None
             return packed
         return True
@@ -121,7 +128,7 @@ class MeteoRALinear(nn.Module):
         """Whether lora_B's columns go beside the base weight's: the prefill GEMM is then one GEMM of
         [x | H] with [W0 | B_all], which pays (one copy of x) where d_out > d_in."""
         w, b = self.base_layer.weight, self.lora_B
-        return w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
+        return self.wide_columns and w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
             and type(w.data) is torch.Tensor
 
     @torch.no_grad()
@@ -273,7 +280,7 @@ class LinearGroup:
     shrink (their [gate; A] rows are consecutive blocks of one buffer, ``pack_``), beside all the
     base GEMMs. The others' calls on that same tensor (``is``, and unchanged: same version where
     the tensor counts versions) take their results; a call on anything else, or outside that path
-    (autograd, dropout, the CPU, torch.compile tracing, ``expert_columns``), is the member's own
+    (autograd, dropout, the CPU, torch.compile tracing, B's columns beside W0's), is the member's own
     forward. Results wait at most until the group's next call on another input.
     """
 
@@ -344,9 +351,14 @@ class LinearGroup:
                 self._drop()
             return done
         x2 = x.reshape(-1, x.shape[-1])
-        if not all(m._inference_op(x2) and not m.expert_columns for m in self.members) or not self.pack_():
+        # A member whose B columns go beside W0's runs its own op (the [x | H] GEMM of one linear).
+        if not all(m._inference_op(x2) and not (m.expert_columns and m._wide()) for m in self.members) \
+                or not self.pack_():
             self._drop()
             return None
+        for m in self.members:
+            if m.expert_columns and not m.is_packed(True):
+                m.pack_(True)  # B's columns, in a buffer of their own
         results = ops.linear_group(x2, [m._op_args() for m in self.members])
         mine = None
         self._drop()
@@ -400,6 +412,7 @@ def column_layout(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool) -> tup
         buffer[:, :d_in] = weight
         weight, cols = buffer[:, :d_in], buffer[:, d_in: d_in + n * r]
     else:
+        weight = weight.contiguous()  # out of a [W0 | B_all] buffer, if it was in one
         cols = torch.zeros(d_out, -(-(n * r) // 8) * 8, dtype=lora_b.dtype, device=lora_b.device)[:, : n * r]
     cols = cols.view(d_out, n, r)
     cols.copy_(lora_b.permute(1, 0, 2))

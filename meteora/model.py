@@ -103,11 +103,13 @@ class MeteoRAModel(nn.Module):
                 mask[self.adapter_index(adapter)] = True
                 layer.forced_mask = mask
 
-    def set_expert_columns(self, enabled: bool = True) -> None:
-        """Keep every layer's lora_B as columns (beside the base weight's where d_out > d_in) for
-        prefill-heavy inference; see MeteoRALinear.expert_columns for the measured trade-off."""
+    def set_expert_columns(self, enabled: bool = True, wide: bool = True) -> None:
+        """Keep every layer's lora_B as columns (with ``wide``, beside the base weight's where
+        d_out > d_in) for prefill-heavy inference; see MeteoRALinear.expert_columns and
+        wide_columns for the measured trade-off."""
         for layer in self.meteora_layers().values():
             layer.expert_columns = enabled
+            layer.wide_columns = wide
 
     def group_linears(self, enabled: bool = True) -> int:
         """Let the linears that read one input (q, k, v; gate, up) run as one op on CUDA inference
@@ -195,6 +197,7 @@ class MeteoRAModel(nn.Module):
                 layer.gate.weight[:old_n].copy_(old.gate.weight)
                 layer.impl = old.impl
                 layer.expert_columns = old.expert_columns
+                layer.wide_columns = old.wide_columns
                 layer.pack_()  # the dtype changes above gave gate and lora_A buffers of their own
             layer.gate.weight[old_n:].zero_()
             if module in loaded.lora_a:

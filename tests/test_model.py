@@ -269,6 +269,17 @@ def test_inference_op_matches_training_path(device, tmp_path):
     torch.testing.assert_close(model(ids).logits, training, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "ckpt")  # shared storage is copied apart for safetensors
 
+    # Narrow columns: B's columns in a buffer of their own everywhere, W0 out of [W0 | B_all] again.
+    model.set_expert_columns(wide=False)
+    assert not up.is_packed(base=True)
+    for layer in model.meteora_layers().values():
+        assert layer.pack_(base=True) and layer.is_packed(base=True)
+    w, b = up.base_layer.weight, up.lora_B
+    assert w.is_contiguous() and w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert b.stride() == (b.shape[2], -(-b.shape[0] * b.shape[2] // 8) * 8, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
+
 
 def test_expert_columns_survive_add_adapter(tmp_path):
     """lora_B kept as columns (the prefill layout): adding an adapter keeps the setting, and the
@@ -351,6 +362,16 @@ def test_linear_groups(device, tmp_path, monkeypatch):
         y = torch.randn_like(x)  # another input
         torch.testing.assert_close(k(y), alone(k, y))
         assert len(calls) == 8
+
+        # B as columns: in buffers of their own, the groups still run (and pack B); beside W0's
+        # (gate / up, d_out > d_in), that group's members run on their own.
+        for wide, groups_run in ((False, 4), (True, 2)):
+            model.set_expert_columns(wide=wide)
+            before = len(calls)
+            torch.testing.assert_close(model(ids).logits, grouped, rtol=1e-5, atol=1e-5)
+            assert len(calls) - before == groups_run
+            assert q.is_packed(base=True) and (wide or layers["model.layers.0.mlp.up_proj"].is_packed(base=True))
+        model.set_expert_columns(False)
 
     model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=9))
     layers = model.meteora_layers()
