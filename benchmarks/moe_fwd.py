@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meteora import ops, reference  # noqa: E402
-from meteora.layer import GROUPS, Routing, column_layout, meteora_linear  # noqa: E402
+from meteora.layer import GROUPS, Routing, column_layout, meteora_linear, pack_rows  # noqa: E402
 
 LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
@@ -80,18 +80,14 @@ class Linear:
             gate[0] += hot
             gate[1] += 0.9 * hot
         # gate and A as adjacent rows of one buffer, as MeteoRALinear keeps them (one shrink GEMM)
-        pad = -(experts * (1 + rank)) % 8  # zero rows up to a multiple of 8, as MeteoRALinear.pack_
-        packed = torch.cat([gate.to(dtype), randn(experts * rank, d_in, scale=d_in**-0.5),
-                            torch.zeros(pad, d_in, device=dev, dtype=dtype)])
-        self.gate = packed[:experts]
-        self.a = packed[experts: experts * (1 + rank)].view(experts, rank, d_in)
+        (self.gate, self.a), = pack_rows([(gate.to(dtype), randn(experts, rank, d_in, scale=d_in**-0.5))])
         self.b = randn(experts, d_out, rank, scale=rank**-0.5)
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
         # ours: lora_B as MeteoRALinear keeps it for inference: (N, d_out, r) by default; with
-        # columns (--expert-columns) as columns, beside W0's where d_out > d_in (pack_(base=True))
-        # columns: "wide" (beside W0's where d_out > d_in) or "narrow" (in a buffer of their own)
+        # columns (--expert-columns) as columns (pack_(base=True)), "wide": beside W0's where
+        # d_out > d_in, "narrow": in a buffer of their own
         self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
             if columns else (self.w0, self.b)
         self.authors = None
@@ -166,19 +162,10 @@ def pack_groups(linears) -> None:
         members = [by_name[n] for n in names if n in by_name]
         if len(members) < 2 or len({m.d_in for m in members}) != 1:
             continue
-        blocks = []
-        for m in members:
-            n, rows = m.gate.shape[0], m.gate.shape[0] + m.a.shape[0] * m.a.shape[1]
-            blocks.append(torch.cat([m.gate, m.a.reshape(-1, m.d_in),
-                                     m.gate.new_zeros(-rows % 8, m.d_in)]))
-        buffer, start = torch.cat(blocks), 0
-        for m, block in zip(members, blocks):
-            n, shape = m.gate.shape[0], m.a.shape
-            m.gate = buffer[start: start + n]
-            m.a = buffer[start + n: start + n + shape[0] * shape[1]].view(shape)
-            m.a_cat = m.a.reshape(shape[0] * shape[1], m.d_in)
+        for m, (gate, a) in zip(members, pack_rows([(m.gate, m.a) for m in members])):
+            m.gate, m.a = gate, a
+            m.a_cat = a.reshape(-1, m.d_in)
             m.group = members
-            start += block.shape[0]
 
 
 def run_ours_layer(lin_list, xs, k, routings=None):

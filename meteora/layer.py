@@ -148,13 +148,7 @@ class MeteoRALinear(nn.Module):
                 or type(a.data) is not torch.Tensor:
             return False
         if not self.is_packed():
-            n, rows = g.shape[0], g.shape[0] + a.shape[0] * a.shape[1]
-            # Zero rows up to a multiple of 8: cuBLAS runs (T, 256) twice as fast as (T, 252) at prefill.
-            buffer = torch.zeros(-(-rows // 8) * 8, a.shape[-1], dtype=a.dtype, device=a.device)
-            buffer[:n] = g.detach()
-            buffer[n:rows] = a.detach().reshape(-1, a.shape[-1])
-            g.data = buffer[:n]
-            a.data = buffer[n:rows].view(a.shape)
+            (g.data, a.data), = pack_rows([(g.detach(), a.detach())])
         if not base:
             return True
         b, w = self.lora_B, self.base_layer.weight
@@ -205,13 +199,10 @@ class MeteoRALinear(nn.Module):
     def _inference_op(self, x2: torch.Tensor) -> bool:
         """Whether ``forward`` on x2 (T, d_in) is one meteora.linear op: no autograd, no dropout at
         work, every operand in x's dtype, impl "auto"."""
-        gate, lora_a, lora_b = self._weights()
         base = self._registered(self._modules, "base_layer")
-        dtype = x2.dtype
         return (self.impl == "auto" and (not self.training or type(
             self._registered(self._modules, "lora_dropout")) is nn.Identity)
-            and gate.dtype == dtype and lora_a.dtype == dtype and lora_b.dtype == dtype and base.weight.dtype == dtype
-            and not _needs_grad(x2, base.weight, base.bias, gate, lora_a, lora_b))
+            and _is_op_path(x2, base.weight, base.bias, *self._weights()))
 
     def _op_args(self) -> ops.LinearArgs:
         mask = self._registered(self._buffers, "expert_mask")
@@ -305,7 +296,7 @@ class LinearGroup:
         return f"LinearGroup({len(self.members)} members)"
 
     def _key(self) -> tuple[int, ...]:
-        return tuple(p for m in self.members for p in (m._weights()[0].data_ptr(), m._weights()[1].data_ptr()))
+        return tuple(t.data_ptr() for m in self.members for t in m._weights()[:2])
 
     def is_packed(self) -> bool:
         """Whether every member's [gate; A] rows are consecutive blocks of one buffer (pack_)."""
@@ -323,17 +314,8 @@ class LinearGroup:
                 (a.dtype, a.device) for g, a, _ in weights}) != 1 or any(
                 type(g.data) is not torch.Tensor or type(a.data) is not torch.Tensor for g, a, _ in weights):
             return False
-        blocks = [-(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 for g, a, _ in weights]
-        g0 = weights[0][0]
-        buffer = torch.zeros(sum(blocks), g0.shape[1], dtype=g0.dtype, device=g0.device)
-        start = 0
-        for m, (g, a, _), rows in zip(self.members, weights, blocks):
-            n = g.shape[0]
-            buffer[start: start + n] = g.detach()
-            buffer[start + n: start + n + a.shape[0] * a.shape[1]] = a.detach().reshape(-1, a.shape[-1])
-            m.gate.weight.data = buffer[start: start + n]
-            m.lora_A.data = buffer[start + n: start + n + a.shape[0] * a.shape[1]].view(a.shape)
-            start += rows
+        for (g, a, _), views in zip(weights, pack_rows([(g.detach(), a.detach()) for g, a, _ in weights])):
+            g.data, a.data = views
         self._packed_at = self._key()
         return True
 
@@ -357,8 +339,8 @@ class LinearGroup:
             self._drop()
             return None
         for m in self.members:
-            if m.expert_columns and not m.is_packed(True):
-                m.pack_(True)  # B's columns, in a buffer of their own
+            if m.expert_columns:
+                m.pack_(True)  # B's columns, in a buffer of their own (nothing to do once packed)
         results = ops.linear_group(x2, [m._op_args() for m in self.members])
         mine = None
         self._drop()
@@ -397,6 +379,25 @@ def group_linears(root: nn.Module, enabled: bool = True) -> list[LinearGroup]:
                     m.group = group
                 groups.append(group)
     return groups
+
+
+@torch.no_grad()
+def pack_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of (gate (N, d_in), lora_a (N, r, d_in)) pairs as views of one buffer of consecutive
+    blocks [gate; A_1; ...; A_N; zero rows up to a multiple of 8] (cuBLAS runs (T, 256) twice as
+    fast as (T, 252) at prefill): the layout meteora.linear (one pair: MeteoRALinear.pack_) and
+    meteora.linear_group (a LinearGroup's members) read with one GEMM."""
+    g0 = pairs[0][0]
+    blocks = [-(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 for g, a in pairs]
+    buffer = torch.zeros(sum(blocks), g0.shape[1], dtype=g0.dtype, device=g0.device)
+    views, start = [], 0
+    for (g, a), rows in zip(pairs, blocks):
+        n, na = g.shape[0], a.shape[0] * a.shape[1]
+        buffer[start: start + n] = g
+        buffer[start + n: start + n + na] = a.reshape(na, -1)
+        views.append((buffer[start: start + n], buffer[start + n: start + n + na].view(a.shape)))
+        start += rows
+    return views
 
 
 @torch.no_grad()
@@ -440,8 +441,7 @@ def meteora_linear(
     cuBLAS adds it in the epilogue), so the output is written once and read never.
     ``x_lora`` is what the experts see (dropout applied), x by default.
     """
-    if ((x_lora is None or x_lora is x) and x.dtype == base_weight.dtype == gate_weight.dtype == lora_a.dtype
-            == lora_b.dtype and not _needs_grad(x, base_weight, base_bias, gate_weight, lora_a, lora_b)):
+    if (x_lora is None or x_lora is x) and _is_op_path(x, base_weight, base_bias, gate_weight, lora_a, lora_b):
         out, logits, weight, idx = ops.linear(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling,
                                               expert_mask, top_k, temperature, impl=impl)
         return out, Routing(logits, weight, idx)
@@ -457,6 +457,12 @@ def meteora_linear(
     if x.dtype == base_weight.dtype and x.shape[0] > 0:
         return torch.addmm(delta, x, base_weight.t()), routing
     return torch.nn.functional.linear(x, base_weight) + delta, routing
+
+
+def _is_op_path(x, base_weight, base_bias, gate_weight, lora_a, lora_b) -> bool:
+    """Whether meteora_linear runs the one meteora.linear op: every operand in x's dtype, no autograd."""
+    return (x.dtype == base_weight.dtype == gate_weight.dtype == lora_a.dtype == lora_b.dtype
+            and not _needs_grad(x, base_weight, base_bias, gate_weight, lora_a, lora_b))
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:

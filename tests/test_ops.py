@@ -126,11 +126,9 @@ def _ref_weight(logits64, idx, mask, temperature):
 
 
 def packed(gate, lora_a):
-    """gate and lora_a as adjacent rows of one buffer (the layout MeteoRALinear.pack_ keeps)."""
-    rows = gate.shape[0] + lora_a.shape[0] * lora_a.shape[1]
-    pad = torch.full((-rows % 8, gate.shape[1]), float("nan"), dtype=gate.dtype, device=gate.device)  # never used
-    buffer = torch.cat([gate, lora_a.reshape(-1, lora_a.shape[-1]), pad])
-    return buffer[: gate.shape[0]], buffer[gate.shape[0]: rows].view(lora_a.shape)
+    """gate and lora_a as adjacent rows of one buffer (the layout MeteoRALinear.pack_ keeps), with
+    NaN in the padding rows (never used)."""
+    return packed_group([(gate, lora_a)])[0]
 
 
 def column_layout(w0, lora_b, wide, aligned=True):
