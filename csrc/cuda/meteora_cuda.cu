@@ -424,10 +424,12 @@ struct Overlap {
     C10_CUDA_CHECK(cudaEventRecord(join_event, side.stream()));
     C10_CUDA_CHECK(cudaStreamWaitEvent(into, join_event, 0));
   }
-  // The side stream's cuBLAS workspace (kSideWorkspace bytes, made at first use): see side_gemm.
-  void* workspace() {
+  // Points `blas` at the side stream and its own cuBLAS workspace (kSideWorkspace bytes, made at
+  // first use): see side_gemm.
+  void blas_on_side(cublasHandle_t blas) {
     if (!space) space = c10::cuda::CUDACachingAllocator::get()->allocate(kSideWorkspace);
-    return space.get();
+    TORCH_CUDABLAS_CHECK(cublasSetStream(blas, side.stream()));
+    TORCH_CUDABLAS_CHECK(cublasSetWorkspace(blas, space.get(), kSideWorkspace));
   }
   static constexpr size_t kSideWorkspace = size_t(16) << 20;
   c10::cuda::CUDAStream side;
@@ -461,8 +463,7 @@ void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::
   }
   const cudaDataType_t dt = x.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
   const float one = 1.f, zero = 0.f;
-  TORCH_CUDABLAS_CHECK(cublasSetStream(blas, ov.side.stream()));
-  TORCH_CUDABLAS_CHECK(cublasSetWorkspace(blas, ov.workspace(), Overlap::kSideWorkspace));
+  ov.blas_on_side(blas);
   // Column-major: hall^T (rows x T, ld) = ext (d_in x rows)^T x (d_in x T).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(tokens), int(d_in), &one,
                                     ext.data_ptr(), dt, int(ext.stride(0)), x.data_ptr(), dt, int(ldx), &zero,
@@ -481,8 +482,7 @@ bool side_expand(cublasHandle_t blas, Overlap& ov, const at::Tensor& H, const at
   }
   const cudaDataType_t dt = out.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
   const float one = 1.f;
-  TORCH_CUDABLAS_CHECK(cublasSetStream(blas, ov.side.stream()));
-  TORCH_CUDABLAS_CHECK(cublasSetWorkspace(blas, ov.workspace(), Overlap::kSideWorkspace));
+  ov.blas_on_side(blas);
   // Column-major: out^T (d_out x T, ld) += B_all (N r x d_out, ld)^T x H^T (N r x T, ld).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(out.size(1)), int(out.size(0)),
                                     int(H.size(1)), &one, b_all.data_ptr(), dt, int(b_all.stride(0)), H.data_ptr(),
@@ -497,8 +497,7 @@ struct Member {
   Member(const at::Tensor& x, const at::Tensor& base_weight, const std::optional<at::Tensor>& base_bias,
          const at::Tensor& gate_weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
          const at::Tensor& scaling, const std::optional<at::Tensor>& expert_mask, int64_t top_k, double temperature)
-      : base_weight(base_weight), base_bias(base_bias), gate_weight(gate_weight), lora_a(lora_a), lora_b(lora_b),
-        top_k(top_k), temperature(temperature) {
+      : base_weight(base_weight), base_bias(base_bias), top_k(top_k), temperature(temperature) {
     check_route_inputs(x, gate_weight, expert_mask, top_k, temperature);
     check_linear_base(x, base_weight, base_bias);
     check_linear_experts(x, base_weight, gate_weight, lora_a, lora_b, scaling);
@@ -522,17 +521,21 @@ struct Member {
   // Outputs and work buffers for T tokens: decode-sized T (fused) routes and expands into delta
   // (T, d_out) fp32; larger T selects into H (T, N r) for the expand GEMM with B_all.
   void allocate(const at::Tensor& x, bool fused) {
+    allocate_routing(x);
     const int64_t tokens = x.size(0);
-    const auto f32 = x.options().dtype(at::kFloat);
-    logits = at::empty({tokens, experts}, f32);
-    weight = at::empty({tokens, top_k}, f32);
-    idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
     if (fused) {
-      delta = at::empty({tokens, d_out}, f32);
+      delta = at::empty({tokens, d_out}, x.options().dtype(at::kFloat));
     } else {
       H = at::empty({tokens, nr}, x.options());
       b_all = b_rows ? b.as_strided({d_out, nr}, {ldb, 1}, b.storage_offset()) : at::empty({d_out, nr}, x.options());
     }
+  }
+  // The routing's outputs: logits (T, N), weight (T, k) fp32 and idx (T, k).
+  void allocate_routing(const at::Tensor& x) {
+    const int64_t tokens = x.size(0);
+    logits = at::empty({tokens, experts}, x.options().dtype(at::kFloat));
+    weight = at::empty({tokens, top_k}, x.options().dtype(at::kFloat));
+    idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
   }
   // Side stream: the routing from hall's columns [col, col + N + N r) and (fused) the expand.
   void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, bool fused, cudaStream_t stream) {
@@ -559,7 +562,6 @@ struct Member {
 
   at::Tensor base_weight;
   std::optional<at::Tensor> base_bias;
-  at::Tensor gate_weight, lora_a, lora_b;
   int64_t top_k;
   double temperature;
   int64_t experts = 0, rank = 0, nr = 0, d_out = 0, d_in = 0, ldb = 0;
@@ -622,9 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
                                                                     Member& m) {
   const int64_t tokens = x.size(0), d_in = m.d_in, nr = m.nr, ldb = m.ldb;
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  m.logits = at::empty({tokens, m.experts}, hall.options());
-  m.weight = at::empty({tokens, m.top_k}, hall.options());
-  m.idx = at::empty({tokens, m.top_k}, x.options().dtype(at::kLong));
+  m.allocate_routing(x);
   const at::Tensor x_cat = at::empty({tokens, ldb}, x.options());  // [x | H | unused]
   m.H = x_cat.narrow(1, d_in, nr);
   auto main_stream = c10::cuda::getCurrentCUDAStream();
