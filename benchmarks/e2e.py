@@ -196,7 +196,7 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: str | None = None, groups: bool = True) -> dict:
+                expert_columns: str = "narrow", groups: bool = True) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
     With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does)."""
     layers = {}
@@ -210,8 +210,8 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
                 m.set_expert(e, a.to(lin.weight.dtype), b.to(lin.weight.dtype), scaling=2.0)
             m.gate.weight.copy_(torch.randn(experts, d_in, generator=gen, device="cuda") * d_in**-0.5)
             m.requires_grad_(False)
-            m.expert_columns = bool(expert_columns)
-            m.wide_columns = expert_columns != "narrow"
+            m.expert_columns = expert_columns in ("wide", "narrow")
+            m.wide_columns = expert_columns == "wide"
             m.pack_(base=m.expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
@@ -375,9 +375,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--expert-columns", nargs="?", const="wide", default=None, choices=["wide", "narrow"],
-                    help="lora_B as columns (MeteoRALinear.expert_columns: the prefill layout), beside W0's where "
-                         "d_out > d_in (wide, the default) or in a buffer of their own (narrow)")
+    ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
+                    help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of their "
+                         "own (narrow, the library's default), beside W0's where d_out > d_in (wide), or the "
+                         "(N, d_out, r) tensor (none)")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--trace-memory", action="store_true",

@@ -67,7 +67,7 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
 class Linear:
     """One base linear with N rank-r experts and a gate, in every layout the methods need."""
 
-    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns=False):
+    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns="narrow"):
         dev = "cuda"
         self.name, self.d_in, self.d_out = name, d_in, d_out
 
@@ -85,11 +85,11 @@ class Linear:
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
-        # ours: lora_B as MeteoRALinear keeps it for inference: (N, d_out, r) by default; with
-        # columns (--expert-columns) as columns (pack_(base=True)), "wide": beside W0's where
-        # d_out > d_in, "narrow": in a buffer of their own
+        # ours: lora_B as MeteoRALinear keeps it for inference (--expert-columns): "narrow" (the
+        # default) as columns of a buffer of their own (pack_(base=True)), "wide": beside W0's where
+        # d_out > d_in, "none": the (N, d_out, r) tensor
         self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
-            if columns else (self.w0, self.b)
+            if columns in ("wide", "narrow") else (self.w0, self.b)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -367,9 +367,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reference", default=None, help="checkout of NJUDeepEngine/meteora (for 'authors')")
-    ap.add_argument("--expert-columns", nargs="?", const="wide", default=None, choices=["wide", "narrow"],
-                    help="ours with lora_B as columns (MeteoRALinear.expert_columns: the prefill layout), beside "
-                         "W0's where d_out > d_in (wide, the default) or in a buffer of their own (narrow)")
+    ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
+                    help="ours' lora_B layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of "
+                         "their own (narrow, the library's default), beside W0's where d_out > d_in (wide), or the "
+                         "(N, d_out, r) tensor (none)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -513,8 +514,7 @@ def write_outputs(results: dict, out_dir: Path) -> None:
         "",
         f"torch {results['torch']}, {results['dtype']}, N={results['experts']} experts, r={results['rank']}, "
         f"top-{results['top_k']}; shapes {results['shapes']}"
-        + (f"; ours with lora_B as columns (--expert-columns {results['expert_columns']})."
-           if results.get("expert_columns") else "."),
+        + f"; ours' lora_B layout: --expert-columns {results.get('expert_columns') or 'none'}.",
         f"Measured in the same run: copy bandwidth {hw['copy_bandwidth_gbs']:.0f} GB/s, "
         f"bf16 GEMM {hw['bf16_tflops']:.0f} TFLOP/s.",
         "Times are medians in microseconds; `x base` and `x floor` use the CUDA-graph time where the method "

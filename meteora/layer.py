@@ -60,15 +60,17 @@ class MeteoRALinear(nn.Module):
         self.gate = nn.Linear(d_in, num_experts, bias=False, **factory)
         self.lora_A = nn.Parameter(torch.zeros(num_experts, rank, d_in, **factory))
         self.packable = True  # False under FSDP, which owns the parameters' storage
-        # Inference layout of lora_B: False keeps (N, d_out, r), which decoding reads best; True
-        # keeps B_all's columns (beside W0's where d_out > d_in, pack_(base=True)), which prefill
-        # reads best. H200, one LLaMA-3-8B layer, N=28 r=8 top-2, graph replay: T=128 -8%,
-        # T=1024 -4%, T=4096 0%, T=16 +4 to +6% (16-byte pieces of B 8 KB apart in decode).
-        self.expert_columns = False
-        # With expert_columns, whether B's columns go beside W0's where d_out > d_in (False: in a
-        # buffer of their own everywhere: prefill reads B_all without a copy, decode reads 16-byte
-        # pieces N r elements apart instead of 8 KB apart).
-        self.wide_columns = True
+        # Inference layout of lora_B (CUDA; pack_(base=True)): True (the default) keeps B_all's
+        # columns, the (d_out, N r) columns of a row-major buffer, so the prefill expand GEMM reads
+        # them without a per-call copy; False keeps (N, d_out, r). H200, one LLaMA-3-8B layer, N=28
+        # r=8 top-2, graph replay, the two in one call (results/h200_narrow_columns): T=128 1.66 ->
+        # 1.37x the base linears, T=1024 1.30 -> 1.24x, T=4096 1.17 -> 1.16x, T=1 1.16x both,
+        # T=16 1.21 -> 1.22-1.25x (decode reads 16-byte pieces N r elements apart).
+        self.expert_columns = True
+        # With expert_columns, whether B's columns go beside W0's where d_out > d_in ([W0 | B_all]:
+        # the prefill is one GEMM of [x | H], which pays a copy of x and loses the base GEMM's
+        # overlap with the routing; measured no faster than columns of their own, the default).
+        self.wide_columns = False
         self._packed_at: tuple[int, int] | None = None
         self._b_packed_at: tuple[int, int, bool] | None = None
         self.pack_()

@@ -103,9 +103,10 @@ class MeteoRAModel(nn.Module):
                 mask[self.adapter_index(adapter)] = True
                 layer.forced_mask = mask
 
-    def set_expert_columns(self, enabled: bool = True, wide: bool = True) -> None:
-        """Keep every layer's lora_B as columns (with ``wide``, beside the base weight's where
-        d_out > d_in) for prefill-heavy inference; see MeteoRALinear.expert_columns and
+    def set_expert_columns(self, enabled: bool = True, wide: bool = False) -> None:
+        """The CUDA inference layout of every layer's lora_B: as columns of a (d_out, N r) buffer
+        (``enabled``, the default; with ``wide``, beside the base weight's where d_out > d_in), or
+        (``enabled=False``) as the (N, d_out, r) tensor; see MeteoRALinear.expert_columns and
         wide_columns for the measured trade-off."""
         for layer in self.meteora_layers().values():
             layer.expert_columns = enabled

@@ -246,7 +246,8 @@ def test_inference_op_matches_training_path(device, tmp_path):
     layer.to(torch.float32)
     assert not layer.pack_()
     layer.packable = True
-    if device == "cuda":  # the inference path packs again by itself, B's columns too when asked
+    if device == "cuda":  # the inference path packs again by itself, B's columns too (the default)
+        model.set_expert_columns(False)
         with torch.no_grad():
             model(ids)
         assert layer.is_packed() and not layer.is_packed(base=True)
@@ -255,7 +256,8 @@ def test_inference_op_matches_training_path(device, tmp_path):
             model(ids)
         assert layer.is_packed(base=True)
 
-    # lora_B as columns (beside the base weight's where d_out > d_in): same outputs, both paths.
+    # lora_B as columns beside the base weight's where d_out > d_in: same outputs, both paths.
+    model.set_expert_columns(wide=True)
     for layer in model.meteora_layers().values():
         assert layer.pack_(base=True) and layer.is_packed(base=True)
     up = model.meteora_layers()["model.layers.0.mlp.up_proj"]
@@ -288,7 +290,8 @@ def test_expert_columns_survive_add_adapter(tmp_path):
     adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i)
                 for i, n in enumerate("ab")}
     model = meteora.from_adapters(tiny_model(), adapters, top_k=1).eval()
-    model.set_expert_columns()
+    assert all(layer.expert_columns and not layer.wide_columns for layer in model.meteora_layers().values())
+    model.set_expert_columns(wide=True)  # not the default: add_adapter must carry it over
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         model.force_adapter("a")
@@ -297,7 +300,7 @@ def test_expert_columns_survive_add_adapter(tmp_path):
             assert layer.pack_(base=True)
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         model.add_adapter("c", make_adapter(base, tmp_path / "c", r=8, alpha=8, targets=ALL_LINEARS, seed=7))
-        assert all(layer.expert_columns for layer in model.meteora_layers().values())
+        assert all(layer.expert_columns and layer.wide_columns for layer in model.meteora_layers().values())
         model.force_adapter("a")
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         for layer in model.meteora_layers().values():
