@@ -126,6 +126,14 @@ class MeteoRALinear(nn.Module):
             return packed
         return True
 
+    def _apply(self, fn, recurse=True):
+        # .to / .cuda / .half give the weights new storage, which the caching allocator may place at
+        # the address of a block just freed: the layout caches, keyed by data pointers, start over.
+        self._packed_at = self._b_packed_at = None
+        if self.group is not None:
+            self.group._packed_at = None
+        return super()._apply(fn, recurse)
+
     def _wide(self) -> bool:
         """Whether lora_B's columns go beside the base weight's: the prefill GEMM is then one GEMM of
         [x | H] with [W0 | B_all], which pays (one copy of x) where d_out > d_in."""

@@ -21,7 +21,7 @@ fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     METEORA_FUZZ_CASES=25 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py \
-      -k "cuda and kernel and (test_forward_matches_float64 and (7-3-2 or 129-28-8 or 1-1-1) or test_gradients and (129-3-2 or 129-28-8) or test_linear and (28-2 or 64-8) or test_linear_group and (1-dtype1 or 33-dtype1) or test_ties or fuzz)" \
+      -k "cuda and (kernel and (test_forward_matches_float64 and (7-3-2 or 129-28-8 or 1-1-1) or test_gradients and (129-3-2 or 129-28-8) or test_linear and (28-2 or 64-8) or test_linear_group and (1-dtype1 or 33-dtype1 or 300-dtype1) or test_ties or fuzz) or test_linear_group_many_members and 300)" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -cE 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer_$tool.log") clean summaries); $(grep -E 'passed|failed' "$OUT/sanitizer_$tool.log" | tail -1)"
   done

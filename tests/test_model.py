@@ -238,7 +238,7 @@ def test_inference_op_matches_training_path(device, tmp_path):
     assert layer.is_packed()
     gate, lora_a = layer.gate.weight.detach().clone(), layer.lora_A.detach().clone()
     layer.to(torch.float64)
-    assert not layer.is_packed()
+    assert not layer.is_packed() and not layer.is_packed(base=True)
     assert layer.pack_() and layer.is_packed()
     torch.testing.assert_close(layer.gate.weight.float(), gate)
     torch.testing.assert_close(layer.lora_A.float(), lora_a)

@@ -250,13 +250,14 @@ GROUP_MEMBERS = [(40, 3, 2, [4, 8, 2], True, False), (24, 28, 2, None, False, Tr
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [0, 1, 7, 32, 33, 129])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 32, 33, 129, 300])
 def test_linear_group_matches_float64(device, impl, dtype, tokens):
     """linear_group: every member's result is meteora.linear's (against float64 at its own
     selection), with the members' [gate; A] in one buffer (one routing GEMM on CUDA, from every
     block's columns), in two members' buffers and one's own (one op per member), in buffer order
     other than the list's, with B as columns for one member and [W0 | B_all] for another (wide at
-    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x."""
+    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x; and in another
+    order (the member without bias last), B as rows and as columns."""
     _skip_unless_available(impl, device)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -286,13 +287,23 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
             assert len(results) == len(group)
             for i, (m, result) in enumerate(zip(group, results)):
                 verify_linear(result, x, *m, what=f"member {i}, {name}, B {b_layout}, seed {seed}")
+    for b_layout in ("rows", "cols"):  # the member without bias last
+        order = [members[2], members[0], members[1]]
+        views = packed_group([(m.gate_weight, m.lora_a) for m in order])
+        group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(order, views)]
+        if b_layout == "cols":
+            group = [m._replace(base_weight=w0, lora_b=b) for m in group
+                     for w0, b in [column_layout(m.base_weight, m.lora_b, False)]]
+        for i, (m, result) in enumerate(zip(group, ops.linear_group(x, group, impl=impl))):
+            verify_linear(result, x, *m, what=f"member {i} (bias-free last), B {b_layout}, seed {seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("tokens", [3, 40, 300])
 def test_linear_group_many_members(device, tokens):
     """Eleven members in one buffer: more than one add_delta launch at decode sizes (8 pieces a
-    launch), one member with a single output column (its piece is too short for 16-byte steps)."""
+    launch), one member with a single output column (its piece is too short for 16-byte steps);
+    at T = 300 eleven side-stream expands, each after its own base GEMM."""
     _skip_unless_available("kernel", device)
     seed = fresh_seed()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
