@@ -248,6 +248,8 @@ def test_inference_op_matches_training_path(device, tmp_path):
     layer.packable = True
     if device == "cuda":  # the inference path packs again by itself, B's columns too (the default)
         model.set_expert_columns(False)
+        # .to kept B's columns order (its strides' permutation): make it the (N, d_out, r) tensor again
+        layer.lora_B.data = layer.lora_B.detach().contiguous()
         with torch.no_grad():
             model(ids)
         assert layer.is_packed() and not layer.is_packed(base=True)
