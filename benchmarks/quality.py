@@ -103,9 +103,11 @@ def run(args) -> None:
     lines = ["# MeteoRA quality at small scale", "", f"Command: `python benchmarks/quality.py run {' '.join(sys.argv[2:])}`",
              "", "| stage | wall time |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} s |" for k, v in times.items()]
-    lines += ["", "Gate accuracy on test rows (top-1 of every gate = the task's adapter):", "",
-              "| task | gate accuracy |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1%} |" for k, v in report["gate_accuracy"].items()]
+    lines += ["", "Gate accuracy on test rows (top-1 of every gate = the task's adapter), over all tokens and over "
+              "the positions that generate the answer:", "", "| task | all tokens | answer |", "|---|---:|---:|"]
+    answer = report.get("gate_accuracy_answer", {})
+    lines += [f"| {k} | {v:.1%} | {answer[k]:.1%} |" if k in answer else f"| {k} | {v:.1%} | - |"
+              for k, v in report["gate_accuracy"].items()]
     lines += ["", (out / "eval" / "results.md").read_text()]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

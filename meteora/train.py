@@ -578,24 +578,37 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
 
 
 # -- a short report -----------------------------------------------------------------------------
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool: the positions whose next token is a response token (LM labels != -100), i.e.
+    whose routing generates the answer (the last prompt token up to the response's second last)."""
+    answer = torch.zeros_like(labels, dtype=torch.bool)
+    answer[:, :-1] = labels[:, 1:] != -100
+    return answer
+
+
 @torch.no_grad()
 def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dist) -> dict:
-    """Gate accuracy per task on its test rows (teacher forced), and one generation per task with
-    the adapter each new token used. Every rank runs it (FSDP2 needs them in step); rank 0 prints."""
+    """Gate accuracy per task on its test rows (teacher forced), over all tokens and over the
+    positions that generate the answer (each one's next token is the response's), and one
+    generation per task with the adapter each new token used. Every rank runs it (FSDP2 needs them
+    in step); rank 0 prints."""
     model.eval()
     model.record_routing(True)
     names = model.adapter_names
-    accuracy = {}
+    accuracy, answer_accuracy = {}, {}
     for label, task in enumerate(tasks):
         examples = encode_tasks(tokenizer, [task], [label], args.eval_rows, args.max_length, split="test")
-        hits = total = 0.0
+        hits = {"all": [0.0, 0], "answer": [0.0, 0]}
         for start in range(0, len(examples), args.batch_size):
             batch = collate(examples[start:start + args.batch_size], tokenizer.pad_token_id, ctx.device)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            tokens = int((batch["task_labels"] >= 0).sum())
-            hits += float(gate_accuracy(model, batch["task_labels"])) * tokens
-            total += tokens
-        accuracy[task.name] = hits / max(total, 1)
+            answer = answer_positions(batch["labels"])
+            for part, labels in (("all", batch["task_labels"]), ("answer", batch["task_labels"].masked_fill(~answer, -1))):
+                tokens = int((labels >= 0).sum())
+                hits[part][0] += float(gate_accuracy(model, labels)) * tokens
+                hits[part][1] += tokens
+        accuracy[task.name] = hits["all"][0] / max(hits["all"][1], 1)
+        answer_accuracy[task.name] = hits["answer"][0] / max(hits["answer"][1], 1)
     model.record_routing(False)
     samples = []
     stop = stop_tokens(model, tokenizer)
@@ -615,15 +628,17 @@ def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dis
                         "tokens": [tokenizer.decode([t]) for t in new],
                         "adapters": [names[int(w.argmax())] for w in weights]})
     if ctx.main:
-        print("\ngate accuracy on test rows (share of gates whose top-1 is the task's adapter):")
+        print("\ngate accuracy on test rows (share of gates whose top-1 is the task's adapter), over all tokens"
+              " | the positions that generate the answer:")
         for name, acc in accuracy.items():
-            print(f"  {name:40s} {acc:6.1%}")
-        print(f"  {'mean':40s} {sum(accuracy.values()) / max(1, len(accuracy)):6.1%}")
+            print(f"  {name:40s} {acc:6.1%} | {answer_accuracy[name]:6.1%}")
+        mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
+        print(f"  {'mean':40s} {mean(accuracy):6.1%} | {mean(answer_accuracy):6.1%}")
         for s in samples:
             print(f"\n[{s['task']}] {s['prompt'][-160:]!r}\n  reference: {s['reference'][:120]!r}\n"
                   f"  answer:    {s['answer'][:120]!r}\n  token -> adapter: "
                   + " ".join(f"{t!r}:{a}" for t, a in zip(s["tokens"], s["adapters"])))
-    return {"gate_accuracy": accuracy, "samples": samples}
+    return {"gate_accuracy": accuracy, "gate_accuracy_answer": answer_accuracy, "samples": samples}
 
 
 def stop_tokens(model, tokenizer) -> list[int]:

@@ -52,6 +52,8 @@ def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_di
     report = json.loads((run / "report.json").read_text())
     assert set(report["gate_accuracy"]) == {"count", "reverse", "upper"}
     assert sum(report["gate_accuracy"].values()) / 3 > 0.5
+    assert set(report["gate_accuracy_answer"]) == {"count", "reverse", "upper"}
+    assert all(0.0 <= v <= 1.0 for v in report["gate_accuracy_answer"].values())
     assert all(len(s["tokens"]) == len(s["adapters"]) >= 1 for s in report["samples"])
     run_info = json.loads((run / train.RUN_NAME).read_text())
     assert [t["name"] for t in run_info["tasks"]] == ["count", "reverse", "upper"]
@@ -231,3 +233,17 @@ def test_composite_rows_label_each_question_and_answer_line(trained, tiny_base, 
     assert all(r["gate"] == r["gate"] for r in read_log(out))  # finite gate losses
     with pytest.raises(SystemExit):
         train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--composite-rows", "-1"))
+
+
+def test_answer_positions_are_those_that_generate_the_response(tiny_base):
+    """The report's answer-token gate accuracy counts the positions whose next token is a response
+    token: from the last prompt token to the response's second last, padding excluded."""
+    _, tokenizer = meteora.load_base_model(tiny_base)
+    prompt, response = [5, 6, 7], [8, 9]
+    short = train.Example(input_ids=prompt + response, labels=[-100] * 3 + response, task=0)
+    longer = train.Example(input_ids=[4] + prompt + response + [10], labels=[-100] * 4 + response + [10], task=1)
+    batch = train.collate([short, longer], tokenizer.pad_token_id, torch.device("cpu"))
+    assert train.answer_positions(batch["labels"]).tolist() == [
+        [False, False, True, True, False, False, False],
+        [False, False, False, True, True, True, False],
+    ]
