@@ -73,7 +73,8 @@ def run(args) -> None:
 
     # Adapter folders that exist are kept (train skips them): a second call goes on from here.
     _timed(out, "per-task adapters", lambda: train.main(
-        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows]),
+        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows,
+         *(["--joint-adapters"] if args.joint_adapters else [])]),
         done_before=all((adapters / t).is_dir() for t in tasks))
     mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)  # as many steps as all per-task adapters
     _timed(out, "mixed-task LoRA", lambda: train.main(
@@ -128,6 +129,8 @@ def main() -> None:
     p.add_argument("--base", default="smollm2")
     p.add_argument("--adapter-steps", type=int, default=60)
     p.add_argument("--mixed-steps", type=int, default=0, help="default: adapter steps x number of tasks")
+    p.add_argument("--joint-adapters", action="store_true",
+                   help="train the per-task adapters side by side in one model (meteora.train --joint-adapters)")
     p.add_argument("--steps", type=int, default=100, help="gate training steps")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--composite-rows", type=int, default=0, help="composite rows in the gate data (meteora.train)")

@@ -86,6 +86,9 @@ class MeteoRALinear(nn.Module):
         self.routing: Routing | None = None
         self.routing_hook: Callable[[Routing], None] | None = None
         self.group: LinearGroup | None = None  # linears that read the same input (group_linears)
+        # (T,) int64: the expert each token goes to, weight 1, -1 for none, instead of the gate's
+        # choice (MeteoRAModel.route_by_labels: N adapters trained side by side in one batch).
+        self.token_experts: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -233,6 +236,8 @@ class MeteoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> (..., d_out)."""
+        if self.token_experts is not None:
+            return self._forward_by_label(x)
         group = self.group
         if group is not None and (x.is_cuda or group.on_cpu):
             done = group.forward(self, x)
@@ -265,6 +270,29 @@ class MeteoRALinear(nn.Module):
             self._registered(self._buffers, "scaling"), mask, self.top_k, self.temperature, x_lora=x_lora, impl=self.impl,
         )
         return self._finish(x, out, routing)
+
+    def _forward_by_label(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token through the one expert ``token_experts`` names (weight 1; -1: none), the
+        gate bypassed: base GEMM + that expert's LoRA term, gradients for lora_A and lora_B."""
+        x2 = x.reshape(-1, x.shape[-1])
+        labels = self.token_experts.reshape(-1)
+        if labels.numel() != x2.shape[0]:
+            raise ValueError(f"meteora: token_experts holds {labels.numel()} labels for {x2.shape[0]} tokens "
+                             f"(labels must have the input_ids' shape)")
+        dropout = self._registered(self._modules, "lora_dropout")
+        x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
+        _, lora_a, lora_b = self._weights()
+        if lora_a.dtype != x2.dtype:
+            lora_a, lora_b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+        idx = labels.clamp(min=0).unsqueeze(1)
+        weight = (labels >= 0).to(torch.float32).unsqueeze(1)
+        delta = ops.lora_experts(x_lora, lora_a, lora_b, self._registered(self._buffers, "scaling"), idx, weight,
+                                 None, impl=self.impl)
+        base = self._registered(self._modules, "base_layer")
+        if base.bias is not None:
+            delta = delta + base.bias
+        out = torch.addmm(delta, x2, base.weight.t()) if x2.shape[0] > 0 else delta
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
         return (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._files import atomic_folder as _atomic_folder
 from ._files import atomic_write as _atomic_write
 from .adapters import AdapterError, LoraAdapter, load_adapter
 from .layer import MeteoRALinear, Routing, check_routing, group_linears
@@ -88,6 +90,61 @@ class MeteoRAModel(nn.Module):
         if adapter not in self.adapter_names:
             raise ValueError(f"meteora: unknown adapter {adapter!r}; known: {', '.join(self.adapter_names)}")
         return self.adapter_names.index(adapter)
+
+    @contextlib.contextmanager
+    def route_by_labels(self, labels: torch.Tensor) -> Iterator[None]:
+        """While the block runs, every token goes to the expert its label names ((B, S) or (T,),
+        the input_ids' shape; -1: no expert), weight 1, the gates bypassed: N adapters trained side
+        by side in one batch, each on its own rows (``python -m meteora.train --joint-adapters``)."""
+        flat = labels.reshape(-1)
+        if flat.numel() and (int(flat.min()) < -1 or int(flat.max()) >= self.num_experts):
+            raise ValueError(f"meteora: route_by_labels: labels must be in [-1, {self.num_experts}), got "
+                             f"[{int(flat.min())}, {int(flat.max())}]")
+        layers = list(self.meteora_layers().values())
+        for layer in layers:
+            layer.token_experts = flat
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.token_experts = None
+
+    def save_adapter(self, adapter: str | int, path: str | os.PathLike, lora_alpha: float | None = None,
+                     extra: Mapping[str, str] | None = None) -> Path:
+        """Write one expert as a PEFT LoRA adapter folder (adapter_config.json +
+        adapter_model.safetensors, written to a temporary folder, then renamed): its lora_A / lora_B at
+        its rank in every module it adapts. ``lora_alpha`` defaults to scaling x rank (one value for
+        every module, as PEFT's config holds one); ``extra``: more files {name: text} in the folder."""
+        from safetensors.torch import save_file
+
+        index = self.adapter_index(adapter)
+        state, alphas, ranks, targets = {}, set(), set(), set()
+        for name, layer in self.meteora_layers().items():
+            if not bool(layer.expert_mask[index]):
+                continue
+            rank = int(layer.ranks[index])
+            state[f"base_model.model.{name}.lora_A.weight"] = _full_tensor(layer.lora_A.detach())[index, :rank].cpu().contiguous()
+            state[f"base_model.model.{name}.lora_B.weight"] = _full_tensor(layer.lora_B.detach())[index, :, :rank].cpu().contiguous()
+            alphas.add(round(float(layer.scaling[index]) * rank, 6))
+            ranks.add(rank)
+            targets.add(name.rsplit(".", 1)[-1])
+        if not state:
+            raise ValueError(f"meteora: adapter {self.adapter_names[index]!r} adapts no module")
+        if len(ranks) != 1 or (lora_alpha is None and len(alphas) != 1):
+            raise ValueError(f"meteora: adapter {self.adapter_names[index]!r} has ranks {sorted(ranks)} and alphas "
+                             f"{sorted(alphas)} across modules; a PEFT config holds one of each")
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(),
+                  "lora_alpha": lora_alpha if lora_alpha is not None else alphas.pop(),
+                  "lora_dropout": self.lora_dropout, "target_modules": sorted(targets), "bias": "none",
+                  "base_model_name_or_path": self.base_model_id, "fan_in_fan_out": False, "inference_mode": True}
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+        return _atomic_folder(Path(path), write)
 
     def force_adapter(self, adapter: str | int | None) -> None:
         """Send every token to one adapter with weight 1 (None restores the gates' choice).
@@ -354,6 +411,41 @@ def from_adapters(
     base_model.requires_grad_(False)
     model = MeteoRAModel(base_model, names, _base_model_id(base_model), dropout)
     model.set_trainable(gates=True, loras=False)
+    return model
+
+
+def new_experts(
+    base_model: nn.Module,
+    names: Sequence[str],
+    rank: int = 8,
+    lora_alpha: float = 16.0,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_dropout: float = 0.0,
+    top_k: int = 1,
+) -> MeteoRAModel:
+    """``base_model`` (changed in place) with N fresh LoRA experts of ``rank`` in every linear whose
+    name ends in one of ``target_modules``, initialised as PEFT initialises a LoRA (A Kaiming-uniform,
+    B zero: the model starts as the base model), scaling lora_alpha / rank. Train them side by side
+    under ``route_by_labels`` (each token on its own task's expert), then ``save_adapter`` each."""
+    if not names:
+        raise ValueError("meteora: new_experts needs at least one name")
+    targets = tuple(target_modules)
+    modules = [n for n, m in base_model.named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    if not modules:
+        raise ValueError(f"meteora: new_experts: no linear of the base model is named {', '.join(targets)}")
+    for module in modules:
+        linear = base_model.get_submodule(module)
+        layer = MeteoRALinear(linear, len(names), rank, min(top_k, len(names)), 1.0, lora_dropout)
+        a = torch.empty(len(names), rank, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
+        for e in range(len(names)):
+            nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            layer.set_expert(e, a[e], torch.zeros(linear.out_features, rank, dtype=a.dtype, device=a.device),
+                             lora_alpha / rank)
+        _replace_module(base_model, module, layer)
+    base_model.requires_grad_(False)
+    model = MeteoRAModel(base_model, names, _base_model_id(base_model), lora_dropout)
+    model.set_trainable(gates=False, loras=True)
     return model
 
 

@@ -37,7 +37,7 @@ from .base import DEFAULT_MODEL, cache_dir, default_model_dir, load_base_model
 from .data import Task
 from .loss import gate_accuracy, meteora_loss
 from ._files import atomic_folder, atomic_write as _atomic_write
-from .model import CheckpointError, MeteoRAModel, _full_tensor, from_adapters, load
+from .model import CheckpointError, MeteoRAModel, _full_tensor, from_adapters, load, new_experts
 
 log = logging.getLogger("meteora")
 
@@ -322,9 +322,12 @@ class Checkpointer:
 
 
 def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches,
-             loss_fn: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]], args, ctx: Dist,
-             desc: str, out: Path | None = None, resume: bool = False) -> list[dict]:
+             loss_fn: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None, args, ctx: Dist,
+             desc: str, out: Path | None = None, resume: bool = False,
+             backward_fn: Callable[[dict], dict[str, torch.Tensor]] | None = None) -> list[dict]:
     """AdamW + warmup/cosine, gradient accumulation and clipping; optional checkpoints in ``out``.
+    ``backward_fn(batch)`` instead of ``loss_fn``: runs the backward itself (for one micro-batch of
+    ``grad_accum`` = 1) and returns the parts to log, "loss" among them.
 
     Returns the per-step history (dicts of floats). With ``out``, rank 0 appends each step to
     ``out/train_log.jsonl`` and the state goes to ``out/checkpoint/`` every ``args.checkpoint_every``
@@ -350,8 +353,12 @@ def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches,
         for _ in range(args.grad_accum):
             batch = collate(next(stream), batches.pad_id, ctx.device)
             position += 1
-            loss, parts = loss_fn(batch)
-            (loss / args.grad_accum).backward()
+            if backward_fn is not None:
+                parts = backward_fn(batch)
+                loss = parts.pop("loss")
+            else:
+                loss, parts = loss_fn(batch)
+                (loss / args.grad_accum).backward()
             for key, value in {"loss": loss, **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / args.grad_accum
         norm = _full_tensor(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -430,6 +437,92 @@ def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
     return folder
 
 
+def lm_loss_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) per row: the summed next-token cross-entropy over its labelled (response) tokens
+    (the vocabulary projection only where some row is labelled, as lm_loss)."""
+    labels = batch["labels"]
+    keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, keep + 1],
+                                           ignore_index=-100, reduction="none")
+    return ce.sum(1)
+
+
+def joint_backward(model: MeteoRAModel, batch: dict[str, torch.Tensor], tasks: int, micro_rows: int) -> torch.Tensor:
+    """Backward of sum over tasks of each task's mean LM loss over its own tokens in ``batch``, every
+    token routed to its task's expert (route_by_labels), in micro-batches of ``micro_rows`` rows;
+    returns the (tasks,) mean losses. Expert t's gradient is that of its task's rows alone."""
+    row_task = batch["task_labels"][:, 0]  # every token of a row carries its task (padding, at the end: -1)
+    tokens = (batch["labels"][:, 1:] != -100).sum(1).float()
+    counts = torch.zeros(tasks, device=tokens.device).index_add_(0, row_task, tokens).clamp(min=1)
+    per_task = torch.zeros(tasks, device=tokens.device)
+    for start in range(0, row_task.numel(), micro_rows):
+        micro = {k: v[start:start + micro_rows] for k, v in batch.items()}
+        here = row_task[start:start + micro_rows]
+        with model.route_by_labels(micro["task_labels"]):  # backward inside: checkpointing recomputes
+            ce = lm_loss_rows(model, micro)
+            (ce / counts[here]).sum().backward()
+        per_task.index_add_(0, here, ce.detach())
+    return per_task / counts
+
+
+def clip_experts(model: MeteoRAModel, max_norm: float) -> torch.Tensor:
+    """Clip each expert's gradient (its lora_A and lora_B rows in every layer) to ``max_norm`` on its
+    own; returns the (N,) norms before clipping."""
+    grads = [p.grad for layer in model.meteora_layers().values() for p in (layer.lora_A, layer.lora_B)
+             if p.grad is not None]
+    squares = sum(g.float().pow(2).sum(dim=tuple(range(1, g.dim()))) for g in grads)
+    norms = squares.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1)))
+    return norms
+
+
+def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path], ctx: Dist) -> None:
+    """Fine-tune one LoRA adapter per task side by side, as N experts of one model with every
+    token routed to its own task's expert (MeteoRAModel.route_by_labels): a step runs batch_size x N
+    rows of mixed tasks, in micro-batches of batch_size rows, for all adapters at once. Each
+    adapter's loss is the mean over its own task's tokens of the step, its gradient is clipped on its
+    own and Adam's state is per parameter, so each trains as it would alone on about batch_size rows
+    a step; on a GPU one forward serves N adapters (a step of a small model is launch-bound). Each is
+    saved as a PEFT adapter folder (atomically) with its meteora_adapter.json."""
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_base_model(args.base, dtype=_model_dtype(args, ctx), device=ctx.device)
+    targets = TARGET_MODULES if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
+    model = new_experts(base, [t.name for t in tasks], args.lora_r, args.lora_alpha, targets, args.lora_dropout)
+    params = model.lora_parameters()
+    for p in params:
+        p.data = p.data.float()
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n = len(tasks)
+    examples = encode_tasks(tokenizer, tasks, list(range(n)), args.rows_per_task, args.max_length)
+    batches = Batches(examples, args.batch_size * n, args.seed, tokenizer.pad_token_id)
+    first: list[torch.Tensor] = []  # per-task mean loss at the first and the last step
+    last: list[torch.Tensor] = []
+
+    def backward_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        means = joint_backward(model, batch, n, args.batch_size)
+        clip_experts(model, args.clip)
+        if not first:
+            first.append(means.cpu())
+        last[:] = [means.cpu()]
+        return {"loss": means.sum(), "lm": means.mean()}
+
+    sub = argparse.Namespace(**{**vars(args), "steps": args.adapter_steps, "lr": args.adapter_lr,
+                                "weight_decay": 0.0, "grad_accum": 1, "clip": math.inf})
+    optimize(model, params, batches, None, sub, Dist(device=ctx.device), f"{n} adapters", backward_fn=backward_fn)
+    for index, (task, folder) in enumerate(zip(tasks, folders)):
+        meta = {"task": task.name, "source": task.source, "base": str(args.base), "steps": args.adapter_steps,
+                "lr": args.adapter_lr, "batch_size": args.batch_size, "max_length": args.max_length,
+                "trained_with": [t.name for t in tasks],
+                "first_loss": float(first[0][index]) if first else None,
+                "last_loss": float(last[0][index]) if last else None}
+        model.save_adapter(index, folder, lora_alpha=args.lora_alpha,
+                           extra={"meteora_adapter.json": json.dumps(meta, indent=2)})
+
+
 def ensure_adapters(args, tasks: Sequence[Task], ctx: Dist) -> dict[str, Path]:
     """An adapter folder per task: given (--adapter), already trained (skipped) or trained now.
     Under torchrun each rank trains its share of the missing ones."""
@@ -446,11 +539,17 @@ def ensure_adapters(args, tasks: Sequence[Task], ctx: Dist) -> dict[str, Path]:
                 log.info("adapter %s: reusing %s", task.name, folder)
         else:
             missing.append(task)
-    for i, task in enumerate(missing):
-        if i % ctx.world == ctx.rank:
-            started = time.perf_counter()
-            train_adapter(args, task, paths[task.name], ctx)
-            log.info("adapter %s: trained in %.0f s -> %s", task.name, time.perf_counter() - started, paths[task.name])
+    mine = missing[ctx.rank::ctx.world]
+    if args.joint_adapters and len(mine) > 1:
+        started = time.perf_counter()
+        train_adapters_jointly(args, mine, [paths[t.name] for t in mine], ctx)
+        log.info("adapters %s: trained side by side in %.0f s -> %s", ", ".join(t.name for t in mine),
+                 time.perf_counter() - started, paths[mine[0].name].parent)
+        mine = []
+    for task in mine:
+        started = time.perf_counter()
+        train_adapter(args, task, paths[task.name], ctx)
+        log.info("adapter %s: trained in %.0f s -> %s", task.name, time.perf_counter() - started, paths[task.name])
     ctx.barrier()
     return paths
 
@@ -677,6 +776,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora-targets", default="all", help="'all' (the 7 LLaMA linears) or a comma list")
     g.add_argument("--adapter-steps", type=int, default=30)
     g.add_argument("--adapter-lr", type=float, default=1e-3)
+    g.add_argument("--joint-adapters", action="store_true",
+                   help="train the missing adapters side by side, as experts of one model with each token on its "
+                        "task's expert (one forward for all; each adapter's loss, clipping and Adam state its own)")
     g = parser.add_argument_group("gates")
     g.add_argument("--out", default="runs/default", help="checkpoint folder")
     g.add_argument("--steps", type=int, default=40, help="optimizer steps")

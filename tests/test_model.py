@@ -381,3 +381,55 @@ def test_linear_groups(device, tmp_path, monkeypatch):
     model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=9))
     layers = model.meteora_layers()
     assert layers["model.layers.0.self_attn.k_proj"].group.members[0] is layers["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_new_experts_route_by_labels_and_save_as_peft(tmp_path, device):
+    """new_experts starts as the base model; under route_by_labels each row runs its own expert
+    (equal to that adapter alone, saved by save_adapter and read back by PEFT and by meteora), a
+    label of -1 runs none, and each expert's gradient comes only from its own rows."""
+    from peft import PeftModel
+
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (3, 11), device=device)
+    base_logits = tiny_model().to(device)(ids).logits
+    model = meteora.new_experts(tiny_model().to(device), ["a", "b"], rank=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj", "down_proj", "up_proj"])
+    layers = model.meteora_layers()
+    assert len(layers) == 8 and all(layer.lora_A.requires_grad and not layer.gate.weight.requires_grad
+                                    for layer in layers.values())
+    labels = torch.tensor([[0] * 11, [1] * 11, [0] * 5 + [-1] * 6], device=device)
+    with model.route_by_labels(labels):
+        torch.testing.assert_close(model(ids).logits, base_logits)  # B starts at zero
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_(std=0.2)
+    with model.route_by_labels(labels):
+        logits = model(ids).logits
+    assert all(layer.token_experts is None for layer in layers.values())  # cleared on exit
+    for index, name in enumerate("ab"):
+        folder = model.save_adapter(name, tmp_path / name)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+        assert config["target_modules"] == ["down_proj", "q_proj", "up_proj", "v_proj"]
+        peft = PeftModel.from_pretrained(tiny_model().to(device), folder).eval()
+        alone = meteora.from_adapters(tiny_model().to(device), {name: folder}, top_k=1).eval()
+        with torch.no_grad():
+            expected = peft(ids).logits
+            torch.testing.assert_close(alone(ids).logits, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[index], expected[index], rtol=1e-4, atol=1e-4)  # row 0: a, row 1: b
+            if name == "a":  # row 2: a on its first 5 tokens (causal: they see nothing of the rest)
+                torch.testing.assert_close(logits[2, :5], peft(ids[2:, :5]).logits[0], rtol=1e-4, atol=1e-4)
+
+    # Gradients: rows of a alone give b's rows of lora_A / lora_B no gradient, and the other way round.
+    with model.route_by_labels(torch.zeros_like(ids)):
+        model(ids).logits.square().mean().backward()
+    for layer in layers.values():
+        assert layer.lora_A.grad[1].abs().sum() == 0 and layer.lora_B.grad[1].abs().sum() == 0
+        assert layer.lora_B.grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match=r"labels must be in \[-1, 2\), got \[0, 2\]"):
+        with model.route_by_labels(torch.full_like(ids, 2).index_fill_(1, torch.tensor([0], device=device), 0)):
+            pass
+    with pytest.raises(ValueError, match="token_experts holds 5 labels for 33 tokens"):
+        with model.route_by_labels(torch.zeros(5, dtype=torch.long, device=device)):
+            model(ids)
