@@ -89,6 +89,7 @@ class MeteoRALinear(nn.Module):
         # (T,) int64: the expert each token goes to, weight 1, -1 for none, instead of the gate's
         # choice (MeteoRAModel.route_by_labels: N adapters trained side by side in one batch).
         self.token_experts: torch.Tensor | None = None
+        self.token_expert: int | None = None  # the one expert of every labelled token, if they share one
 
     @property
     def num_experts(self) -> int:
@@ -284,10 +285,15 @@ class MeteoRALinear(nn.Module):
         _, lora_a, lora_b = self._weights()
         if lora_a.dtype != x2.dtype:
             lora_a, lora_b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
-        idx = labels.clamp(min=0).unsqueeze(1)
-        weight = (labels >= 0).to(torch.float32).unsqueeze(1)
-        delta = ops.lora_experts(x_lora, lora_a, lora_b, self._registered(self._buffers, "scaling"), idx, weight,
-                                 None, impl=self.impl)
+        scaling = self._registered(self._buffers, "scaling")
+        single = self.token_expert
+        if single is not None:  # one expert for the whole batch: two small GEMMs, as a lone LoRA runs
+            labelled = (labels >= 0).to(x2.dtype).unsqueeze(1)
+            delta = ((x_lora @ lora_a[single].t()) @ lora_b[single].t()) * (scaling[single].to(x2.dtype) * labelled)
+        else:
+            idx = labels.clamp(min=0).unsqueeze(1)
+            weight = (labels >= 0).to(torch.float32).unsqueeze(1)
+            delta = ops.lora_experts(x_lora, lora_a, lora_b, scaling, idx, weight, None, impl=self.impl)
         base = self._registered(self._modules, "base_layer")
         if base.bias is not None:
             delta = delta + base.bias

@@ -100,14 +100,16 @@ class MeteoRAModel(nn.Module):
         if flat.numel() and (int(flat.min()) < -1 or int(flat.max()) >= self.num_experts):
             raise ValueError(f"meteora: route_by_labels: labels must be in [-1, {self.num_experts}), got "
                              f"[{int(flat.min())}, {int(flat.max())}]")
+        labelled = flat[flat >= 0]
+        single = int(labelled[0]) if labelled.numel() and bool((labelled == labelled[0]).all()) else None
         layers = list(self.meteora_layers().values())
         for layer in layers:
-            layer.token_experts = flat
+            layer.token_experts, layer.token_expert = flat, single
         try:
             yield
         finally:
             for layer in layers:
-                layer.token_experts = None
+                layer.token_experts, layer.token_expert = None, None
 
     def save_adapter(self, adapter: str | int, path: str | os.PathLike, lora_alpha: float | None = None,
                      extra: Mapping[str, str] | None = None) -> Path:

@@ -243,6 +243,26 @@ class Batches:
             m = (epoch + 1) * self.per_rank
 
 
+class TaskBatches:
+    """For adapters trained side by side: every step one length-bucketed batch of ``batch_size`` rows
+    of each task (a Batches per task), task after task, so a micro-batch of ``batch_size`` rows
+    holds one task. Step ``m`` is fully determined by (seed, m)."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, pad_id: int):
+        by_task: dict[int, list[Example]] = {}
+        for e in examples:
+            by_task.setdefault(e.task, []).append(e)
+        if not by_task:
+            raise ValueError("meteora.train: no training examples")
+        self.tasks = {t: Batches(rows, batch_size, seed, pad_id) for t, rows in sorted(by_task.items())}  # as each alone
+        self.batch_size, self.pad_id = batch_size, pad_id
+
+    def stream(self, start: int = 0) -> Iterator[list[Example]]:
+        streams = [b.stream(start) for b in self.tasks.values()]
+        while True:
+            yield [e for s in streams for e in next(s)]
+
+
 def collate(batch: Sequence[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded tensors; task labels are -1 (ignored) on padding."""
     length = max(len(e.input_ids) for e in batch)
@@ -321,7 +341,7 @@ class Checkpointer:
         return state["step"], state["position"], state["history"]
 
 
-def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches,
+def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches | TaskBatches,
              loss_fn: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None, args, ctx: Dist,
              desc: str, out: Path | None = None, resume: bool = False,
              backward_fn: Callable[[dict], dict[str, torch.Tensor]] | None = None) -> list[dict]:
@@ -458,6 +478,8 @@ def joint_backward(model: MeteoRAModel, batch: dict[str, torch.Tensor], tasks: i
     per_task = torch.zeros(tasks, device=tokens.device)
     for start in range(0, row_task.numel(), micro_rows):
         micro = {k: v[start:start + micro_rows] for k, v in batch.items()}
+        length = int(micro["attention_mask"].sum(1).max())  # right padding: trim to this micro-batch's rows
+        micro = {k: v[:, :length] for k, v in micro.items()}
         here = row_task[start:start + micro_rows]
         with model.route_by_labels(micro["task_labels"]):  # backward inside: checkpointing recomputes
             ce = lm_loss_rows(model, micro)
@@ -481,11 +503,11 @@ def clip_experts(model: MeteoRAModel, max_norm: float) -> torch.Tensor:
 
 def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path], ctx: Dist) -> None:
     """Fine-tune one LoRA adapter per task side by side, as N experts of one model with every
-    token routed to its own task's expert (MeteoRAModel.route_by_labels): a step runs batch_size x N
-    rows of mixed tasks, in micro-batches of batch_size rows, for all adapters at once. Each
+    token routed to its own task's expert (MeteoRAModel.route_by_labels): a step runs batch_size
+    rows of every task (TaskBatches), in micro-batches of batch_size rows, for all adapters. Each
     adapter's loss is the mean over its own task's tokens of the step, its gradient is clipped on its
-    own and Adam's state is per parameter, so each trains as it would alone on about batch_size rows
-    a step; on a GPU one forward serves N adapters (a step of a small model is launch-bound). Each is
+    own and Adam's state is per parameter, so each trains as it would alone on batch_size rows a
+    step. Each is
     saved as a PEFT adapter folder (atomically) with its meteora_adapter.json."""
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(args.base, dtype=_model_dtype(args, ctx), device=ctx.device)
@@ -498,12 +520,17 @@ def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path],
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n = len(tasks)
     examples = encode_tasks(tokenizer, tasks, list(range(n)), args.rows_per_task, args.max_length)
-    batches = Batches(examples, args.batch_size * n, args.seed, tokenizer.pad_token_id)
+    batches = TaskBatches(examples, args.batch_size, args.seed, tokenizer.pad_token_id)
     first: list[torch.Tensor] = []  # per-task mean loss at the first and the last step
     last: list[torch.Tensor] = []
 
+    # Micro-batches: on the CPU batch_size rows (one task each: two small GEMMs per linear, as PEFT);
+    # on a GPU several tasks in one forward (launch-bound at this size; the grouped LoRA kernels).
+    micro_rows = args.joint_micro_rows or (args.batch_size if ctx.device.type == "cpu" else
+                                           args.batch_size * max(1, min(n, 128 // args.batch_size)))
+
     def backward_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        means = joint_backward(model, batch, n, args.batch_size)
+        means = joint_backward(model, batch, n, micro_rows)
         clip_experts(model, args.clip)
         if not first:
             first.append(means.cpu())
@@ -779,6 +806,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--joint-adapters", action="store_true",
                    help="train the missing adapters side by side, as experts of one model with each token on its "
                         "task's expert (one forward for all; each adapter's loss, clipping and Adam state its own)")
+    g.add_argument("--joint-micro-rows", type=int, default=0,
+                   help="rows per forward with --joint-adapters (0: --batch-size on a CPU, up to 128 rows of "
+                        "several tasks on a GPU)")
     g = parser.add_argument_group("gates")
     g.add_argument("--out", default="runs/default", help="checkpoint folder")
     g.add_argument("--steps", type=int, default=40, help="optimizer steps")

@@ -302,3 +302,20 @@ def test_joint_adapters_cli(tiny_base, task_dir, tmp_path, caplog):
                                   {n: adapters / n for n in ("count", "reverse", "upper")})
     assert model.adapter_names == ["count", "reverse", "upper"]
     assert not [p for p in adapters.rglob("*.tmp")] and not [p for p in adapters.iterdir() if p.name.startswith(".")]
+
+
+def test_task_batches_give_every_task_its_rows_each_step():
+    """TaskBatches (adapters side by side): each step batch_size rows of every task, task after task,
+    every row of a task once per pass, the same steps again from a later start."""
+    rows = [train.Example(input_ids=[i] * (1 + i), labels=[i] * (1 + i), task=t)
+            for t, n in ((0, 8), (1, 4), (2, 6)) for i in range(n)]
+    batches = train.TaskBatches(rows, 2, seed=3, pad_id=0)
+    stream = batches.stream()
+    steps = [next(stream) for _ in range(6)]
+    for step in steps:
+        assert [e.task for e in step] == [0, 0, 1, 1, 2, 2]
+    seen = [e.input_ids[0] for step in steps[:4] for e in step if e.task == 1]  # 8 draws over 4 rows: 2 passes
+    assert sorted(seen[:4]) == [0, 1, 2, 3] and sorted(seen[4:]) == [0, 1, 2, 3]
+    later = batches.stream(4)
+    assert [[(e.task, e.input_ids) for e in next(later)] for _ in range(2)] == \
+        [[(e.task, e.input_ids) for e in step] for step in steps[4:6]]
