@@ -504,11 +504,11 @@ def clip_experts(model: MeteoRAModel, max_norm: float) -> torch.Tensor:
 def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path], ctx: Dist) -> None:
     """Fine-tune one LoRA adapter per task side by side, as N experts of one model with every
     token routed to its own task's expert (MeteoRAModel.route_by_labels): a step runs batch_size
-    rows of every task (TaskBatches), in micro-batches of batch_size rows, for all adapters. Each
-    adapter's loss is the mean over its own task's tokens of the step, its gradient is clipped on its
-    own and Adam's state is per parameter, so each trains as it would alone on batch_size rows a
-    step. Each is
-    saved as a PEFT adapter folder (atomically) with its meteora_adapter.json."""
+    rows of every task (TaskBatches: the batches each would get alone), in micro-batches (one task
+    each on the CPU, several on a GPU). Each adapter's loss is the mean over its own task's tokens
+    of the step, its gradient is clipped on its own and Adam's state is per parameter, so each
+    trains as it would alone. Each is saved as a PEFT adapter folder (atomically) with its
+    meteora_adapter.json."""
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(args.base, dtype=_model_dtype(args, ctx), device=ctx.device)
     targets = TARGET_MODULES if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
