@@ -433,3 +433,26 @@ def test_new_experts_route_by_labels_and_save_as_peft(tmp_path, device):
     with pytest.raises(ValueError, match="token_experts holds 5 labels for 33 tokens"):
         with model.route_by_labels(torch.zeros(5, dtype=torch.long, device=device)):
             model(ids)
+
+
+def test_save_adapter_round_trips_an_embedded_adapter(tmp_path):
+    """save_adapter on a model made from PEFT adapters of different ranks and modules gives each
+    adapter back (same A, B, rank, alpha and modules); bad calls name what is wrong."""
+    base = tiny_model()
+    sources = {"a": make_adapter(base, tmp_path / "a", r=4, alpha=8, targets=["q_proj", "down_proj"], seed=1),
+               "b": make_adapter(base, tmp_path / "b", r=8, alpha=4, targets=ALL_LINEARS, seed=2)}
+    model = meteora.from_adapters(tiny_model(), sources)
+    for name, source in sources.items():
+        original, copy = meteora.load_adapter(name, source), meteora.load_adapter(name, model.save_adapter(name, tmp_path / f"{name}2"))
+        assert copy.modules == original.modules and copy.config["r"] == original.config["r"]
+        assert copy.config["lora_alpha"] == original.config["lora_alpha"]
+        for module in original.modules:
+            torch.testing.assert_close(copy.lora_a[module], original.lora_a[module])
+            torch.testing.assert_close(copy.lora_b[module], original.lora_b[module])
+            assert copy.scaling[module] == pytest.approx(original.scaling[module])
+    with pytest.raises(ValueError, match="needs at least one name"):
+        meteora.new_experts(tiny_model(), [])
+    with pytest.raises(ValueError, match="no linear of the base model is named nope"):
+        meteora.new_experts(tiny_model(), ["a"], target_modules=["nope"])
+    with pytest.raises(ValueError, match="unknown adapter 'c'"):
+        model.save_adapter("c", tmp_path / "c")
