@@ -227,6 +227,11 @@ class MeteoRALinear(nn.Module):
         return ops.LinearArgs(base.weight, base.bias, gate, lora_a, lora_b, self._registered(self._buffers, "scaling"),
                               mask, self.top_k, self.temperature)
 
+    def _lora_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """What the experts see: x2, through the LoRA dropout while training."""
+        dropout = self._registered(self._modules, "lora_dropout")
+        return x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
+
     def _finish(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.record_routing:
             self.routing = routing
@@ -249,8 +254,7 @@ class MeteoRALinear(nn.Module):
         mask = self._registered(self._buffers, "expert_mask")
         if self.forced_mask is not None:
             mask = mask & self.forced_mask
-        dropout = self._registered(self._modules, "lora_dropout")
-        x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
+        x_lora = self._lora_input(x2)
         gate, lora_a, lora_b = self._weights()
         if self.packable and x_lora is x2 and x2.is_cuda and not _needs_grad(x2, gate, lora_a, lora_b) \
                 and not torch.compiler.is_compiling() and not self.is_packed(self.expert_columns):
@@ -280,8 +284,7 @@ class MeteoRALinear(nn.Module):
         if labels.numel() != x2.shape[0]:
             raise ValueError(f"meteora: token_experts holds {labels.numel()} labels for {x2.shape[0]} tokens "
                              f"(labels must have the input_ids' shape)")
-        dropout = self._registered(self._modules, "lora_dropout")
-        x_lora = x2 if type(dropout) is nn.Identity or not self.training else dropout(x2)
+        x_lora = self._lora_input(x2)
         _, lora_a, lora_b = self._weights()
         if lora_a.dtype != x2.dtype:
             lora_a, lora_b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
@@ -295,9 +298,7 @@ class MeteoRALinear(nn.Module):
             weight = (labels >= 0).to(torch.float32).unsqueeze(1)
             delta = ops.lora_experts(x_lora, lora_a, lora_b, scaling, idx, weight, None, impl=self.impl)
         base = self._registered(self._modules, "base_layer")
-        if base.bias is not None:
-            delta = delta + base.bias
-        out = torch.addmm(delta, x2, base.weight.t()) if x2.shape[0] > 0 else delta
+        out = _plus_base(delta, x2, base.weight, base.bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def extra_repr(self) -> str:
@@ -496,11 +497,18 @@ def meteora_linear(
     delta = ops.lora_experts(
         x_lora, lora_a, lora_b, scaling, routing.expert_idx, routing.expert_weight, None, impl=impl
     ).to(x.dtype)
+    return _plus_base(delta, x, base_weight, base_bias), routing
+
+
+def _plus_base(delta: torch.Tensor, x: torch.Tensor, base_weight: torch.Tensor,
+               base_bias: torch.Tensor | None) -> torch.Tensor:
+    """x W0^T (+ bias) + delta, with delta (+ bias) as the base GEMM's addend (``addmm``: cuBLAS
+    adds it in the epilogue)."""
     if base_bias is not None:
         delta = delta + base_bias
     if x.dtype == base_weight.dtype and x.shape[0] > 0:
-        return torch.addmm(delta, x, base_weight.t()), routing
-    return torch.nn.functional.linear(x, base_weight) + delta, routing
+        return torch.addmm(delta, x, base_weight.t())
+    return torch.nn.functional.linear(x, base_weight) + delta
 
 
 def _is_op_path(x, base_weight, base_bias, gate_weight, lora_a, lora_b) -> bool:

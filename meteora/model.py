@@ -15,7 +15,7 @@ from torch import nn
 
 from ._files import atomic_folder as _atomic_folder
 from ._files import atomic_write as _atomic_write
-from .adapters import AdapterError, LoraAdapter, load_adapter
+from .adapters import TARGET_MODULES, AdapterError, LoraAdapter, load_adapter
 from .layer import MeteoRALinear, Routing, check_routing, group_linears
 
 CONFIG_NAME = "meteora_config.json"
@@ -97,9 +97,10 @@ class MeteoRAModel(nn.Module):
         the input_ids' shape; -1: no expert), weight 1, the gates bypassed: N adapters trained side
         by side in one batch, each on its own rows (``python -m meteora.train --joint-adapters``)."""
         flat = labels.reshape(-1)
-        if flat.numel() and (int(flat.min()) < -1 or int(flat.max()) >= self.num_experts):
+        low, high = (int(v) for v in torch.aminmax(flat)) if flat.numel() else (0, 0)
+        if low < -1 or high >= self.num_experts:
             raise ValueError(f"meteora: route_by_labels: labels must be in [-1, {self.num_experts}), got "
-                             f"[{int(flat.min())}, {int(flat.max())}]")
+                             f"[{low}, {high}]")
         labelled = flat[flat >= 0]
         single = int(labelled[0]) if labelled.numel() and bool((labelled == labelled[0]).all()) else None
         layers = list(self.meteora_layers().values())
@@ -421,7 +422,7 @@ def new_experts(
     names: Sequence[str],
     rank: int = 8,
     lora_alpha: float = 16.0,
-    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    target_modules: Sequence[str] = TARGET_MODULES,
     lora_dropout: float = 0.0,
     top_k: int = 1,
 ) -> MeteoRAModel:

@@ -114,7 +114,13 @@ def format_prompt(tokenizer, prompt: str) -> str:
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (response) tokens, averaged over them.
+    """Next-token cross-entropy on the labelled (response) tokens, averaged over them (lm_loss_rows
+    summed, over their count)."""
+    return lm_loss_rows(model, batch).sum() / (batch["labels"][:, 1:] != -100).sum()
+
+
+def lm_loss_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) per row: the summed next-token cross-entropy over its labelled (response) tokens.
 
     The vocabulary projection runs only at the positions some row of the batch is labelled at
     (``logits_to_keep`` as indices), not at every prompt token: on SmolLM2 the head is a fifth of
@@ -123,9 +129,9 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    targets = labels[:, keep + 1]
-    return torch.nn.functional.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]),
-                                             targets.reshape(-1), ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, keep + 1],
+                                           ignore_index=-100, reduction="none")
+    return ce.sum(1)
 
 
 @dataclass
@@ -419,15 +425,31 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name).strip("/"))[-60:]
 
 
+def _adapter_targets(args) -> tuple[str, ...]:
+    return TARGET_MODULES if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
+
+
+def _adapter_optim_args(args, **more) -> argparse.Namespace:
+    """``args`` as optimize() reads them for adapter training."""
+    return argparse.Namespace(**{**vars(args), "steps": args.adapter_steps, "lr": args.adapter_lr,
+                                 "weight_decay": 0.0, "grad_accum": 1, **more})
+
+
+def _adapter_meta(args, task: Task, first_loss: float | None, last_loss: float | None, **more) -> str:
+    """The meteora_adapter.json written beside a trained adapter."""
+    return json.dumps({"task": task.name, "source": task.source, "base": str(args.base), "steps": args.adapter_steps,
+                       "lr": args.adapter_lr, "batch_size": args.batch_size, "max_length": args.max_length, **more,
+                       "first_loss": first_loss, "last_loss": last_loss}, indent=2)
+
+
 def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
     """Fine-tune one PEFT LoRA adapter on ``task`` and save it (atomically) in ``folder``."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(args.base, dtype=_model_dtype(args, ctx), device=ctx.device)
-    targets = TARGET_MODULES if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=list(targets), task_type="CAUSAL_LM")
+                        target_modules=list(_adapter_targets(args)), task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -441,31 +463,16 @@ def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
         loss = lm_loss(model, batch)
         return loss, {"lm": loss}
 
-    sub = argparse.Namespace(**{**vars(args), "steps": args.adapter_steps, "lr": args.adapter_lr,
-                                "weight_decay": 0.0, "grad_accum": 1})
-    history = optimize(model, params, batches, loss_fn, sub, Dist(device=ctx.device), f"adapter {task.name}")
+    history = optimize(model, params, batches, loss_fn, _adapter_optim_args(args), Dist(device=ctx.device),
+                       f"adapter {task.name}")
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        (tmp / "meteora_adapter.json").write_text(json.dumps({
-            "task": task.name, "source": task.source, "base": str(args.base), "steps": args.adapter_steps,
-            "lr": args.adapter_lr, "batch_size": args.batch_size, "max_length": args.max_length,
-            "first_loss": history[0]["lm"] if history else None, "last_loss": history[-1]["lm"] if history else None,
-        }, indent=2))
+        (tmp / "meteora_adapter.json").write_text(_adapter_meta(
+            args, task, history[0]["lm"] if history else None, history[-1]["lm"] if history else None))
 
     atomic_folder(folder, save)
     return folder
-
-
-def lm_loss_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) per row: the summed next-token cross-entropy over its labelled (response) tokens
-    (the vocabulary projection only where some row is labelled, as lm_loss)."""
-    labels = batch["labels"]
-    keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, keep + 1],
-                                           ignore_index=-100, reduction="none")
-    return ce.sum(1)
 
 
 def joint_backward(model: MeteoRAModel, batch: dict[str, torch.Tensor], tasks: int, micro_rows: int) -> torch.Tensor:
@@ -511,8 +518,8 @@ def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path],
     meteora_adapter.json."""
     torch.manual_seed(args.seed)
     base, tokenizer = load_base_model(args.base, dtype=_model_dtype(args, ctx), device=ctx.device)
-    targets = TARGET_MODULES if args.lora_targets == "all" else tuple(args.lora_targets.split(","))
-    model = new_experts(base, [t.name for t in tasks], args.lora_r, args.lora_alpha, targets, args.lora_dropout)
+    model = new_experts(base, [t.name for t in tasks], args.lora_r, args.lora_alpha, _adapter_targets(args),
+                        args.lora_dropout)
     params = model.lora_parameters()
     for p in params:
         p.data = p.data.float()
@@ -537,17 +544,12 @@ def train_adapters_jointly(args, tasks: Sequence[Task], folders: Sequence[Path],
         last[:] = [means.cpu()]
         return {"loss": means.sum(), "lm": means.mean()}
 
-    sub = argparse.Namespace(**{**vars(args), "steps": args.adapter_steps, "lr": args.adapter_lr,
-                                "weight_decay": 0.0, "grad_accum": 1, "clip": math.inf})
-    optimize(model, params, batches, None, sub, Dist(device=ctx.device), f"{n} adapters", backward_fn=backward_fn)
+    optimize(model, params, batches, None, _adapter_optim_args(args, clip=math.inf), Dist(device=ctx.device),
+             f"{n} adapters", backward_fn=backward_fn)
     for index, (task, folder) in enumerate(zip(tasks, folders)):
-        meta = {"task": task.name, "source": task.source, "base": str(args.base), "steps": args.adapter_steps,
-                "lr": args.adapter_lr, "batch_size": args.batch_size, "max_length": args.max_length,
-                "trained_with": [t.name for t in tasks],
-                "first_loss": float(first[0][index]) if first else None,
-                "last_loss": float(last[0][index]) if last else None}
-        model.save_adapter(index, folder, lora_alpha=args.lora_alpha,
-                           extra={"meteora_adapter.json": json.dumps(meta, indent=2)})
+        meta = _adapter_meta(args, task, float(first[0][index]) if first else None,
+                             float(last[0][index]) if last else None, trained_with=[t.name for t in tasks])
+        model.save_adapter(index, folder, lora_alpha=args.lora_alpha, extra={"meteora_adapter.json": meta})
 
 
 def ensure_adapters(args, tasks: Sequence[Task], ctx: Dist) -> dict[str, Path]:
