@@ -113,25 +113,29 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return f"[INST] {prompt} [/INST]\n"
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled (response) tokens, averaged over them (lm_loss_rows
-    summed, over their count)."""
-    return lm_loss_rows(model, batch).sum() / (batch["labels"][:, 1:] != -100).sum()
-
-
-def lm_loss_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) per row: the summed next-token cross-entropy over its labelled (response) tokens.
-
-    The vocabulary projection runs only at the positions some row of the batch is labelled at
-    (``logits_to_keep`` as indices), not at every prompt token: on SmolLM2 the head is a fifth of
-    the model's flops. The call goes through the model's own forward, so FSDP2 hooks run.
-    """
+def _response_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K, V) fp32, targets (B, K)) at the K positions some row of the batch is labelled
+    at: the vocabulary projection runs there only (``logits_to_keep`` as indices), not at every
+    prompt token (on SmolLM2 the head is a fifth of the model's flops). The call goes through the
+    model's own forward, so FSDP2 hooks run."""
     labels = batch["labels"]
     keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), labels[:, keep + 1],
-                                           ignore_index=-100, reduction="none")
-    return ce.sum(1)
+    return out.logits.float(), labels[:, keep + 1]
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (response) tokens, averaged over them."""
+    logits, targets = _response_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100)
+
+
+def lm_loss_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) per row: the summed next-token cross-entropy over its labelled (response) tokens."""
+    logits, targets = _response_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                             reduction="none").sum(1)
 
 
 @dataclass
