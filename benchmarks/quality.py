@@ -76,17 +76,24 @@ def run(args) -> None:
         ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows,
          *(["--joint-adapters"] if args.joint_adapters else [])]),
         done_before=all((adapters / t).is_dir() for t in tasks))
-    mixed_steps = args.mixed_steps or args.adapter_steps * len(tasks)  # as many steps as all per-task adapters
+    # As many rows as all per-task adapters together: adapter steps x tasks x batch size.
+    mixed_batch = args.mixed_batch_size or args.batch_size
+    mixed_steps = args.mixed_steps or max(1, args.adapter_steps * len(tasks) * args.batch_size // mixed_batch)
+    mixed = [*common, "--batch-size", str(mixed_batch)]  # the later --batch-size wins
     _timed(out, "mixed-task LoRA", lambda: train.main(
         ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
-         "--rows-per-task", str(args.rows_per_task * len(tasks)), *common]), done_before=(adapters / "mixed").is_dir())
+         "--rows-per-task", str(args.rows_per_task * len(tasks)), *mixed]), done_before=(adapters / "mixed").is_dir())
     if args.stop_after == "adapters":
         return
 
-    ckpt = out / "meteora"
-    _timed(out, "gates (+ gate accuracy)", lambda: train.main(
+    ckpt = out / "meteora"  # a checkpoint with its report is kept (a third call evaluates it)
+    gates_done = (ckpt / "report.json").is_file()
+    _timed(out, "gates (+ gate accuracy)", lambda: None if gates_done else train.main(
         ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
-         "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows]))
+         "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows]),
+        done_before=gates_done)
+    if args.stop_after == "gates":
+        return
     composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
                          if c == "own" or (c and all(t in tasks for t in data.composite_task_names(int(c)))))
     _timed(out, "evaluation", lambda: meteora_eval.main(
@@ -128,7 +135,10 @@ def main() -> None:
     p.add_argument("--data-dir")
     p.add_argument("--base", default="smollm2")
     p.add_argument("--adapter-steps", type=int, default=60)
-    p.add_argument("--mixed-steps", type=int, default=0, help="default: adapter steps x number of tasks")
+    p.add_argument("--mixed-steps", type=int, default=0,
+                   help="default: as many rows as the per-task adapters together (adapter steps x tasks x batch size "
+                        "/ mixed batch size)")
+    p.add_argument("--mixed-batch-size", type=int, default=0, help="rows per step of the mixed LoRA (default: --batch-size)")
     p.add_argument("--joint-adapters", action="store_true",
                    help="train the per-task adapters side by side in one model (meteora.train --joint-adapters)")
     p.add_argument("--steps", type=int, default=100, help="gate training steps")
@@ -141,8 +151,9 @@ def main() -> None:
     p.add_argument("--composite", default="3,5")
     p.add_argument("--composite-samples", type=int, default=64)
     p.add_argument("--composite-decoding", default="numbered,free")
-    p.add_argument("--stop-after", choices=["adapters", "all"], default="all",
-                   help="adapters: train the per-task and mixed adapters only (a later call goes on)")
+    p.add_argument("--stop-after", choices=["adapters", "gates", "all"], default="all",
+                   help="adapters: train the per-task and mixed adapters only; gates: and the gates (a later call "
+                        "goes on from what is there)")
     args = parser.parse_args()
     pack(args) if args.command == "pack" else run(args)
 

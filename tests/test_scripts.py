@@ -25,9 +25,10 @@ def test_shell_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
-def test_quality_pipeline_runs_in_two_calls(tiny_base, task_dir, tmp_path):
-    """benchmarks/quality.py on a tiny model: the adapters in one call, gates + evaluation in the
-    next (adapters kept, times merged), then the tables and the composite routing picture."""
+def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
+    """benchmarks/quality.py on a tiny model: the adapters in one call, the gates in the next, the
+    evaluation in a third (adapters and gates kept, times merged), then the tables and the composite
+    routing picture."""
     import json
     import sys
 
@@ -40,9 +41,15 @@ def test_quality_pipeline_runs_in_two_calls(tiny_base, task_dir, tmp_path):
     first = json.loads((out / "times.json").read_text())
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed", "reverse", "upper"]
     assert not (out / "meteora").exists()
+    mixed = json.loads((out / "adapters" / "mixed" / "meteora_adapter.json").read_text())
+    assert mixed["steps"] == 2 * 3 * 4 // 8  # as many rows as the per-task adapters together
     stamp = (out / "adapters" / "count" / "adapter_model.safetensors").stat().st_mtime_ns
+    subprocess.run([*args, "--stop-after", "gates"], check=True, capture_output=True)
+    assert (out / "meteora" / "report.json").is_file() and not (out / "eval").exists()
+    gates = (out / "meteora" / "report.json").stat().st_mtime_ns
     subprocess.run(args, check=True, capture_output=True)
     assert (out / "adapters" / "count" / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # kept
+    assert (out / "meteora" / "report.json").stat().st_mtime_ns == gates
     times = json.loads((out / "times.json").read_text())
     assert {k: times[k] for k in first} == first  # the adapters' times of the first call stay
     assert list(times) == [
