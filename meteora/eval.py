@@ -144,6 +144,11 @@ def load_checkpoint(args) -> tuple[MeteoRAModel, object, torch.device]:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(Path(args.model), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    if getattr(args, "top_k", None) is not None or getattr(args, "temperature", None) is not None:
+        try:  # another k / temperature than the checkpoint was trained with, for every gate
+            model.set_routing(args.top_k, args.temperature)
+        except ValueError as err:
+            raise CheckpointError(f"--top-k / --temperature for {args.model}: {err}") from None
     return model, load_tokenizer(model.base_model_id), device
 
 
@@ -193,6 +198,7 @@ def evaluate(args) -> dict:
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
+               "routing": {"top_k": model.top_k, "temperature": model.temperature},
                "tasks": table, "composite": comp_table, "limit": args.limit,
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
@@ -313,7 +319,9 @@ def bootstrap(rows: Sequence[dict], systems: Sequence[str], resamples: int = 100
 
 def results_markdown(summary: dict) -> str:
     systems = summary["systems"]
-    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, up to {summary['limit']} test rows per task.",
+    routing = summary.get("routing")
+    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, up to {summary['limit']} test rows per task"
+             + (f", MeteoRA routing top-{routing['top_k']} at temperature {routing['temperature']:g}." if routing else "."),
              "", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
     means = {s: [] for s in systems}
     for task, by_system in summary["tasks"].items():
@@ -410,6 +418,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="resamples of the paired bootstrap interval of the mean over tasks (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="for short-answer tasks")
     parser.add_argument("--max-new-tokens-long", type=int, default=64, help="for BLEU/ROUGE tasks")
+    parser.add_argument("--top-k", type=int, help="route every token to this many adapters (default: the checkpoint's)")
+    parser.add_argument("--temperature", type=float, help="gate softmax temperature (default: the checkpoint's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="output folder (default MODEL/eval)")
     parser.add_argument("--show", metavar="PROMPT", help="only draw the routing of this prompt's generation")

@@ -151,6 +151,24 @@ def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
             assert prompt in body and body.endswith("".join(f"{j}. ans{j}\n" for j in range(1, i)) + f"{i}. ")
 
 
+def test_eval_routing_override(trained, tmp_path, capsys):
+    """--top-k / --temperature replace the checkpoint's routing for every gate (recorded in the
+    summary and the table); an impossible k is a one-line error that names the option."""
+    model, _, _ = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu", "--top-k", "1", "--temperature", "0.5"]))
+    assert (model.top_k, model.temperature) == (1, 0.5)
+    assert {(m.top_k, m.temperature) for m in model.meteora_layers().values()} == {(1, 0.5)}
+    summary = meteora_eval.evaluate(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(tmp_path / "e"), "--limit", "2", "--composite", "",
+        "--max-new-tokens", "2", "--max-new-tokens-long", "2", "--device", "cpu", "--quiet", "--baseline", "none",
+        "--top-k", "1"]))
+    assert summary["routing"]["top_k"] == 1 and "routing top-1" in (tmp_path / "e" / "results.md").read_text()
+    with pytest.raises(SystemExit) as info:
+        meteora_eval.main(["--model", str(trained / "run"), "--out", str(tmp_path), "--device", "cpu", "--top-k", "9"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--top-k" in err and "top_k=9" in err and err.count("\n") == 1
+
+
 def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         meteora_eval.main(["--model", str(trained / "run"), "--tasks", f"other={task_dir / 'count'}",
