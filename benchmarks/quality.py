@@ -101,6 +101,11 @@ def run(args) -> None:
          "--composite", composite, "--composite-samples", str(args.composite_samples),
          "--composite-decoding", args.composite_decoding,
          "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}", *data_dir]))
+    for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
+        _timed(out, f"evaluation, top-{k}", lambda: meteora_eval.main(
+            ["--model", str(ckpt), "--out", str(out / f"eval_top{k}"), "--limit", str(args.limit), "--top-k", str(k),
+             "--composite", composite, "--composite-samples", str(args.composite_samples),
+             "--composite-decoding", args.composite_decoding, "--baseline", "none", *data_dir]))
     if composite:
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
@@ -117,6 +122,9 @@ def run(args) -> None:
     lines += [f"| {k} | {v:.1%} | {answer[k]:.1%} |" if k in answer else f"| {k} | {v:.1%} | - |"
               for k, v in report["gate_accuracy"].items()]
     lines += ["", (out / "eval" / "results.md").read_text()]
+    for k in args.also_top_k:
+        lines += ["", f"## MeteoRA with top-{k} routing (the same checkpoint)", "",
+                  (out / f"eval_top{k}" / "results.md").read_text()]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -151,6 +159,8 @@ def main() -> None:
     p.add_argument("--composite", default="3,5")
     p.add_argument("--composite-samples", type=int, default=64)
     p.add_argument("--composite-decoding", default="numbered,free")
+    p.add_argument("--also-top-k", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
+                   help="comma list of k: evaluate MeteoRA again with top-k routing (eval_top<k>/)")
     p.add_argument("--stop-after", choices=["adapters", "gates", "all"], default="all",
                    help="adapters: train the per-task and mixed adapters only; gates: and the gates (a later call "
                         "goes on from what is there)")

@@ -36,7 +36,7 @@ def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
     args = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base", str(tiny_base),
             "--data-dir", str(task_dir), "--tasks", "count,reverse,upper", "--adapter-steps", "2", "--mixed-steps", "3",
             "--steps", "3", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
-            "--composite", "own", "--composite-samples", "2"]
+            "--composite", "own", "--composite-samples", "2", "--also-top-k", "1"]
     subprocess.run([*args, "--stop-after", "adapters"], check=True, capture_output=True)
     first = json.loads((out / "times.json").read_text())
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed", "reverse", "upper"]
@@ -52,10 +52,12 @@ def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
     assert (out / "meteora" / "report.json").stat().st_mtime_ns == gates
     times = json.loads((out / "times.json").read_text())
     assert {k: times[k] for k in first} == first  # the adapters' times of the first call stay
-    assert list(times) == [
-        "per-task adapters", "mixed-task LoRA", "gates (+ gate accuracy)", "evaluation", "routing picture"]
+    assert list(times) == ["per-task adapters", "mixed-task LoRA", "gates (+ gate accuracy)", "evaluation",
+                           "evaluation, top-1", "routing picture"]
+    assert json.loads((out / "eval_top1" / "summary.json").read_text())["routing"]["top_k"] == 1
     table = (out / "quality.md").read_text()
-    for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy"):
+    for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy",
+                 "MeteoRA with top-1 routing"):
         assert text in table, text
     assert (out / "eval" / "routing.png").is_file()
 
