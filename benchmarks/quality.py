@@ -96,16 +96,15 @@ def run(args) -> None:
         return
     composite = ",".join(c for c in args.composite.split(",")  # composite-n whose tasks are all here
                          if c == "own" or (c and all(t in tasks for t in data.composite_task_names(int(c)))))
+    evaluation = ["--model", str(ckpt), "--limit", str(args.limit), "--composite", composite,
+                  "--composite-samples", str(args.composite_samples), "--composite-decoding", args.composite_decoding,
+                  *data_dir]
     _timed(out, "evaluation", lambda: meteora_eval.main(
-        ["--model", str(ckpt), "--out", str(out / "eval"), "--limit", str(args.limit),
-         "--composite", composite, "--composite-samples", str(args.composite_samples),
-         "--composite-decoding", args.composite_decoding,
-         "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}", *data_dir]))
+        [*evaluation, "--out", str(out / "eval"),
+         "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}"]))
     for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
         _timed(out, f"evaluation, top-{k}", lambda: meteora_eval.main(
-            ["--model", str(ckpt), "--out", str(out / f"eval_top{k}"), "--limit", str(args.limit), "--top-k", str(k),
-             "--composite", composite, "--composite-samples", str(args.composite_samples),
-             "--composite-decoding", args.composite_decoding, "--baseline", "none", *data_dir]))
+            [*evaluation, "--out", str(out / f"eval_top{k}"), "--top-k", str(k), "--baseline", "none"]))
     if composite:
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],

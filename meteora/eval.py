@@ -144,7 +144,7 @@ def load_checkpoint(args) -> tuple[MeteoRAModel, object, torch.device]:
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(Path(args.model), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-    if getattr(args, "top_k", None) is not None or getattr(args, "temperature", None) is not None:
+    if args.top_k is not None or args.temperature is not None:
         try:  # another k / temperature than the checkpoint was trained with, for every gate
             model.set_routing(args.top_k, args.temperature)
         except ValueError as err:

@@ -34,7 +34,7 @@ def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
 
     out = tmp_path / "q"
     args = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base", str(tiny_base),
-            "--data-dir", str(task_dir), "--tasks", "count,reverse,upper", "--adapter-steps", "2", "--mixed-steps", "3",
+            "--data-dir", str(task_dir), "--tasks", "count,reverse,upper", "--adapter-steps", "2", "--mixed-batch-size", "8",
             "--steps", "3", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
             "--composite", "own", "--composite-samples", "2", "--also-top-k", "1"]
     subprocess.run([*args, "--stop-after", "adapters"], check=True, capture_output=True)
