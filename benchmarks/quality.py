@@ -99,16 +99,26 @@ def run(args) -> None:
     evaluation = ["--model", str(ckpt), "--limit", str(args.limit), "--composite", composite,
                   "--composite-samples", str(args.composite_samples), "--composite-decoding", args.composite_decoding,
                   *data_dir]
-    _timed(out, "evaluation", lambda: meteora_eval.main(
-        [*evaluation, "--out", str(out / "eval"),
-         "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}"]))
-    for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
-        _timed(out, f"evaluation, top-{k}", lambda: meteora_eval.main(
-            [*evaluation, "--out", str(out / f"eval_top{k}"), "--top-k", str(k), "--baseline", "none"]))
-    if composite:
+
+    def evaluated(name: str, argv: list[str], folder: str) -> None:  # once: a later call keeps what is there
+        done = (out / folder / "summary.json").is_file()
+        _timed(out, name, lambda: None if done else meteora_eval.main([*evaluation, "--out", str(out / folder), *argv]),
+               done_before=done)
+
+    evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}"],
+              "eval")
+    if composite and not (out / "eval" / "routing.png").is_file():
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
              "--composite-samples", "1", *data_dir]))
+    if args.stop_after == "eval":
+        return
+    for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
+        evaluated(f"evaluation, top-{k}", ["--top-k", str(k), "--baseline", "none"], f"eval_top{k}")
+    if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
+        evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
+                                                   "--baseline", "prompt-adapter", "--baseline", "answer-adapter"],
+                  "eval_phase")
 
     times = json.loads((out / "times.json").read_text())
     report = json.loads((ckpt / "report.json").read_text())
@@ -124,6 +134,9 @@ def run(args) -> None:
     for k in args.also_top_k:
         lines += ["", f"## MeteoRA with top-{k} routing (the same checkpoint)", "",
                   (out / f"eval_top{k}" / "results.md").read_text()]
+    if args.ablate_routing:
+        lines += ["", "## Routing ablation: the task's adapter on the prompt (prompt-adapter) or on the generated "
+                  "tokens (answer-adapter), the gates on the rest", "", (out / "eval_phase" / "results.md").read_text()]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -160,9 +173,12 @@ def main() -> None:
     p.add_argument("--composite-decoding", default="numbered,free")
     p.add_argument("--also-top-k", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
                    help="comma list of k: evaluate MeteoRA again with top-k routing (eval_top<k>/)")
-    p.add_argument("--stop-after", choices=["adapters", "gates", "all"], default="all",
-                   help="adapters: train the per-task and mixed adapters only; gates: and the gates (a later call "
-                        "goes on from what is there)")
+    p.add_argument("--ablate-routing", action="store_true",
+                   help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
+                        "(eval_phase/: where the gap to the adapters comes from)")
+    p.add_argument("--stop-after", choices=["adapters", "gates", "eval", "all"], default="all",
+                   help="adapters: train the per-task and mixed adapters only; gates: and the gates; eval: and the "
+                        "main evaluation (a later call goes on from what is there)")
     args = parser.parse_args()
     pack(args) if args.command == "pack" else run(args)
 

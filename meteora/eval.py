@@ -103,14 +103,54 @@ def _first_line(text: str) -> str:
 
 
 class System:
-    """One way of answering: the MeteoRA model, one task's own adapter, the base, a mixed LoRA."""
+    """One way of answering: the MeteoRA model, one task's own adapter, the base, a mixed LoRA.
 
-    def __init__(self, name: str, model, force=None):
-        self.name, self.model, self.force = name, model, force
+    ``force(task)`` (None: the system routes by itself) sets the model up for one task's rows and
+    ``release()`` undoes it; forced systems skip the composite prompts, which mix tasks."""
+
+    def __init__(self, name: str, model, force=None, release=None):
+        self.name, self.model, self.force, self._release = name, model, force, release
 
     def prepare(self, task: str) -> None:
         if self.force is not None:
             self.force(task)
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+
+
+class PhaseForce:
+    """The task's own adapter in one phase of a generation, the gates in the other (a routing
+    ablation): ``phase="prompt"`` forces the forwards over more than one token (the prompt's
+    prefill) and lets the gates route the one-token decode steps; ``phase="answer"`` the reverse.
+    Together with the oracle and MeteoRA itself they split MeteoRA's gap to its adapters into what
+    the prompt's routing costs (the hidden states every answer token attends to) and what the
+    answer's routing costs."""
+
+    def __init__(self, model: MeteoRAModel, phase: str):
+        if phase not in ("prompt", "answer"):
+            raise ValueError(f"phase must be prompt or answer, not {phase!r}")
+        self.model, self.phase, self.task, self._handle = model, phase, None, None
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        prefill = ids is not None and ids.shape[1] > 1
+        self.model.force_adapter(self.task if prefill == (self.phase == "prompt") else None)
+
+    def force(self, task: str) -> None:
+        self.task = task
+        if self._handle is None:
+            self._handle = self.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.task = None
+        self.model.force_adapter(None)
 
 
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
@@ -124,7 +164,11 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     for spec in specs:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
-            systems.append(System("adapter", model, force=lambda task: model.force_adapter(task)))
+            systems.append(System("adapter", model, force=lambda task: model.force_adapter(task),
+                                  release=lambda: model.force_adapter(None)))
+        elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
+            phase = PhaseForce(model, kind.partition("-")[0])
+            systems.append(System(kind, model, force=phase.force, release=phase.release))
         elif kind == "base":
             systems.append(System("base", fresh_base()))
         elif kind == "mixed":
@@ -134,7 +178,8 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
 
             systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
-            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base or mixed=DIR")
+            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base, mixed=DIR, prompt-adapter or "
+                                  "answer-adapter")
     return systems
 
 
@@ -177,8 +222,7 @@ def evaluate(args) -> dict:
                 system.prepare(task.name)
                 outputs = generate(system.model, tokenizer, [r["prompt"] for r in test], max_new_tokens(task.name, args),
                                    args.batch_size, device, bar)
-                if system.force is not None:
-                    model.force_adapter(None)
+                system.release()
                 scores = metrics.score(task.metric, outputs, [r["response"] for r in test])
                 table.setdefault(task.name, {})[system.name] = scores
                 rows += [{"system": system.name, "task": task.name, "prompt": r["prompt"], "reference": r["response"],
@@ -404,8 +448,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", help="task specs (default: the ones the checkpoint was trained on)")
     parser.add_argument("--data-dir")
     parser.add_argument("--baseline", action="append",
-                        help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), or none; "
-                             "repeat (default: adapter and base)")
+                        help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), "
+                             "prompt-adapter / answer-adapter (the task's adapter on the prompt / on the generated "
+                             "tokens, the gates on the rest: a routing ablation), or none; repeat (default: adapter "
+                             "and base)")
     parser.add_argument("--composite", default="own",
                         help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")
     parser.add_argument("--composite-samples", type=int, default=16)

@@ -169,6 +169,48 @@ def test_eval_routing_override(trained, tmp_path, capsys):
     assert info.value.code == 2 and "--top-k" in err and "top_k=9" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("phase", ["prompt", "answer"])
+def test_phase_force_routes_one_phase_by_the_adapter(trained, tmp_path, phase):
+    """prompt-adapter / answer-adapter: the task's adapter on the prefill (forwards over more than
+    one token) or on the one-token decode steps, the gates on the other; the first generated token's
+    logits come from the prefill, so they equal the adapter's (prompt) or MeteoRA's (answer)."""
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    layer = next(iter(model.meteora_layers().values()))
+    seen = []
+    spy = layer.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[-2], m.forced_mask is not None)))
+    ids = tokenizer(["Count: cat dog bird"], return_tensors="pt").input_ids
+
+    def first_logits():
+        out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        return out.scores[0]
+
+    gated = first_logits()
+    model.force_adapter("count")
+    forced = first_logits()
+    model.force_adapter(None)
+    assert not torch.equal(gated, forced)  # the adapter alone and the gates differ on this prompt
+    seen.clear()
+    force = meteora_eval.PhaseForce(model, phase)
+    force.force("count")
+    mixed = first_logits()
+    force.release()
+    spy.remove()
+    prefill = phase == "prompt"
+    assert seen == [(ids.shape[1], prefill), (1, not prefill), (1, not prefill)]
+    torch.testing.assert_close(mixed, forced if prefill else gated, rtol=0, atol=0)
+    assert force._handle is None and all(m.forced_mask is None for m in model.meteora_layers().values())
+    summary = meteora_eval.evaluate(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(tmp_path / "e"), "--limit", "2", "--composite-samples", "2",
+        "--max-new-tokens", "2", "--max-new-tokens-long", "2", "--device", "cpu", "--quiet",
+        "--baseline", f"{phase}-adapter"]))
+    assert summary["systems"] == ["meteora", f"{phase}-adapter"]
+    assert all(set(c) == {"meteora"} for c in summary["composite"].values())  # forced systems skip them
+    with pytest.raises(ValueError, match="phase"):
+        meteora_eval.PhaseForce(model, "both")
+
+
 def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         meteora_eval.main(["--model", str(trained / "run"), "--tasks", f"other={task_dir / 'count'}",

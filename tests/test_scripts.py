@@ -25,10 +25,10 @@ def test_shell_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
-def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
+def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
     """benchmarks/quality.py on a tiny model: the adapters in one call, the gates in the next, the
-    evaluation in a third (adapters and gates kept, times merged), then the tables and the composite
-    routing picture."""
+    evaluation and the composite routing picture in a third, the extra evaluations (top-1, routing
+    ablation) in a fourth (what is there kept, times merged), then the tables."""
     import json
     import sys
 
@@ -47,17 +47,24 @@ def test_quality_pipeline_runs_in_three_calls(tiny_base, task_dir, tmp_path):
     subprocess.run([*args, "--stop-after", "gates"], check=True, capture_output=True)
     assert (out / "meteora" / "report.json").is_file() and not (out / "eval").exists()
     gates = (out / "meteora" / "report.json").stat().st_mtime_ns
-    subprocess.run(args, check=True, capture_output=True)
+    subprocess.run([*args, "--stop-after", "eval"], check=True, capture_output=True)
+    assert (out / "eval" / "summary.json").is_file() and (out / "eval" / "routing.png").is_file()
+    assert not (out / "eval_top1").exists() and not (out / "quality.md").exists()
+    evaluated = (out / "eval" / "summary.json").stat().st_mtime_ns
+    subprocess.run([*args, "--ablate-routing"], check=True, capture_output=True)
+    assert (out / "eval" / "summary.json").stat().st_mtime_ns == evaluated
     assert (out / "adapters" / "count" / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # kept
     assert (out / "meteora" / "report.json").stat().st_mtime_ns == gates
     times = json.loads((out / "times.json").read_text())
     assert {k: times[k] for k in first} == first  # the adapters' times of the first call stay
     assert list(times) == ["per-task adapters", "mixed-task LoRA", "gates (+ gate accuracy)", "evaluation",
-                           "evaluation, top-1", "routing picture"]
+                           "routing picture", "evaluation, top-1", "evaluation, routing ablation"]
+    phase = json.loads((out / "eval_phase" / "summary.json").read_text())
+    assert phase["systems"] == ["meteora", "adapter", "prompt-adapter", "answer-adapter"] and not phase["composite"]
     assert json.loads((out / "eval_top1" / "summary.json").read_text())["routing"]["top_k"] == 1
     table = (out / "quality.md").read_text()
     for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy",
-                 "MeteoRA with top-1 routing"):
+                 "MeteoRA with top-1 routing", "Routing ablation", "| prompt-adapter |"):
         assert text in table, text
     assert (out / "eval" / "routing.png").is_file()
 
