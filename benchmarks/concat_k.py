@@ -115,8 +115,14 @@ def gate_up_pair(t: int, d: int, f: int, nr: int, top: tuple, gen, dev, dt) -> d
             torch.mm(wide[:, nr:], wu.t(), out=u)
         return fn
 
-    return {"base": timed(base), "current": timed(current), "concat": timed(shared(False)),
-            "concat_with_copy": timed(shared(True))}
+    row = {"base": timed(base), "current": timed(current), "concat": timed(shared(False)),
+           "concat_with_copy": timed(shared(True))}
+    current()
+    ref = torch.cat([g, u], 1).float()
+    wide[:, nr:nr + d].zero_()
+    shared(True)()
+    row["err_concat"] = (torch.cat([g, u], 1).float() - ref).abs().max().item()
+    return row
 
 
 def main() -> None:

@@ -108,3 +108,20 @@ def test_cpu_decode_benchmark(smollm2_adapters, tmp_path):
     assert result["adapters"] == 2 and result["linears"] == 210 and result["new_tokens"] == 2
     assert result["base_ms_per_token"] > 0 and result["meteora_ms_per_token"] > 0
     assert cpu_decode.main(["--adapters", str(tmp_path)]) == 2  # no adapters there
+
+
+def test_concat_k_layouts_compute_the_same_linear(monkeypatch):
+    """benchmarks/concat_k.py's one-GEMM forms ([x | H] [W0 | B_all]^T, and gate / up reading one
+    shared [H_g | x | H_u]) against base + expand, on the CPU with the timer stubbed."""
+    from benchmarks import concat_k
+
+    seen = []
+    monkeypatch.setattr(concat_k, "timed", lambda fn, **_: (fn(), seen.append(fn), 1.0)[2])
+    gen = torch.Generator().manual_seed(0)
+    row = concat_k.one_linear(5, 24, 40, 16, (2, 4), gen, torch.device("cpu"), torch.float64)
+    assert row["err_current"] < 1e-5 and row["err_concat"] < 1e-5  # (its reference is fp32)
+    pair = concat_k.gate_up_pair(3, 24, 40, 16, (2, 4), gen, torch.device("cpu"), torch.float64)
+    assert set(pair) == {"base", "current", "concat", "concat_with_copy", "err_concat"} and len(seen) == 5 + 4
+    assert pair["err_concat"] < 1e-12  # the same rounding order as current in float64
+    h = concat_k.routing(6, 4, 2, 4, gen).view(6, 4, 4)
+    assert ((h != 0).any(2).sum(1) == 2).all()  # top-2 of 4 experts per token
