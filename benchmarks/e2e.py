@@ -15,7 +15,9 @@ two adapters; the run measures and reports the share). Systems:
 Measured: prefill throughput at 1 x 4096 and 8 x 1024 tokens (CUDA-graph replay and eager), decode
 latency per token at batch 1 and 16 (128 new tokens after a 128-token prompt, greedy, every step
 one graph replay; eager beside it), and peak memory (its excess over the base model against the
-adapters' and gates' own bytes).
+adapters' and gates' own bytes). Then each prefill shape again with base and meteora alternated
+(`--paired-rounds`, default 10 each): the ratio of those pairs does not carry the GPU's clock drift
+between the two systems' separate measurements.
 
     python benchmarks/e2e.py --out benchmarks/results/e2e_h100
     python benchmarks/e2e.py --layers 4 --out /tmp/e2e      # a quick look
@@ -297,6 +299,31 @@ def prefill(model: Llama, batch: int, tokens: int, gen: torch.Generator, repeats
 
 
 @torch.no_grad()
+def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: torch.Generator, rounds: int) -> dict:
+    """Base and meteora prefill graphs replayed in alternation, ``rounds`` times each: the GPU's
+    clock drift over a run (the same GEMM moved by up to 13% between runs minutes apart on the
+    H200) then falls on both sides alike. Returns both medians and the median of the per-round
+    ratios meteora tokens/s / base tokens/s."""
+    device = model.embed_tokens.weight.device
+    ids = torch.randint(0, model.cfg.vocab, (batch, tokens), generator=gen, device=device)
+    positions = torch.arange(tokens, device=device)
+    graphs = {}
+    for system in ("base", "meteora"):
+        set_system(layers, system)
+        graphs[system] = graph_of(lambda: model(ids, positions))
+    set_system(layers, "meteora")
+    times = {"base": [], "meteora": []}
+    for i in range(rounds):
+        for system in (("base", "meteora") if i % 2 == 0 else ("meteora", "base")):
+            times[system].append(timed(graphs[system].replay, 1))
+    del graphs
+    ratios = sorted(b / m for b, m in zip(times["base"], times["meteora"]))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return dict(batch=batch, tokens=tokens, rounds=rounds, base_s=med(times["base"]), meteora_s=med(times["meteora"]),
+                ratio=ratios[len(ratios) // 2], ratio_low=ratios[0], ratio_high=ratios[-1])
+
+
+@torch.no_grad()
 def decode(model: Llama, batch: int, prompt: int, new: int, gen: torch.Generator, repeats: int) -> dict:
     cfg = model.cfg
     span = prompt + new
@@ -374,6 +401,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--paired-rounds", type=int, default=10,
+                    help="prefill of base and meteora again, alternated this many times each (0: not)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
                     help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of their "
@@ -468,6 +497,14 @@ def main(argv=None) -> int:
         run(system)
         if system == "merged":
             merge_first_adapter(layers, -1.0)
+    if args.paired_rounds and "base" in systems and "meteora" in systems:
+        results["paired_prefill"] = []
+        for batch, tokens in shapes:
+            r = paired_prefill(model, layers, batch, tokens, gen, args.paired_rounds)
+            results["paired_prefill"].append(r)
+            print(f"  paired prefill {batch}x{tokens}: meteora / base tokens/s {r['ratio']:.3f} (rounds "
+                  f"{r['ratio_low']:.3f}-{r['ratio_high']:.3f}, {args.paired_rounds} alternations)", flush=True)
+            torch.cuda.empty_cache()
     write_outputs(results, Path(args.out))
     return 0
 
@@ -499,6 +536,10 @@ def verdicts(results: dict, rows: list[dict]) -> list[str]:
         if r["vs_gather_bmm"] is not None:
             lines.append(f"- {r['mode']} {shape}: {r['vs_gather_bmm']:.2f}x gather-bmm with graphs on both sides, "
                          f"{r['vs_gather_bmm_eager']:.2f}x eager (target >= 5x)")
+    for r in results.get("paired_prefill", []):
+        lines.append(f"- prefill {r['batch']}x{r['tokens']}, base and meteora alternated {r['rounds']} times: "
+                     f"{r['ratio']:.3f}x (rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f}; target >= 0.9): "
+                     f"{'met' if r['ratio'] >= 0.90 else 'NOT met'}")
     if results.get("meteora_static_gb") is not None:
         lines.append(f"- kept allocated by meteora once set up and first called: {results['meteora_static_gb']:.3f} GB")
     over = max((r["peak_over_base_gb"] for r in ours if r["peak_over_base_gb"] is not None), default=None)

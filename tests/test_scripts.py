@@ -125,3 +125,41 @@ def test_concat_k_layouts_compute_the_same_linear(monkeypatch):
     assert pair["err_concat"] < 1e-12  # the same rounding order as current in float64
     h = concat_k.routing(6, 4, 2, 4, gen).view(6, 4, 4)
     assert ((h != 0).any(2).sum(1) == 2).all()  # top-2 of 4 experts per token
+
+
+def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):
+    """benchmarks/e2e.py's paired prefill: one graph per system (captured with that system's
+    linears in place), replays alternated base / meteora, then meteora / base, and the ratio is
+    the median of the per-round ratios; meteora's linears are back in place afterwards."""
+    from benchmarks import e2e
+
+    torch.manual_seed(0)
+    cfg = e2e.Config(layers=1, dim=32, heads=4, kv_heads=2, ffn=48, vocab=50)
+    model = e2e.Llama(cfg).eval()
+    layers = {}
+    for parent, name, lin in list(e2e.linears(model)):
+        m = meteora.MeteoRALinear(lin, 3, 2, top_k=1)
+        setattr(parent, name, m)
+        layers[(parent, name)] = m
+    captured, order = [], []
+
+    class Graph:
+        def __init__(self, fn):
+            self.system = "meteora" if isinstance(model.layers[0].mlp.down_proj, meteora.MeteoRALinear) else "base"
+            captured.append(self.system)
+            fn()
+
+        def replay(self):
+            order.append(self.system)
+
+    clock = iter([1.0, 1.25, 1.0, 1.1, 1.0, 1.3, 1.0, 1.2, 1.0, 1.15])  # base 1.0 s, meteora 1.1-1.3 s
+    monkeypatch.setattr(e2e, "graph_of", Graph)
+    monkeypatch.setattr(e2e, "timed", lambda fn, repeats: (fn(), next(clock))[1])
+    r = e2e.paired_prefill(model, layers, 2, 5, torch.Generator().manual_seed(1), 5)
+    assert captured == ["base", "meteora"]
+    assert order == ["base", "meteora", "meteora", "base", "base", "meteora", "meteora", "base", "base", "meteora"]
+    assert all(getattr(p, n) is m for (p, n), m in layers.items())
+    # rounds (base, meteora): (1.0, 1.25), (1.1, 1.0), (1.0, 1.3), (1.2, 1.0), (1.0, 1.15)
+    ratios = sorted([1.0 / 1.25, 1.1 / 1.0, 1.0 / 1.3, 1.2 / 1.0, 1.0 / 1.15])
+    assert r["ratio"] == pytest.approx(ratios[2]) and r["ratio_low"] == pytest.approx(ratios[0])
+    assert r["rounds"] == 5 and r["base_s"] == pytest.approx(1.0)
