@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_fwd import capture as graph_of  # noqa: E402
+from benchmarks.moe_fwd import alternate, capture as graph_of  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
 from meteora.layer import group_linears  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
@@ -312,10 +312,8 @@ def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: tor
         set_system(layers, system)
         graphs[system] = graph_of(lambda: model(ids, positions))
     set_system(layers, "meteora")
-    times = {"base": [], "meteora": []}
-    for i in range(rounds):
-        for system in (("base", "meteora") if i % 2 == 0 else ("meteora", "base")):
-            times[system].append(timed(graphs[system].replay, 1))
+    t_base, t_meteora = alternate(graphs["base"].replay, graphs["meteora"].replay, rounds, lambda fn: timed(fn, 1))
+    times = {"base": t_base, "meteora": t_meteora}
     del graphs
     ratios = sorted(b / m for b, m in zip(times["base"], times["meteora"]))
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731

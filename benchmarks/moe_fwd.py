@@ -15,7 +15,9 @@ for one linear and one LLaMA layer (7 linears), T tokens, uniform or concentrate
 (90% of tokens on experts 0 and 1), eager and CUDA-graph replay (median of many runs), plus
 forward+backward for training. The floor of every case is max(bytes / copy bandwidth,
 flops / bf16 GEMM rate), both measured in the same run; bytes count x, W0, the output, the gate
-and the distinct experts the tokens selected.
+and the distinct experts the tokens selected. Ours and base are then replayed again in
+alternation (`--paired-rounds`): the ratio of those pairs, which the GPU's clock drift between
+separate measurements does not enter, is reported beside the plain ratio.
 
     python benchmarks/moe_fwd.py                       # LLaMA-3-8B layer, N=28, r=8, top-2
     python benchmarks/moe_fwd.py --reference external/njude-meteora --out benchmarks/results/h100
@@ -281,6 +283,43 @@ def graph_ms(fn) -> float | None:
         return None
 
 
+def alternate(replay_a, replay_b, rounds: int, timer) -> tuple[list[float], list[float]]:
+    """Each of two replays timed ``rounds`` times in alternation (a b, b a, a b, ...): the GPU's
+    clock drift over a run falls on both alike. ``timer(fn)`` -> seconds (or ms) of one fn()."""
+    times_a, times_b = [], []
+    for i in range(rounds):
+        pair = ((replay_a, times_a), (replay_b, times_b))
+        for replay, times in (pair if i % 2 == 0 else pair[::-1]):
+            times.append(timer(replay))
+    return times_a, times_b
+
+
+def paired_ratio(fn_base, fn_ours, rounds: int = 20, replays: int = 10) -> dict:
+    """ours' graph time over base's, both captured and replayed in alternation (``replays`` back to
+    back per timing): the median of the per-round ratios and their range."""
+    g_base, g_ours = capture(fn_base), capture(fn_ours)
+    torch.cuda.synchronize()
+
+    def burst(graph):
+        def run():
+            for _ in range(replays):
+                graph.replay()
+        return run
+
+    def timer(fn):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / replays
+
+    t_base, t_ours = alternate(burst(g_base), burst(g_ours), rounds, timer)
+    ratios = sorted(o / b for b, o in zip(t_base, t_ours))
+    return dict(paired_ratio_base=ratios[len(ratios) // 2], paired_low=ratios[0], paired_high=ratios[-1],
+                paired_rounds=rounds)
+
+
 def peak_extra_mb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -371,6 +410,9 @@ def main(argv=None) -> int:
                     help="ours' lora_B layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of "
                          "their own (narrow, the library's default), beside W0's where d_out > d_in (wide), or the "
                          "(N, d_out, r) tensor (none)")
+    ap.add_argument("--paired-rounds", type=int, default=20,
+                    help="ours and base again, graphs replayed in alternation this many times each; the median "
+                         "per-round ratio is the row's 'paired' column (0: not)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -453,10 +495,16 @@ def main(argv=None) -> int:
                                hot_share=hot_share)
                     row["ratio_base"] = (graph / base_graph) if graph and base_graph else (eager / base_eager if base_eager else None)
                     row["ratio_floor"] = (graph or eager) / floor if floor else None
+                    if method == "ours" and tokens and args.paired_rounds and "base" in methods:
+                        row.update(paired_ratio(
+                            lambda: [RUN["base"](lin, xs[lin.d_in], args.top_k) for lin in lin_list], fn,
+                            args.paired_rounds))
                     results["rows"].append(row)
                     g = f"{graph:9.1f}" if graph else "        -"
+                    paired = (f"  (alternated with base: x{row['paired_ratio_base']:.3f}, rounds "
+                              f"{row['paired_low']:.3f}-{row['paired_high']:.3f})" if "paired_ratio_base" in row else "")
                     print(f"  {method:>10}: eager {eager:9.1f} us  graph {g} us  x{row['ratio_base'] or 0:6.2f} base"
-                          f"  x{row['ratio_floor'] or 0:6.2f} floor  +{extra:8.1f} MB  err {err:.2e}")
+                          f"  x{row['ratio_floor'] or 0:6.2f} floor  +{extra:8.1f} MB  err {err:.2e}{paired}")
                 del xs
             # training: forward + backward
             for tokens in [int(t) for t in args.train_tokens.split(",") if t]:
@@ -549,6 +597,16 @@ def write_outputs(results: dict, out_dir: Path) -> None:
                 else:
                     lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['method']} | {fmt(r['eager_us'], '.1f')} | "
                                  f"{fmt(r['ratio_base'], '.2f')} | {fmt(r['extra_mb'], '.1f')} |")
+        lines.append("")
+    paired = [r for r in rows if r.get("paired_ratio_base") is not None]
+    if paired:
+        lines += ["## ours / base with the two graphs replayed in alternation", "",
+                  f"Each of {paired[0]['paired_rounds']} rounds times a burst of replays of each, in turn (a b, b a, ...), "
+                  "so that the GPU's clock drift between the separate measurements above does not enter the ratio: "
+                  "the median of the per-round ratios and their range.", "",
+                  "| routing | scope | T | ours / base | range |", "|---|---|---:|---:|---|"]
+        lines += [f"| {r['routing']} | {r['scope']} | {r['tokens']} | {r['paired_ratio_base']:.3f} | "
+                  f"{r['paired_low']:.3f}-{r['paired_high']:.3f} |" for r in paired]
         lines.append("")
     atomic(out_dir / "results.md", "\n".join(lines))
     try:
