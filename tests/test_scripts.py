@@ -163,3 +163,22 @@ def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):
     ratios = sorted([1.0 / 1.25, 1.1 / 1.0, 1.0 / 1.3, 1.2 / 1.0, 1.0 / 1.15])
     assert r["ratio"] == pytest.approx(ratios[2]) and r["ratio_low"] == pytest.approx(ratios[0])
     assert r["rounds"] == 5 and r["base_s"] == pytest.approx(1.0)
+
+
+def test_moe_fwd_writes_the_alternated_ratio(tmp_path):
+    """benchmarks/moe_fwd.py's report: a row measured in alternation with base gets the paired table."""
+    from benchmarks import moe_fwd
+
+    row = dict(routing="uniform", scope="layer", mode="forward", tokens=1024, method="ours", eager_us=300.0,
+               graph_us=290.0, floor_us=200.0, extra_mb=1.0, max_abs_err=0.01, hot_share=0.1, ratio_base=1.2,
+               ratio_floor=1.45, paired_ratio_base=1.187, paired_low=1.15, paired_high=1.22, paired_rounds=20)
+    base = dict(row, method="base", graph_us=240.0, ratio_base=1.0, max_abs_err=float("nan"))
+    for key in ("paired_ratio_base", "paired_low", "paired_high", "paired_rounds"):
+        base.pop(key)
+    results = dict(device="test", torch=torch.__version__, hardware=dict(copy_bandwidth_gbs=1.0, bf16_tflops=1.0),
+                   experts=28, rank=8, top_k=2, dtype="bfloat16", shapes="q:4096x4096", expert_columns="narrow",
+                   rows=[base, row])
+    moe_fwd.write_outputs(results, tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "| uniform | layer | 1024 | 1.187 | 1.150-1.220 |" in text
+    assert text.count("1.187") == 1 and json.loads((tmp_path / "results.json").read_text())["rows"][1]["paired_rounds"] == 20
