@@ -125,11 +125,13 @@ def run(args) -> None:
     lines = ["# MeteoRA quality at small scale", "", f"Command: `python benchmarks/quality.py run {' '.join(sys.argv[2:])}`",
              "", "| stage | wall time |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} s |" for k, v in times.items()]
-    lines += ["", "Gate accuracy on test rows (top-1 of every gate = the task's adapter), over all tokens and over "
-              "the positions that generate the answer:", "", "| task | all tokens | answer |", "|---|---:|---:|"]
-    answer = report.get("gate_accuracy_answer", {})
-    lines += [f"| {k} | {v:.1%} | {answer[k]:.1%} |" if k in answer else f"| {k} | {v:.1%} | - |"
-              for k, v in report["gate_accuracy"].items()]
+    lines += ["", "Gate accuracy on test rows (top-1 of every gate = the task's adapter), over all tokens, over "
+              "the positions that generate the answer and over the chat template's tokens before the question "
+              f"(the same for every task: chance is 1/{len(tasks)}):", "",
+              "| task | all tokens | answer | template |", "|---|---:|---:|---:|"]
+    answer, head = report.get("gate_accuracy_answer", {}), report.get("gate_accuracy_template", {})
+    pct = lambda d, k: f"{d[k]:.1%}" if k in d else "-"  # noqa: E731
+    lines += [f"| {k} | {v:.1%} | {pct(answer, k)} | {pct(head, k)} |" for k, v in report["gate_accuracy"].items()]
     lines += ["", (out / "eval" / "results.md").read_text()]
     for k in args.also_top_k:
         lines += ["", f"## MeteoRA with top-{k} routing (the same checkpoint)", "",

@@ -718,29 +718,51 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     return answer
 
 
+def template_head(tokenizer) -> list[int]:
+    """The tokens ``format_prompt`` puts before every prompt (the chat template's opening turns):
+    the same for every task, so no gate can know the task there."""
+    a, b = (tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in ("alpha", "7 Zulu"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:  # the common prefix (a space before the prompt joins its word)
+        n += 1
+    return a[:n]
+
+
 @torch.no_grad()
 def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dist) -> dict:
-    """Gate accuracy per task on its test rows (teacher forced), over all tokens and over the
-    positions that generate the answer (each one's next token is the response's), and one
-    generation per task with the adapter each new token used. Every rank runs it (FSDP2 needs them
-    in step); rank 0 prints."""
+    """Gate accuracy per task on its test rows (teacher forced), over all tokens, over the
+    positions that generate the answer (each one's next token is the response's) and over the
+    template's tokens before the question (``template_head``; rows cut on the left have none),
+    and one generation per task with the adapter each new token used. Every rank runs it (FSDP2
+    needs them in step); rank 0 prints."""
     model.eval()
     model.record_routing(True)
     names = model.adapter_names
-    accuracy, answer_accuracy = {}, {}
+    head_ids = template_head(tokenizer)
+    accuracy, answer_accuracy, head_accuracy = {}, {}, {}
     for label, task in enumerate(tasks):
         examples = encode_tasks(tokenizer, [task], [label], args.eval_rows, args.max_length, split="test")
-        hits = {"all": [0.0, 0], "answer": [0.0, 0]}
+        hits = {"all": [0.0, 0], "answer": [0.0, 0], "head": [0.0, 0]}
         for start in range(0, len(examples), args.batch_size):
-            batch = collate(examples[start:start + args.batch_size], tokenizer.pad_token_id, ctx.device)
+            chunk = examples[start:start + args.batch_size]
+            batch = collate(chunk, tokenizer.pad_token_id, ctx.device)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             answer = answer_positions(batch["labels"])
-            for part, labels in (("all", batch["task_labels"]), ("answer", batch["task_labels"].masked_fill(~answer, -1))):
+            head = torch.zeros_like(answer)
+            for row, e in enumerate(chunk):
+                if head_ids and e.input_ids[:len(head_ids)] == head_ids:
+                    head[row, :len(head_ids)] = True
+            task_labels = batch["task_labels"]
+            for part, labels in (("all", task_labels), ("answer", task_labels.masked_fill(~answer, -1)),
+                                 ("head", task_labels.masked_fill(~head, -1))):
                 tokens = int((labels >= 0).sum())
-                hits[part][0] += float(gate_accuracy(model, labels)) * tokens
-                hits[part][1] += tokens
+                if tokens:
+                    hits[part][0] += float(gate_accuracy(model, labels)) * tokens
+                    hits[part][1] += tokens
         accuracy[task.name] = hits["all"][0] / max(hits["all"][1], 1)
         answer_accuracy[task.name] = hits["answer"][0] / max(hits["answer"][1], 1)
+        if hits["head"][1]:
+            head_accuracy[task.name] = hits["head"][0] / hits["head"][1]
     model.record_routing(False)
     samples = []
     stop = stop_tokens(model, tokenizer)
@@ -761,16 +783,19 @@ def report(model: MeteoRAModel, tokenizer, tasks: Sequence[Task], args, ctx: Dis
                         "adapters": [names[int(w.argmax())] for w in weights]})
     if ctx.main:
         print("\ngate accuracy on test rows (share of gates whose top-1 is the task's adapter), over all tokens"
-              " | the positions that generate the answer:")
+              f" | the positions that generate the answer | the {len(head_ids)} template tokens before the question"
+              f" (chance: 1/{len(names)}):")
+        pct = lambda v: "     -" if v is None else f"{v:6.1%}"  # noqa: E731
         for name, acc in accuracy.items():
-            print(f"  {name:40s} {acc:6.1%} | {answer_accuracy[name]:6.1%}")
-        mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
-        print(f"  {'mean':40s} {mean(accuracy):6.1%} | {mean(answer_accuracy):6.1%}")
+            print(f"  {name:40s} {acc:6.1%} | {answer_accuracy[name]:6.1%} | {pct(head_accuracy.get(name))}")
+        mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
+        print(f"  {'mean':40s} {pct(mean(accuracy))} | {pct(mean(answer_accuracy))} | {pct(mean(head_accuracy))}")
         for s in samples:
             print(f"\n[{s['task']}] {s['prompt'][-160:]!r}\n  reference: {s['reference'][:120]!r}\n"
                   f"  answer:    {s['answer'][:120]!r}\n  token -> adapter: "
                   + " ".join(f"{t!r}:{a}" for t, a in zip(s["tokens"], s["adapters"])))
-    return {"gate_accuracy": accuracy, "gate_accuracy_answer": answer_accuracy, "samples": samples}
+    return {"gate_accuracy": accuracy, "gate_accuracy_answer": answer_accuracy, "gate_accuracy_template": head_accuracy,
+            "samples": samples}
 
 
 def stop_tokens(model, tokenizer) -> list[int]:

@@ -63,7 +63,7 @@ def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
     assert phase["systems"] == ["meteora", "adapter", "prompt-adapter", "answer-adapter"] and not phase["composite"]
     assert json.loads((out / "eval_top1" / "summary.json").read_text())["routing"]["top_k"] == 1
     table = (out / "quality.md").read_text()
-    for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "gate accuracy",
+    for text in ("| count |", "composite-3 (the harness", "composite-3 (free)", "| mixed |", "Gate accuracy", "| template |",
                  "MeteoRA with top-1 routing", "Routing ablation", "| prompt-adapter |"):
         assert text in table, text
     assert (out / "eval" / "routing.png").is_file()

@@ -54,11 +54,28 @@ def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_di
     assert sum(report["gate_accuracy"].values()) / 3 > 0.5
     assert set(report["gate_accuracy_answer"]) == {"count", "reverse", "upper"}
     assert all(0.0 <= v <= 1.0 for v in report["gate_accuracy_answer"].values())
+    assert set(report["gate_accuracy_template"]) == {"count", "reverse", "upper"}  # "[INST]" before every prompt
+    assert all(0.0 <= v <= 1.0 for v in report["gate_accuracy_template"].values())
     assert all(len(s["tokens"]) == len(s["adapters"]) >= 1 for s in report["samples"])
     run_info = json.loads((run / train.RUN_NAME).read_text())
     assert [t["name"] for t in run_info["tasks"]] == ["count", "reverse", "upper"]
     assert (run / "checkpoint" / train.STATE_NAME).is_file()
     assert not [p for p in run.rglob("*.tmp")]
+
+
+def test_template_head_is_what_every_prompt_starts_with(tiny_base, smollm2_dir):
+    """train.template_head: the tokens format_prompt puts before the question, the same for every
+    prompt: SmolLM2's chat template (an empty system turn, then the user turn's header) and the
+    [INST] wrapper of a tokenizer without one."""
+    import transformers
+
+    for folder, text in ((smollm2_dir, "<|im_start|>user\n"), (tiny_base, "[INST]")):
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        head = train.template_head(tok)
+        assert head and tok.decode(head).rstrip().endswith(text.strip())
+        for prompt in ("Count: cat dog", "Q: 2+2?\nA:"):
+            ids = tok(train.format_prompt(tok, prompt), add_special_tokens=False).input_ids
+            assert ids[:len(head)] == head and tok.decode(ids[len(head):]).lstrip().startswith(prompt[:5])
 
 
 def test_existing_adapters_are_skipped(trained, tiny_base, task_dir, caplog):
