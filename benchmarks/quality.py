@@ -105,9 +105,10 @@ def run(args) -> None:
         _timed(out, name, lambda: None if done else meteora_eval.main([*evaluation, "--out", str(out / folder), *argv]),
                done_before=done)
 
-    evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={adapters / 'mixed'}"],
-              "eval")
-    if composite and not (out / "eval" / "routing.png").is_file():
+    if not args.skip_eval:
+        evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base",
+                                 "--baseline", f"mixed={adapters / 'mixed'}"], "eval")
+    if composite and not args.skip_eval and not (out / "eval" / "routing.png").is_file():
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
              "--composite-samples", "1", *data_dir]))
@@ -132,7 +133,8 @@ def run(args) -> None:
     answer, head = report.get("gate_accuracy_answer", {}), report.get("gate_accuracy_template", {})
     pct = lambda d, k: f"{d[k]:.1%}" if k in d else "-"  # noqa: E731
     lines += [f"| {k} | {v:.1%} | {pct(answer, k)} | {pct(head, k)} |" for k, v in report["gate_accuracy"].items()]
-    lines += ["", (out / "eval" / "results.md").read_text()]
+    if (out / "eval" / "results.md").is_file():
+        lines += ["", (out / "eval" / "results.md").read_text()]
     for k in args.also_top_k:
         lines += ["", f"## MeteoRA with top-{k} routing (the same checkpoint)", "",
                   (out / f"eval_top{k}" / "results.md").read_text()]
@@ -175,6 +177,9 @@ def main() -> None:
     p.add_argument("--composite-decoding", default="numbered,free")
     p.add_argument("--also-top-k", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
                    help="comma list of k: evaluate MeteoRA again with top-k routing (eval_top<k>/)")
+    p.add_argument("--skip-eval", action="store_true",
+                   help="leave out the main evaluation (four systems, composite-n) and its routing picture: for a "
+                        "rerun that only adds --also-top-k / --ablate-routing to results already published")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
                         "(eval_phase/: where the gap to the adapters comes from)")

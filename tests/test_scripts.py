@@ -69,6 +69,23 @@ def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
     assert (out / "eval" / "routing.png").is_file()
 
 
+def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, tmp_path):
+    """--skip-eval: adapters, gates and the routing ablation, without the main evaluation."""
+    import json
+    import sys
+
+    out = tmp_path / "q"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
+                    str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
+                    "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
+                    "--composite", "own", "--skip-eval", "--ablate-routing"], check=True, capture_output=True)
+    assert not (out / "eval").exists()
+    assert json.loads((out / "eval_phase" / "summary.json").read_text())["systems"][-1] == "answer-adapter"
+    times = json.loads((out / "times.json").read_text())
+    assert "evaluation" not in times and "evaluation, routing ablation" in times
+    assert "Routing ablation" in (out / "quality.md").read_text()
+
+
 def test_e2e_model_cache_and_gather_bmm():
     """benchmarks/e2e.py's pieces on a tiny CPU model: decoding through the static KV cache gives
     the full-sequence logits, and the authors' gather-bmm path equals MeteoRALinear."""
