@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,31 @@ def _timed(out: Path, stage: str, work, done_before: bool = False) -> None:
     print(f"quality: {stage} {times[stage]:.0f} s", flush=True)
 
 
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "chat_template")
+
+
+def inst_base(base: str, folder: Path) -> str:
+    """A base-model folder whose tokenizer has no chat template, so that meteora.train.format_prompt
+    wraps every prompt as ``[INST] ... [/INST]``: 3 tokens before the question that every task
+    shares, against the chat template's 8 (docs/results.md, reading 1). The weights are linked, not
+    copied; the folder is made once (in a temporary folder, then renamed)."""
+    from meteora.base import DEFAULT_MODEL, default_model_dir, load_tokenizer
+
+    if not (folder / "config.json").is_file():
+        source = Path(default_model_dir() if base == DEFAULT_MODEL else base)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in source.iterdir():
+            if f.is_file() and not f.name.startswith(TOKENIZER_FILES):
+                os.symlink(f.resolve(), tmp / f.name)
+        tokenizer = load_tokenizer(base)
+        tokenizer.chat_template = None
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    return str(folder.resolve())
+
+
 def run(args) -> None:
     from meteora import eval as meteora_eval
     from meteora import train
@@ -66,7 +93,8 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     adapters = out / "adapters"
     tasks = args.tasks.split(",")
-    common = ["--base", args.base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
+    base = inst_base(args.base, out / "base_inst") if args.prompt_format == "inst" else args.base
+    common = ["--base", base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
               "--batch-size", str(args.batch_size), *(["--data-dir", args.data_dir] if args.data_dir else [])]
     rows = ["--rows-per-task", str(args.rows_per_task)]
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -177,6 +205,9 @@ def main() -> None:
     p.add_argument("--composite-decoding", default="numbered,free")
     p.add_argument("--also-top-k", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
                    help="comma list of k: evaluate MeteoRA again with top-k routing (eval_top<k>/)")
+    p.add_argument("--prompt-format", choices=["chat", "inst"], default="chat",
+                   help="chat: the base model's chat template (8 tokens before every question for SmolLM2); inst: "
+                        "[INST] ... [/INST] (3), through a base folder whose tokenizer has no template (<out>/base_inst)")
     p.add_argument("--skip-eval", action="store_true",
                    help="leave out the main evaluation (four systems, composite-n) and its routing picture: for a "
                         "rerun that only adds --also-top-k / --ablate-routing to results already published")

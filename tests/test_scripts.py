@@ -70,7 +70,8 @@ def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
 
 
 def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, tmp_path):
-    """--skip-eval: adapters, gates and the routing ablation, without the main evaluation."""
+    """--skip-eval: adapters, gates and the routing ablation, without the main evaluation; with
+    --prompt-format inst every stage runs on the derived base folder."""
     import json
     import sys
 
@@ -78,12 +79,38 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
-                    "--composite", "own", "--skip-eval", "--ablate-routing"], check=True, capture_output=True)
+                    "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst"],
+                   check=True, capture_output=True)
     assert not (out / "eval").exists()
+    config = json.loads((out / "meteora" / "meteora_config.json").read_text())
+    assert Path(config["base_model"]) == (out / "base_inst").resolve()  # every stage on the [INST] base
     assert json.loads((out / "eval_phase" / "summary.json").read_text())["systems"][-1] == "answer-adapter"
     times = json.loads((out / "times.json").read_text())
     assert "evaluation" not in times and "evaluation, routing ablation" in times
     assert "Routing ablation" in (out / "quality.md").read_text()
+
+
+def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
+    """quality.py --prompt-format inst: a base folder with SmolLM2's weights (linked) and its
+    tokenizer without the chat template, so every prompt is wrapped as [INST] ... [/INST]."""
+    import os
+
+    import transformers
+
+    from benchmarks import quality
+    from meteora import train
+
+    folder = quality.inst_base(str(smollm2_dir), tmp_path / "base_inst")
+    assert quality.inst_base(str(smollm2_dir), tmp_path / "base_inst") == folder  # made once
+    assert os.path.islink(os.path.join(folder, "model.safetensors")) and not (tmp_path / "base_inst.tmp").exists()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert not getattr(tok, "chat_template", None) and tok.pad_token is not None
+    assert train.format_prompt(tok, "Q: 2+2?") == "[INST] Q: 2+2? [/INST]\n"
+    assert tok.decode(train.template_head(tok)) == "[INST]"
+    chat = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert len(train.template_head(chat)) == 8 and len(train.template_head(tok)) == 3
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == transformers.AutoConfig.from_pretrained(smollm2_dir).num_hidden_layers
 
 
 def test_e2e_model_cache_and_gather_bmm():
