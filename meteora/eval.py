@@ -247,6 +247,7 @@ def evaluate(args) -> dict:
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
         summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
+    summary["same_output_as_meteora"] = same_outputs([r for r in rows if r["task"] in table], summary["systems"])
     data_mod.write_jsonl(out / "samples.jsonl", rows)
     _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     markdown = results_markdown(summary)
@@ -361,6 +362,24 @@ def bootstrap(rows: Sequence[dict], systems: Sequence[str], resamples: int = 100
     return result
 
 
+def same_outputs(rows: Sequence[dict], systems: Sequence[str]) -> dict[str, list[int]]:
+    """{system: [rows whose output is MeteoRA's, rows both answered]} over single-task rows: how
+    often a system writes exactly MeteoRA's text (the routing ablations' closest measure)."""
+    outputs: dict[tuple[str, int], dict[str, str]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for r in rows:  # a task's rows come in the same order for every system
+        i = seen.get((r["system"], r["task"]), 0)
+        seen[(r["system"], r["task"])] = i + 1
+        outputs.setdefault((r["task"], i), {})[r["system"]] = r["output"]
+    out = {}
+    for s in systems:
+        if s == "meteora":
+            continue
+        both = [v for v in outputs.values() if s in v and "meteora" in v]
+        out[s] = [sum(v[s] == v["meteora"] for v in both), len(both)]
+    return out
+
+
 def results_markdown(summary: dict) -> str:
     systems = summary["systems"]
     routing = summary.get("routing")
@@ -394,6 +413,10 @@ def results_markdown(summary: dict) -> str:
             r, d = got["ratio"], got["difference"]
             ratio = "undefined (0 mean)" if r[0] is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
             lines.append(f"MeteoRA vs {other}: ratio of means {ratio}, difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}].")
+    same = summary.get("same_output_as_meteora")
+    if same:
+        lines += ["", "Rows on which a system writes exactly MeteoRA's text: "
+                  + ", ".join(f"{s} {n} of {m}" for s, (n, m) in same.items()) + "."]
     lines.append("")
     lines.append("Scores: accuracy (exact / contained / gsm8k / strategyqa rules) or corpus BLEU / 100 (TASKS.md).")
     return "\n".join(lines) + "\n"

@@ -89,6 +89,18 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
         assert point == pytest.approx(mean) and lo <= point + 1e-9 and point <= hi + 1e-9
     assert set(boot["meteora_vs"]) == {"adapter", "base", "mixed"} and "MeteoRA vs adapter: ratio" in table
     assert "NaN" not in (out / "summary.json").read_text()
+    same = summary["same_output_as_meteora"]
+    assert set(same) == {"adapter", "base", "mixed"} and all(m == 4 * 3 and 0 <= n <= m for n, m in same.values())
+    assert f"adapter {same['adapter'][0]} of 12" in table
+
+
+def test_same_outputs_counts_rows_by_position():
+    """Rows are matched by task and position (the same prompt may occur twice), MeteoRA's own left out."""
+    rows = [{"system": s, "task": t, "prompt": "p", "output": o}
+            for s, t, outs in (("meteora", "a", "xyz"), ("meteora", "b", "uv"), ("adapter", "a", "xqz"),
+                               ("adapter", "b", "uv"), ("base", "a", "qqq"))
+            for o in outs]
+    assert meteora_eval.same_outputs(rows, ["meteora", "adapter", "base"]) == {"adapter": [4, 5], "base": [0, 3]}
 
 
 def test_bootstrap_intervals():
