@@ -18,35 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def timed(fn, replays: int = 20, repeats: int = 7) -> float:
-    """Median microseconds of one call of fn, from CUDA-graph replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / replays)
-    return statistics.median(times)
+from benchmarks.moe_fwd import capture, median_ms  # noqa: E402
+
+
+def timed(fn, replays: int = 20) -> float:
+    """Median microseconds of one call of fn, from replays of a CUDA graph of ``replays`` calls."""
+    graph = capture(lambda: [fn() for _ in range(replays)])
+    return median_ms(graph.replay) * 1000 / replays
 
 
 def routing(tokens: int, experts: int, top_k: int, rank: int, gen: torch.Generator) -> torch.Tensor:

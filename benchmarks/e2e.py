@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -313,12 +314,11 @@ def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: tor
         graphs[system] = graph_of(lambda: model(ids, positions))
     set_system(layers, "meteora")
     t_base, t_meteora = alternate(graphs["base"].replay, graphs["meteora"].replay, rounds, lambda fn: timed(fn, 1))
-    times = {"base": t_base, "meteora": t_meteora}
     del graphs
-    ratios = sorted(b / m for b, m in zip(times["base"], times["meteora"]))
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return dict(batch=batch, tokens=tokens, rounds=rounds, base_s=med(times["base"]), meteora_s=med(times["meteora"]),
-                ratio=ratios[len(ratios) // 2], ratio_low=ratios[0], ratio_high=ratios[-1])
+    ratios = sorted(b / m for b, m in zip(t_base, t_meteora))
+    return dict(batch=batch, tokens=tokens, rounds=rounds, base_s=statistics.median_high(t_base),
+                meteora_s=statistics.median_high(t_meteora), ratio=ratios[len(ratios) // 2], ratio_low=ratios[0],
+                ratio_high=ratios[-1])
 
 
 @torch.no_grad()

@@ -94,10 +94,10 @@ def run(args) -> None:
     adapters = out / "adapters"
     tasks = args.tasks.split(",")
     base = inst_base(args.base, out / "base_inst") if args.prompt_format == "inst" else args.base
-    common = ["--base", base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
-              "--batch-size", str(args.batch_size), *(["--data-dir", args.data_dir] if args.data_dir else [])]
-    rows = ["--rows-per-task", str(args.rows_per_task)]
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
+    common = ["--base", base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
+              "--batch-size", str(args.batch_size), *data_dir]
+    rows = ["--rows-per-task", str(args.rows_per_task)]
 
     # Adapter folders that exist are kept (train skips them): a second call goes on from here.
     _timed(out, "per-task adapters", lambda: train.main(
