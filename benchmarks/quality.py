@@ -108,9 +108,10 @@ def run(args) -> None:
     mixed_batch = args.mixed_batch_size or args.batch_size
     mixed_steps = args.mixed_steps or max(1, args.adapter_steps * len(tasks) * args.batch_size // mixed_batch)
     mixed = [*common, "--batch-size", str(mixed_batch)]  # the later --batch-size wins
-    _timed(out, "mixed-task LoRA", lambda: train.main(
-        ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
-         "--rows-per-task", str(args.rows_per_task * len(tasks)), *mixed]), done_before=(adapters / "mixed").is_dir())
+    if not args.no_mixed:
+        _timed(out, "mixed-task LoRA", lambda: train.main(
+            ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
+             "--rows-per-task", str(args.rows_per_task * len(tasks)), *mixed]), done_before=(adapters / "mixed").is_dir())
     if args.stop_after == "adapters":
         return
 
@@ -134,8 +135,8 @@ def run(args) -> None:
                done_before=done)
 
     if not args.skip_eval:
-        evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base",
-                                 "--baseline", f"mixed={adapters / 'mixed'}"], "eval")
+        mixed_baseline = [] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]
+        evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base", *mixed_baseline], "eval")
     if composite and not args.skip_eval and not (out / "eval" / "routing.png").is_file():
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
@@ -191,6 +192,8 @@ def main() -> None:
                    help="default: as many rows as the per-task adapters together (adapter steps x tasks x batch size "
                         "/ mixed batch size)")
     p.add_argument("--mixed-batch-size", type=int, default=0, help="rows per step of the mixed LoRA (default: --batch-size)")
+    p.add_argument("--no-mixed", action="store_true",
+                   help="leave out the mixed-task LoRA (a gate experiment that evaluates MeteoRA only)")
     p.add_argument("--joint-adapters", action="store_true",
                    help="train the per-task adapters side by side in one model (meteora.train --joint-adapters)")
     p.add_argument("--steps", type=int, default=100, help="gate training steps")

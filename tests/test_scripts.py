@@ -71,7 +71,7 @@ def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
 
 def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, tmp_path):
     """--skip-eval: adapters, gates and the routing ablation, without the main evaluation; with
-    --prompt-format inst every stage runs on the derived base folder."""
+    --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA."""
     import json
     import sys
 
@@ -79,14 +79,14 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
-                    "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst"],
+                    "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed"],
                    check=True, capture_output=True)
-    assert not (out / "eval").exists()
+    assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
     assert Path(config["base_model"]) == (out / "base_inst").resolve()  # every stage on the [INST] base
     assert json.loads((out / "eval_phase" / "summary.json").read_text())["systems"][-1] == "answer-adapter"
     times = json.loads((out / "times.json").read_text())
-    assert "evaluation" not in times and "evaluation, routing ablation" in times
+    assert "evaluation" not in times and "mixed-task LoRA" not in times and "evaluation, routing ablation" in times
     assert "Routing ablation" in (out / "quality.md").read_text()
 
 
