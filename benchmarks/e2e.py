@@ -371,18 +371,25 @@ def decode(model: Llama, batch: int, prompt: int, new: int, gen: torch.Generator
                 eager_tokens_per_s=batch * new / eager, peak_gb=peak / 1e9, peak_over_weights_gb=(peak - before) / 1e9)
 
 
-def persistent_allocations(top: int = 12, frames: int = 14) -> list[dict]:
-    """The largest live blocks allocated while memory history was recorded, with their stacks
-    (Python and C++ frames, innermost first), or one entry naming the error."""
+def persistent_allocations(layers: dict, top: int = 12, frames: int = 14) -> list[dict]:
+    """The largest live blocks allocated while memory history was recorded, other than the storage
+    of the meteora modules' own tensors (their weights and packed buffers), with their stacks
+    (Python frames first, innermost first; the C++ frames when there are none), or one entry naming
+    the error."""
     try:
+        own = {t.untyped_storage().data_ptr() for m in layers.values() for t in
+               [*m.parameters(), *m.buffers(), *(v for v in vars(m).values() if isinstance(v, torch.Tensor))]}
         snapshot = torch.cuda.memory._snapshot()
         blocks = [b for seg in snapshot["segments"] for b in seg["blocks"]
-                  if b.get("state") == "active_allocated" and b.get("frames")]
+                  if b.get("state") == "active_allocated" and b.get("frames") and b.get("address") not in own]
         blocks.sort(key=lambda b: -b["size"])
-        return [dict(mib=b["size"] / 2**20,
-                     stack=[f"{f.get('name', '?')} ({Path(f.get('filename', '?')).name}:{f.get('line', 0)})"
-                            for f in b["frames"][:frames]])
-                for b in blocks[:top]]
+
+        def stack(b):
+            python = [f for f in b["frames"] if str(f.get("filename", "")).endswith(".py")]
+            return [f"{f.get('name', '?')} ({Path(f.get('filename', '?')).name}:{f.get('line', 0)})"
+                    for f in (python or b["frames"])[:frames]]
+
+        return [dict(mib=b["size"] / 2**20, stack=stack(b)) for b in blocks[:top]]
     except Exception as err:  # a diagnostic: it must not stop the benchmark
         return [dict(error=f"{type(err).__name__}: {err}")]
 
@@ -482,7 +489,7 @@ def main(argv=None) -> int:
     # calls leave behind, such as cuBLAS workspaces).
     results["meteora_static_gb"] = (torch.cuda.memory_allocated() - allocated_before) / 1e9
     if args.trace_memory:
-        results["persistent_allocations"] = persistent_allocations()
+        results["persistent_allocations"] = persistent_allocations(layers)
         torch.cuda.memory._record_memory_history(enabled=None)
     print(f"adapters + gates: {adapter_gb:.2f} GB; pairs on experts 0/1 (fresh tokens): "
           f"{results['routing_share_top2']:.0%}", flush=True)
