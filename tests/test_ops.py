@@ -301,7 +301,8 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens", [3, 40, 300])
 def test_linear_group_many_members(device, tokens):
-    """Eleven members in one buffer: more than one add_delta launch at decode sizes (8 pieces a
+    """Eleven members in one buffer: more than one route_expand launch at decode sizes (4 members
+    a launch, their experts, ranks and k differing) and more than one add_delta launch (8 pieces a
     launch), one member with a single output column (its piece is too short for 16-byte steps);
     at T = 300 eleven side-stream expands, each after its own base GEMM."""
     _skip_unless_available("kernel", device)

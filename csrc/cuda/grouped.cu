@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../topk.h"
@@ -855,50 +856,62 @@ __device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row,
   for (int j = 0; j < top_k; ++j) w_out[j] = denom > 0 ? selected[j] / denom : 0.f;
 }
 
-// Decode-sized T: grid (d / kThreads, T). Warp 0 routes the token from its hall row in shared
-// memory (block 0 also writes logits, weight and idx); then every thread writes its output column's
-// sum over the selected experts: delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]>
-// (B[e, n, c] at e b_es + n b_ns + c: the experts' (N, d, r) tensor, or their columns beside W0).
-template <typename h_t, bool kVec>
-__global__ void __launch_bounds__(kThreads) route_expand_kernel(
-    const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int experts, int rank, int top_k,
-    float temperature, const float* __restrict__ scaling, const h_t* __restrict__ B, int64_t b_es, int64_t b_ns,
-    int64_t d, float* __restrict__ delta, float* __restrict__ logits, float* __restrict__ weight,
-    int64_t* __restrict__ idx) {
+// Up to kMaxRoutePieces linears of one route_expand launch: piece p covers blocks
+// [first_block[p], first_block[p + 1]) along x.
+struct RoutePieces {
+  RoutePiece piece[kMaxRoutePieces];
+  unsigned first_block[kMaxRoutePieces + 1];
+  bool vec[kMaxRoutePieces];
+  int n;
+};
+
+// Decode-sized T: grid (sum over the pieces of d_out / kThreads, T). Warp 0 routes the token from
+// its hall row in shared memory (each piece's first block also writes logits, weight and idx); then
+// every thread writes its output column's sum over the selected experts:
+// delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]> (B[e, n, c] at
+// e b_es + n b_ns + c: the experts' (N, d, r) tensor, or their columns in a row-major buffer).
+template <typename h_t>
+__global__ void __launch_bounds__(kThreads) route_expand_kernel(const RoutePieces pieces) {
   extern __shared__ float s_row[];  // experts * (1 + rank) values of hall
   __shared__ float s_coef[kMaxTopK], s_scale[kMaxExperts];
   __shared__ int s_e[kMaxTopK];
+  int p = 0;
+  while (p + 1 < pieces.n && blockIdx.x >= pieces.first_block[p + 1]) ++p;
+  const RoutePiece& q = pieces.piece[p];
+  const int experts = q.experts, rank = q.rank, top_k = q.top_k;
+  const unsigned block = blockIdx.x - pieces.first_block[p];
   const int64_t t = blockIdx.y;
-  const int64_t n = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const float* row = hall + t * ld;
+  const int64_t n = int64_t(block) * kThreads + threadIdx.x;
+  const float* row = q.hall + t * q.ld;
   const int width = experts * (1 + rank);
-  for (int q = threadIdx.x; q < width; q += kThreads) s_row[q] = row[q];
-  if (threadIdx.x < experts) s_scale[threadIdx.x] = scaling[threadIdx.x];
+  for (int c = threadIdx.x; c < width; c += kThreads) s_row[c] = row[c];
+  if (threadIdx.x < experts) s_scale[threadIdx.x] = q.scaling[threadIdx.x];
   __syncthreads();
   if (threadIdx.x < 32) {
     int e[kMaxTopK];
     float w[kMaxTopK];
-    warp_topk_softmax(s_row, mask, experts, top_k, temperature, e, w);
+    warp_topk_softmax(s_row, q.mask, experts, top_k, q.temperature, e, w);
     if (threadIdx.x == 0)
       for (int j = 0; j < top_k; ++j) {
         s_e[j] = e[j];
         s_coef[j] = w[j] * s_scale[e[j]];
-        if (blockIdx.x == 0) {
-          weight[t * top_k + j] = w[j];
-          idx[t * top_k + j] = e[j];
+        if (block == 0) {
+          q.weight[t * top_k + j] = w[j];
+          q.idx[t * top_k + j] = e[j];
         }
       }
   }
-  if (blockIdx.x == 0)
-    for (int q = threadIdx.x; q < experts; q += kThreads) logits[t * experts + q] = s_row[q];
+  if (block == 0)
+    for (int c = threadIdx.x; c < experts; c += kThreads) q.logits[t * experts + c] = s_row[c];
   __syncthreads();
-  if (n >= d) return;
+  if (n >= q.d_out) return;
+  const h_t* B = static_cast<const h_t*>(q.lora_b);
   float acc = 0.f;
   for (int j = 0; j < top_k; ++j) {
-    const h_t* b = B + int64_t(s_e[j]) * b_es + n * b_ns;
+    const h_t* b = B + int64_t(s_e[j]) * q.b_es + n * q.b_ns;
     const float* h = s_row + experts + s_e[j] * rank;
     float dot = 0.f;
-    if constexpr (kVec) {
+    if (pieces.vec[p]) {
       for (int c0 = 0; c0 < rank; c0 += 8) {
         const uint4 raw = *reinterpret_cast<const uint4*>(b + c0);
         const h_t* v = reinterpret_cast<const h_t*>(&raw);
@@ -910,7 +923,7 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(
     }
     acc += s_coef[j] * dot;
   }
-  delta[t * d + n] = acc;
+  q.delta[t * q.d_out + n] = acc;
 }
 
 // Up to kMaxDeltaPieces (out, delta) pairs of one launch: piece p covers blocks
@@ -1172,23 +1185,27 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
   });
 }
 
-void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
-                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream) {
+void route_expand(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream) {
   if (tokens == 0) return;
-  const dim3 grid(blocks_for(d_out > 0 ? d_out : 1, kThreads), unsigned(tokens));
-  const bool vec = rank % 8 == 0 && aligned16(lora_b) && (experts == 1 || b_es % 8 == 0) && b_ns % 8 == 0;
-  const size_t smem = size_t(experts) * (1 + rank) * sizeof(float);  // <= 64 x 65 floats
-  dispatch_half(dt, [&](auto tag) {
-    using h_t = decltype(tag);
-    const auto* b = static_cast<const h_t*>(lora_b);
-    vec ? route_expand_kernel<h_t, true><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                         temperature, scaling, b, b_es, b_ns, d_out,
-                                                                         delta, logits, weight, idx)
-        : route_expand_kernel<h_t, false><<<grid, kThreads, smem, stream>>>(hall, ld, mask, experts, rank, top_k,
-                                                                          temperature, scaling, b, b_es, b_ns, d_out,
-                                                                          delta, logits, weight, idx);
-  });
+  for (int j = 0; j < n;) {
+    RoutePieces launch{};
+    unsigned blocks = 0;
+    size_t smem = 0;
+    for (; j < n && launch.n < kMaxRoutePieces; ++j) {
+      const RoutePiece& q = pieces[j];
+      const int p = launch.n++;
+      launch.piece[p] = q;
+      launch.first_block[p] = blocks;
+      blocks += blocks_for(q.d_out > 0 ? q.d_out : 1, kThreads);  // d_out 0: the routing outputs only
+      launch.vec[p] = q.rank % 8 == 0 && aligned16(q.lora_b) && (q.experts == 1 || q.b_es % 8 == 0) && q.b_ns % 8 == 0;
+      smem = std::max(smem, size_t(q.experts) * (1 + q.rank) * sizeof(float));  // <= 64 x 65 floats
+    }
+    launch.first_block[launch.n] = blocks;
+    dispatch_half(dt, [&](auto tag) {
+      using h_t = decltype(tag);
+      route_expand_kernel<h_t><<<dim3(blocks, unsigned(tokens)), kThreads, smem, stream>>>(launch);
+    });
+  }
 }
 
 void add_delta(Half16 dt, const DeltaPiece* pieces, int n, cudaStream_t stream) {

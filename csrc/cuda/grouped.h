@@ -66,12 +66,26 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 // meteora.linear's inference path. hall (T, ld) fp32 rows = [N gate logits | N r expert shrink
 // values]; both route each token as topk() does and write logits (T, N), weight, idx (T, k).
 // route_expand (decode-sized T): delta (T, d_out) fp32 = the selected experts' expand (lora_b
-// element [e, n, c] at e b_es + n b_ns + c); add_delta then adds it into out in place, for one
-// or several (out, delta) pieces (a LinearGroup's members) in one launch per kMaxDeltaPieces
-// (count = T d_out values, contiguous; pieces of count 0 are skipped).
-void route_expand(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, const void* lora_b, int64_t b_es, int64_t b_ns,
-                  int64_t d_out, float* delta, float* logits, float* weight, int64_t* idx, cudaStream_t stream);
+// element [e, n, c] at e b_es + n b_ns + c), for one or several linears that read the same tokens
+// (a LinearGroup's members: one launch per kMaxRoutePieces); add_delta then adds it into out in
+// place, for one or several (out, delta) pieces in one launch per kMaxDeltaPieces (count = T d_out
+// values, contiguous; pieces of count 0 are skipped).
+struct RoutePiece {
+  const float* hall;  // this linear's first column of hall; rows ld apart
+  int64_t ld;
+  const bool* mask;   // (N) or nullptr
+  int experts, rank, top_k;
+  float temperature;
+  const float* scaling;
+  const void* lora_b;
+  int64_t b_es, b_ns, d_out;
+  float* delta;
+  float* logits;
+  float* weight;
+  int64_t* idx;
+};
+constexpr int kMaxRoutePieces = 4;  // per launch
+void route_expand(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream);
 struct DeltaPiece {
   void* out;
   const float* delta;

@@ -537,23 +537,23 @@ struct Member {
     weight = at::empty({tokens, top_k}, x.options().dtype(at::kFloat));
     idx = at::empty({tokens, top_k}, x.options().dtype(at::kLong));
   }
-  // Side stream: the routing from hall's columns [col, col + N + N r) and (fused) the expand.
-  void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, bool fused, cudaStream_t stream) {
+  // Decode sizes: the routing from hall's columns [col, col + N + N r) and the expand into delta, as
+  // one piece of a route_expand launch (every member's in one).
+  cuda::RoutePiece route_piece(const at::Tensor& hall, int64_t col) {
+    return {hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+            int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(),
+            b.stride(0), b.stride(1), d_out, delta.data_ptr<float>(), logits.data_ptr<float>(),
+            weight.data_ptr<float>(), idx.data_ptr<int64_t>()};
+  }
+  // Larger T, side stream: the routing from hall's columns [col, col + N + N r) and the selection H.
+  void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, cudaStream_t stream) {
     const float* h = hall.data_ptr<float>() + col;
     const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    if (fused) {
-      cuda::route_expand(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
-                         float(temperature), s.data_ptr<float>(), b.data_ptr(), b.stride(0), b.stride(1), d_out,
-                         delta.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
-                         idx.data_ptr<int64_t>(), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      cuda::route_select(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
-                         float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
-                         idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
-    }
+    cuda::route_select(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
+                       float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
+                       idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
   }
   at::Tensor base_gemm(const at::Tensor& x) const {
     return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
@@ -588,7 +588,14 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
     side_gemm(blas, ov, x, ext, hall);
-    for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], fused, ov.side.stream());
+    if (fused) {  // every member's routing and expand in one launch
+      std::vector<cuda::RoutePiece> pieces;
+      for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
+      cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
+    }
   }
   if (fused) {  // every member's delta added by one kernel after the join
     std::vector<cuda::DeltaPiece> pieces;
@@ -634,7 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     side_gemm(blas, ov, x, ext, hall);
-    m.route(x, hall, 0, /*fused=*/false, ov.side.stream());
+    m.route(x, hall, 0, ov.side.stream());
   }
   if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
     cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
