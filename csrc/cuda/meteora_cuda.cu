@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
+#include <cstdlib>
 #include <vector>
 
 #include "aten_impl.h"
@@ -591,7 +592,12 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     if (fused) {  // every member's routing and expand in one launch
       std::vector<cuda::RoutePiece> pieces;
       for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
-      cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
+      static const bool split = std::getenv("METEORA_SPLIT_ROUTE") != nullptr;  // experiment: one launch per member
+      if (split) {
+        for (auto& piece : pieces) cuda::route_expand(half16(x), &piece, 1, tokens, ov.side.stream());
+      } else {
+        cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
