@@ -199,9 +199,10 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: str = "narrow", groups: bool = True) -> dict:
+                expert_columns: str = "narrow", groups: bool = True, stack_base: bool = True) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
-    With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does)."""
+    With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does);
+    ``stack_base``: MeteoRALinear.stack_base (the base weights in the rows before [gate; A])."""
     layers = {}
     with torch.no_grad():
         for parent, name, lin in list(linears(model)):
@@ -215,6 +216,7 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             m.requires_grad_(False)
             m.expert_columns = expert_columns in ("wide", "narrow")
             m.wide_columns = expert_columns == "wide"
+            m.stack_base = stack_base
             m.pack_(base=m.expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
@@ -415,6 +417,10 @@ def main(argv=None) -> int:
                          "(N, d_out, r) tensor (none)")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
+    ap.add_argument("--separate-base", action="store_true",
+                    help="keep every base weight in a buffer of its own (MeteoRALinear.stack_base = False), not "
+                         "in the rows before its [gate; A]: decode then runs the base GEMMs beside a side-stream "
+                         "routing GEMM")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record the stacks of the allocations that outlive meteora's set-up and first calls "
                          "(results.json: persistent_allocations)")
@@ -468,7 +474,9 @@ def main(argv=None) -> int:
     allocated_before = torch.cuda.memory_allocated()
     if args.trace_memory:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
-    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups)
+    layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
+                         stack_base=not args.separate_base)
+    results["stack_base"] = not args.separate_base
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in
     # gate_proj / up_proj, MeteoRALinear.pack_(base=True), take no more than B itself).

@@ -10,6 +10,9 @@ One run measures, on the same inputs and the same GPU:
               autograd), one meteora.linear_group op for q/k/v and for gate/up (one routing GEMM
               per group, LinearGroup); meteora.route + meteora.lora_experts + addmm when training
   ours_each   ours without the groups: one meteora.linear op per linear
+  ours_separate  ours with the base weights kept apart from the [gate; A] rows (MeteoRALinear.stack_base
+              = False; ours stacks them, the default): at decode sizes the base GEMMs then run beside a
+              routing GEMM on a side stream instead of being one GEMM with it
   authors     the authors' Triton kernel (v4), when --reference points at their checkout
 for one linear and one LLaMA layer (7 linears), T tokens, uniform or concentrated routing
 (90% of tokens on experts 0 and 1), eager and CUDA-graph replay (median of many runs), plus
@@ -50,8 +53,8 @@ LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
     "gate_proj:4096x14336,up_proj:4096x14336,down_proj:14336x4096"
 )
-METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "ours_each", "authors")
-GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "ours_each", "authors"}  # loop syncs on the host
+METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "authors")
+GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "authors"}  # loop syncs on the host
 
 
 def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
@@ -82,7 +85,7 @@ class Linear:
             gate[0] += hot
             gate[1] += 0.9 * hot
         # gate and A as adjacent rows of one buffer, as MeteoRALinear keeps them (one shrink GEMM)
-        (self.gate, self.a), = pack_rows([(gate.to(dtype), randn(experts, rank, d_in, scale=d_in**-0.5))])
+        (self.gate, self.a), = pack_rows([(gate.to(dtype), randn(experts, rank, d_in, scale=d_in**-0.5))])[0]
         self.b = randn(experts, d_out, rank, scale=rank**-0.5)
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
@@ -92,6 +95,7 @@ class Linear:
         # d_out > d_in, "none": the (N, d_out, r) tensor
         self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
             if columns in ("wide", "narrow") else (self.w0, self.b)
+        self.stacked = None  # (w0, gate, a) as views of one buffer [W0; gate; A] (stack_layout)
         self.authors = None
 
     def routing_torch(self, x, k):
@@ -164,28 +168,47 @@ def pack_groups(linears) -> None:
         members = [by_name[n] for n in names if n in by_name]
         if len(members) < 2 or len({m.d_in for m in members}) != 1:
             continue
-        for m, (gate, a) in zip(members, pack_rows([(m.gate, m.a) for m in members])):
+        for m, (gate, a) in zip(members, pack_rows([(m.gate, m.a) for m in members])[0]):
             m.gate, m.a = gate, a
             m.a_cat = a.reshape(-1, m.d_in)
             m.group = members
 
 
-def run_ours_layer(lin_list, xs, k, routings=None):
+def stack_layout(linears) -> None:
+    """ours' default layout (MeteoRALinear.stack_base, LinearGroup.pack_): each group's base
+    weights right before its members' [gate; A] blocks in one buffer, every other linear's right
+    before its own; kept as copies beside the separate layout, which ours_separate reads."""
+    done = set()
+    for lin in linears:
+        if id(lin) in done:
+            continue
+        members = getattr(lin, "group", None) or [lin]
+        views, bases = pack_rows([(m.gate, m.a) for m in members], [m.w0_ours for m in members])
+        for m, (gate, a), w0 in zip(members, views, bases):
+            m.stacked = (w0, gate, a)
+            done.add(id(m))
+
+
+def run_ours_layer(lin_list, xs, k, routings=None, stacked=True):
     """ours over lin_list: one meteora.linear_group per group whose members are all in lin_list,
     one meteora.linear per other linear; outputs in lin_list's order (routings, if a list, gets
-    each linear's (weight, idx))."""
+    each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one."""
+    def parts(m):
+        return m.stacked if stacked and m.stacked is not None else (m.w0_ours, m.gate, m.a)
+
     results = {}
     for lin in lin_list:
         if id(lin) in results:
             continue
         group = getattr(lin, "group", None)
         if group and all(any(m is l for l in lin_list) for m in group):
-            args = [ops.LinearArgs(m.w0_ours, None, m.gate, m.a, m.b_ours, m.s, None, k, 1.0) for m in group]
+            args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
             for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
                 results[id(m)] = (out, Routing(logits, w, idx))
         else:
-            results[id(lin)] = meteora_linear(xs[lin.d_in], lin.w0_ours, None, lin.gate, lin.a, lin.b_ours, lin.s,
-                                              None, k, 1.0, impl="kernel")
+            w0, gate, a = parts(lin)
+            results[id(lin)] = meteora_linear(xs[lin.d_in], w0, None, gate, a, lin.b_ours, lin.s, None, k, 1.0,
+                                              impl="kernel")
     if routings is not None:
         routings.extend((results[id(l)][1].expert_weight, results[id(l)][1].expert_idx) for l in lin_list)
     return [results[id(l)][0] for l in lin_list]
@@ -444,6 +467,8 @@ def main(argv=None) -> int:
         linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns)
                    for n, di, do in shapes]
         pack_groups(linears)
+        if args.expert_columns != "wide":  # [W0 | B_all] buffers are never stacked (MeteoRALinear._stackable)
+            stack_layout(linears)
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)
@@ -461,18 +486,18 @@ def main(argv=None) -> int:
                         continue
                     if method == "loop" and tokens > 4096:
                         continue
-                    if method == "ours_each" and (scope == "linear" or "ours" not in methods):
+                    if method in ("ours_each", "ours_separate") and (scope == "linear" or "ours" not in methods):
                         continue  # the same calls as ours there
-                    if method == "ours":
-                        fn = lambda: run_ours_layer(lin_list, xs, args.top_k)  # noqa: E731
+                    if method in ("ours", "ours_separate"):
+                        fn = lambda st=method == "ours": run_ours_layer(lin_list, xs, args.top_k, stacked=st)  # noqa: E731
                     else:
                         fn = lambda m=method: [RUN[m](lin, xs[lin.d_in], args.top_k) for lin in lin_list]  # noqa: E731
                     try:
                         outs = fn()
                         refs_m = refs
-                        if method == "ours" and tokens:  # at its own selection
+                        if method in ("ours", "ours_separate") and tokens:  # at its own selection
                             own = []
-                            run_ours_layer(lin_list, xs, args.top_k, own)
+                            run_ours_layer(lin_list, xs, args.top_k, own, stacked=method == "ours")
                             refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, r) for lin, r in zip(lin_list, own)]
                         elif method == "ours_each" and tokens:
                             refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, ours_routing(lin, xs[lin.d_in], args.top_k))
@@ -495,7 +520,7 @@ def main(argv=None) -> int:
                                hot_share=hot_share)
                     row["ratio_base"] = (graph / base_graph) if graph and base_graph else (eager / base_eager if base_eager else None)
                     row["ratio_floor"] = (graph or eager) / floor if floor else None
-                    if method == "ours" and tokens and args.paired_rounds and "base" in methods:
+                    if method in ("ours", "ours_separate") and tokens and args.paired_rounds and "base" in methods:
                         row.update(paired_ratio(
                             lambda: [RUN["base"](lin, xs[lin.d_in], args.top_k) for lin in lin_list], fn,
                             args.paired_rounds))
@@ -604,8 +629,8 @@ def write_outputs(results: dict, out_dir: Path) -> None:
                   f"Each of {paired[0]['paired_rounds']} rounds times a burst of replays of each, in turn (a b, b a, ...), "
                   "so that the GPU's clock drift between the separate measurements above does not enter the ratio: "
                   "the median of the per-round ratios and their range.", "",
-                  "| routing | scope | T | ours / base | range |", "|---|---|---:|---:|---|"]
-        lines += [f"| {r['routing']} | {r['scope']} | {r['tokens']} | {r['paired_ratio_base']:.3f} | "
+                  "| routing | scope | T | method | method / base | range |", "|---|---|---:|---|---:|---|"]
+        lines += [f"| {r['routing']} | {r['scope']} | {r['tokens']} | {r['method']} | {r['paired_ratio_base']:.3f} | "
                   f"{r['paired_low']:.3f}-{r['paired_high']:.3f} |" for r in paired]
         lines.append("")
     atomic(out_dir / "results.md", "\n".join(lines))

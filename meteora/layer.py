@@ -71,8 +71,13 @@ class MeteoRALinear(nn.Module):
         # the prefill is one GEMM of [x | H], which pays a copy of x and loses the base GEMM's
         # overlap with the routing; measured no faster than columns of their own, the default).
         self.wide_columns = False
+        # Inference layout of the base weight (CUDA; pack_(base=True), LinearGroup.pack_): True (the
+        # default) keeps it in the rows right before [gate; A] (a group's base weights all before
+        # its members' [gate; A] blocks), so that at decode sizes (T <= 32) the op runs the base
+        # GEMMs and the routing GEMM as one GEMM and adds the experts' sum in the routing kernel.
+        self._stack_base = True
         self._packed_at: tuple[int, int] | None = None
-        self._b_packed_at: tuple[int, int, bool] | None = None
+        self._b_packed_at: tuple[int, int, int, bool] | None = None
         self.pack_()
         self.register_buffer("scaling", torch.zeros(num_experts, device=factory["device"]))
         self.register_buffer("ranks", torch.zeros(num_experts, dtype=torch.long, device=factory["device"]))
@@ -116,7 +121,7 @@ class MeteoRALinear(nn.Module):
             return True
         w = self._registered(self._modules, "base_layer").weight
         wide = self._wide()
-        key = (b.data_ptr(), w.data_ptr(), wide)
+        key = (b.data_ptr(), w.data_ptr(), g.data_ptr(), wide)
         if key != self._b_packed_at:
             n, d_out, r = b.shape
             d_in = w.shape[1]
@@ -126,6 +131,8 @@ class MeteoRALinear(nn.Module):
                           == b.untyped_storage().data_ptr() and b.storage_offset() == w.storage_offset() + d_in)
             elif packed:  # B's columns in a buffer of their own, W0 contiguous
                 packed = w.is_contiguous() and w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+            if packed and self._stacks_alone():  # W0 right before [gate; A] (pack_rows' bases)
+                packed = _stacked([w], g)
             self._b_packed_at = key if packed else None
             return packed
         return True
@@ -145,6 +152,31 @@ class MeteoRALinear(nn.Module):
         return self.wide_columns and w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
             and type(w.data) is torch.Tensor
 
+    @property
+    def stack_base(self) -> bool:
+        return self._stack_base
+
+    @stack_base.setter
+    def stack_base(self, enabled: bool) -> None:
+        self._stack_base = bool(enabled)
+        self._b_packed_at = None  # the layout caches start over
+        if self.group is not None:
+            self.group._packed_at = None
+        if not enabled:
+            self.unstack_()
+
+    def _stackable(self) -> bool:
+        """Whether the base weight may join the buffer of [gate; A] (``stack_base``): frozen, a plain
+        tensor in their dtype and device, and not in a [W0 | B_all] buffer."""
+        w, g = self.base_layer.weight, self.gate.weight
+        return self.stack_base and not w.requires_grad and w.dtype == g.dtype and w.device == g.device \
+            and type(w.data) is torch.Tensor and not (self.expert_columns and self._wide())
+
+    def _stacks_alone(self) -> bool:
+        """Whether pack_(base=True) stacks this linear's base weight before its own [gate; A] rows
+        (a member of a LinearGroup is stacked with the group's, LinearGroup.pack_)."""
+        return self.group is None and self._stackable()
+
     @torch.no_grad()
     def pack_(self, base: bool = False) -> bool:
         """Keep ``gate.weight`` and ``lora_A`` as adjacent rows of one buffer, so that the CUDA
@@ -162,14 +194,27 @@ class MeteoRALinear(nn.Module):
                 or type(a.data) is not torch.Tensor:
             return False
         if not self.is_packed():
-            (g.data, a.data), = pack_rows([(g.detach(), a.detach())])
+            (g.data, a.data), = pack_rows([(g.detach(), a.detach())])[0]
         if not base:
             return True
         b, w = self.lora_B, self.base_layer.weight
         if type(b.data) is not torch.Tensor:
             return False
         w.data, b.data = column_layout(w.detach(), b.detach(), self._wide())
+        if self._stacks_alone() and not _stacked([w], g):
+            [(g.data, a.data)], [w.data] = pack_rows([(g.detach(), a.detach())], [w.detach()])
         return self.is_packed(base)
+
+    @torch.no_grad()
+    def unstack_(self) -> None:
+        """Give the base weight a buffer of its own if it shares one with the [gate; A] rows
+        (stack_base); the next pack_ packs the rest again."""
+        w, g = self.base_layer.weight, self.gate.weight
+        if type(w.data) is torch.Tensor and w.untyped_storage().data_ptr() == g.untyped_storage().data_ptr():
+            w.data = w.detach().clone()
+            self._b_packed_at = None
+            if self.group is not None:
+                self.group._packed_at = None
 
     @torch.no_grad()
     def set_expert(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
@@ -341,7 +386,7 @@ class LinearGroup:
         return f"LinearGroup({len(self.members)} members)"
 
     def _key(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for m in self.members for t in m._weights()[:2])
+        return tuple(t.data_ptr() for m in self.members for t in (*m._weights()[:2], m.base_layer.weight))
 
     def is_packed(self) -> bool:
         """Whether every member's [gate; A] rows are consecutive blocks of one buffer (pack_)."""
@@ -359,9 +404,30 @@ class LinearGroup:
                 (a.dtype, a.device) for g, a, _ in weights}) != 1 or any(
                 type(g.data) is not torch.Tensor or type(a.data) is not torch.Tensor for g, a, _ in weights):
             return False
-        for (g, a, _), views in zip(weights, pack_rows([(g.detach(), a.detach()) for g, a, _ in weights])):
-            g.data, a.data = views
+        bases = [m.base_layer.weight for m in self.members]
+        stack = all(m._stackable() for m in self.members)
+        if not (self._rows_packed(weights) and (not stack or _stacked(bases, weights[0][0]))):
+            views, base_views = pack_rows([(g.detach(), a.detach()) for g, a, _ in weights],
+                                          [w.detach() for w in bases] if stack else [])
+            for (g, a, _), (gv, av) in zip(weights, views):
+                g.data, a.data = gv, av
+            for w, wv in zip(bases, base_views):
+                w.data = wv
         self._packed_at = self._key()
+        return True
+
+    @staticmethod
+    def _rows_packed(weights) -> bool:
+        """Whether the members' [gate; A] blocks follow each other in one buffer, as pack_rows
+        leaves them (each padded to a multiple of 8 rows)."""
+        g0 = weights[0][0]
+        end = g0.storage_offset()
+        for g, a, _ in weights:
+            if not (g.is_contiguous() and a.is_contiguous() and g.untyped_storage().data_ptr()
+                    == g0.untyped_storage().data_ptr() and g.storage_offset() == end
+                    and a.storage_offset() == end + g.numel()):
+                return False
+            end += -(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 * g.shape[1]
         return True
 
     def _drop(self) -> None:
@@ -426,23 +492,46 @@ def group_linears(root: nn.Module, enabled: bool = True) -> list[LinearGroup]:
     return groups
 
 
+def _stacked(bases: Sequence[torch.Tensor], first_gate: torch.Tensor) -> bool:
+    """Whether the base weights are consecutive contiguous blocks of first_gate's buffer, the last
+    ending where first_gate begins (pack_rows with ``bases``)."""
+    end = bases[0].storage_offset()
+    for w in bases:
+        if not (w.is_contiguous() and w.untyped_storage().data_ptr() == first_gate.untyped_storage().data_ptr()
+                and w.storage_offset() == end):
+            return False
+        end += w.numel()
+    return end == first_gate.storage_offset()
+
+
 @torch.no_grad()
-def pack_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pack_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], bases: Sequence[torch.Tensor] = ()
+              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
     """Copies of (gate (N, d_in), lora_a (N, r, d_in)) pairs as views of one buffer of consecutive
     blocks [gate; A_1; ...; A_N; zero rows up to a multiple of 8] (cuBLAS runs (T, 256) twice as
     fast as (T, 252) at prefill): the layout meteora.linear (one pair: MeteoRALinear.pack_) and
-    meteora.linear_group (a LinearGroup's members) read with one GEMM."""
+    meteora.linear_group (a LinearGroup's members) read with one GEMM. ``bases`` (the linears' base
+    weights (d_out, d_in)) go first, as contiguous blocks of the same buffer ("stacked": at decode
+    sizes the CUDA op then runs every base GEMM and the routing GEMM as one). Returns the pairs'
+    views and the bases' views."""
     g0 = pairs[0][0]
     blocks = [-(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 for g, a in pairs]
-    buffer = torch.zeros(sum(blocks), g0.shape[1], dtype=g0.dtype, device=g0.device)
-    views, start = [], 0
+    head = sum(w.shape[0] for w in bases)
+    buffer = torch.empty(head + sum(blocks), g0.shape[1], dtype=g0.dtype, device=g0.device)
+    base_views, start = [], 0
+    for w in bases:
+        base_views.append(buffer[start: start + w.shape[0]])
+        base_views[-1].copy_(w)
+        start += w.shape[0]
+    buffer[start:].zero_()
+    views = []
     for (g, a), rows in zip(pairs, blocks):
         n, na = g.shape[0], a.shape[0] * a.shape[1]
         buffer[start: start + n] = g
         buffer[start + n: start + n + na] = a.reshape(na, -1)
         views.append((buffer[start: start + n], buffer[start + n: start + n + na].view(a.shape)))
         start += rows
-    return views
+    return views, base_views
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 
 import meteora
 from conftest import ALL_LINEARS, make_adapter, tiny_model
-from meteora.layer import LinearGroup
+from meteora.layer import LinearGroup, _stacked
 
 PROMPT = "The three primary colours are red, yellow and"
 
@@ -456,3 +456,45 @@ def test_save_adapter_round_trips_an_embedded_adapter(tmp_path):
         meteora.new_experts(tiny_model(), ["a"], target_modules=["nope"])
     with pytest.raises(ValueError, match="unknown adapter 'c'"):
         model.save_adapter("c", tmp_path / "c")
+
+
+def test_stacked_base_layout(tmp_path, monkeypatch):
+    """stack_base (the default): a lone linear's pack_(base=True) puts its base weight right before
+    its [gate; A] rows, a group's pack_ every member's base weight before the members' blocks;
+    the outputs do not change; set_stack_base(False) gives the base weights buffers of their own,
+    which later packs keep; add_adapter carries the setting over."""
+    monkeypatch.setattr(LinearGroup, "on_cpu", True)  # the group packs on the CPU too
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4 + 4 * i, alpha=8, targets=ALL_LINEARS, seed=i)
+                for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model(), adapters, top_k=2).eval()
+    layers = model.meteora_layers()
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    q, k, v, o = (layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkvo")
+    down = layers["model.layers.0.mlp.down_proj"]
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model.set_stack_base(False)
+        apart = model(ids).logits
+        for layer in layers.values():
+            assert layer.pack_(base=True)
+        assert not _stacked([q.base_layer.weight, k.base_layer.weight, v.base_layer.weight], q.gate.weight)
+        assert not _stacked([o.base_layer.weight], o.gate.weight)
+        model.set_stack_base()
+        stacked = model(ids).logits  # the groups' forward packs them (the CPU here: on_cpu)
+        assert _stacked([q.base_layer.weight, k.base_layer.weight, v.base_layer.weight], q.gate.weight)
+        assert q.group.is_packed() and not _stacked([o.base_layer.weight], o.gate.weight)
+        for layer in layers.values():
+            assert layer.pack_(base=True) and layer.is_packed(base=True)
+        assert _stacked([o.base_layer.weight], o.gate.weight) and _stacked([down.base_layer.weight], down.gate.weight)
+        assert not _stacked([q.base_layer.weight], q.gate.weight)  # a member stacks with its group only
+        torch.testing.assert_close(stacked, apart, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids).logits, apart, rtol=0, atol=0)
+        model.set_stack_base(False)
+        assert not _stacked([o.base_layer.weight], o.gate.weight)
+        assert o.base_layer.weight.untyped_storage().data_ptr() != o.gate.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(model(ids).logits, apart, rtol=0, atol=0)
+        assert not _stacked([q.base_layer.weight, k.base_layer.weight, v.base_layer.weight], q.gate.weight)
+        model.add_adapter("c", make_adapter(base, tmp_path / "c", r=4, alpha=8, targets=ALL_LINEARS, seed=5))
+        assert not any(layer.stack_base for layer in model.meteora_layers().values())

@@ -150,9 +150,12 @@ def column_layout(w0, lora_b, wide, aligned=True):
 def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl="kernel", what=""):
     """meteora.linear (inference op) against a float64 evaluation at the op's own selection.
     pack: None, "rows" ([gate; A] one buffer), "cols" (and B_all's columns), "wide" ([W0 | B_all]);
-    "cols5" / "wide5": their rows not a multiple of 8 elements apart."""
+    "cols5" / "wide5": their rows not a multiple of 8 elements apart; "stacked": [W0; gate; A] one
+    buffer, B's columns (MeteoRALinear.pack_(base=True)'s default)."""
     x, gate, lora_a, lora_b, scaling, w0 = (inp[k] for k in ("x", "gate_weight", "lora_a", "lora_b", "scaling", "weight"))
-    if pack:
+    if pack == "stacked":
+        [(gate, lora_a)], [w0] = packed_group([(gate, lora_a)], [w0])
+    elif pack:
         gate, lora_a = packed(gate, lora_a)
     if pack and pack != "rows":
         w0, lora_b = column_layout(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
@@ -197,7 +200,8 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
     mask = (torch.rand(experts, generator=gen) < 0.6).to(device)
     bias = (torch.randn(inp["weight"].shape[0], generator=gen)).to(device=device, dtype=dtype)
     for pack, use_mask, use_bias in [(None, False, False), ("rows", True, True), ("cols", False, True),
-                                     ("wide", True, False), ("wide5", False, True), ("cols5", True, False)]:
+                                     ("wide", True, False), ("wide5", False, True), ("cols5", True, False),
+                                     ("stacked", True, True), ("stacked", False, False)]:
         check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, impl,
                      what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
 
@@ -224,15 +228,16 @@ def test_linear_decode_shapes(device, dtype, tokens, d_in):
         if tokens == 1:  # one row whose row stride says nothing (cuBLAS still needs ld >= d_in)
             wider["x with row stride 1"] = inp["x"].reshape(-1).as_strided((1, d_in), (1, 1))
         for name, x in wider.items():
-            for pack in (None, "rows"):
+            for pack in (None, "rows", "stacked"):
                 check_linear(dict(inp, x=x), top_k, 1.0, pack=pack,
                              what=f"{name} experts={experts} pack={pack} seed {seed}")
 
 
-def packed_group(pairs):
+def packed_group(pairs, bases=()):
     """(gate, lora_a) pairs as consecutive blocks [gate_i; A_i; NaN rows up to a multiple of 8] of
-    one buffer (the layout LinearGroup.pack_ keeps, with the padding never read)."""
-    blocks, views, start = [], [], 0
+    one buffer (the layout LinearGroup.pack_ keeps, with the padding never read); with ``bases``
+    (base weights), those first in the same buffer (the stacked layout), returned after the pairs."""
+    blocks, views, start = list(bases), [], sum(w.shape[0] for w in bases)
     for gate, lora_a in pairs:
         rows = gate.shape[0] + lora_a.shape[0] * lora_a.shape[1]
         pad = torch.full((-rows % 8, gate.shape[1]), float("nan"), dtype=gate.dtype, device=gate.device)
@@ -240,7 +245,13 @@ def packed_group(pairs):
         views.append((start, gate.shape[0], rows, lora_a.shape))
         start += rows + pad.shape[0]
     buffer = torch.cat(blocks)
-    return [(buffer[s: s + n], buffer[s + n: s + rows].view(shape)) for s, n, rows, shape in views]
+    out = [(buffer[s: s + n], buffer[s + n: s + rows].view(shape)) for s, n, rows, shape in views]
+    if not bases:
+        return out
+    starts = [0]
+    for w in bases:
+        starts.append(starts[-1] + w.shape[0])
+    return out, [buffer[a:b] for a, b in zip(starts, starts[1:])]
 
 
 # Members of a linear_group case: (d_out, experts, top_k, ranks, bias, mask).
@@ -256,8 +267,10 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     selection), with the members' [gate; A] in one buffer (one routing GEMM on CUDA, from every
     block's columns), in two members' buffers and one's own (one op per member), in buffer order
     other than the list's, with B as columns for one member and [W0 | B_all] for another (wide at
-    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x; and in another
-    order (the member without bias last), B as rows and as columns."""
+    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x; with the members'
+    base weights first in that buffer (stacked: at decode sizes one GEMM for the bases and the
+    routing), in list order and in another; and in another order (the member without bias last),
+    B as rows and as columns."""
     _skip_unless_available(impl, device)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -277,9 +290,16 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
         "two buffers": packed_group(pairs[:2]) + [packed(*pairs[2])],
         "unpacked": pairs,
     }
+    bases = [m.base_weight for m in members]
+    stacked = {"stacked": packed_group(pairs, bases),
+               "stacked, bases reversed": (lambda v, w: (v, w[::-1]))(*packed_group(pairs, bases[::-1]))}
+    for name, (views, base_views) in stacked.items():
+        layouts[name] = views
     for name, views in layouts.items():
         for b_layout in ("rows", "cols", "wide"):
             group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
+            if name in stacked:  # B as columns of its own beside every stacked layout but wide's
+                group = [m._replace(base_weight=w) for m, w in zip(group, stacked[name][1])]
             if b_layout != "rows":  # member 0's B as columns (beside W0's: wide)
                 w0, b = column_layout(group[0].base_weight, group[0].lora_b, b_layout == "wide")
                 group[0] = group[0]._replace(base_weight=w0, lora_b=b)

@@ -224,5 +224,5 @@ def test_moe_fwd_writes_the_alternated_ratio(tmp_path):
                    rows=[base, row])
     moe_fwd.write_outputs(results, tmp_path)
     text = (tmp_path / "results.md").read_text()
-    assert "| uniform | layer | 1024 | 1.187 | 1.150-1.220 |" in text
+    assert "| uniform | layer | 1024 | ours | 1.187 | 1.150-1.220 |" in text
     assert text.count("1.187") == 1 and json.loads((tmp_path / "results.json").read_text())["rows"][1]["paired_rounds"] == 20

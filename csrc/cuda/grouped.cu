@@ -867,7 +867,8 @@ struct RoutePieces {
 
 // Decode-sized T: grid (sum over the pieces of d_out / kThreads, T). Warp 0 routes the token from
 // its hall row in shared memory (each piece's first block also writes logits, weight and idx); then
-// every thread writes its output column's sum over the selected experts:
+// every thread writes its output column's sum over the selected experts (or, with `out`, the
+// column's output: base + bias + that sum):
 // delta[t, n] = sum_j w_j s_j <B[e_j, n, :], hall[t, N + e_j r : + r]> (B[e, n, c] at
 // e b_es + n b_ns + c: the experts' (N, d, r) tensor, or their columns in a row-major buffer).
 template <typename h_t>
@@ -923,7 +924,12 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(const RoutePiece
     }
     acc += s_coef[j] * dot;
   }
-  q.delta[t * q.d_out + n] = acc;
+  if (q.out != nullptr) {
+    if (q.bias != nullptr) acc += to_f(static_cast<const h_t*>(q.bias)[n]);
+    static_cast<h_t*>(q.out)[t * q.d_out + n] = from_f<h_t>(q.base[t * q.ld + n] + acc);
+  } else {
+    q.delta[t * q.d_out + n] = acc;
+  }
 }
 
 // Up to kMaxDeltaPieces (out, delta) pairs of one launch: piece p covers blocks

@@ -70,6 +70,10 @@ void pair_outer(Half16 dt, const int* perm, const int* offsets, int64_t pairs, i
 // (a LinearGroup's members: one launch per kMaxRoutePieces); add_delta then adds it into out in
 // place, for one or several (out, delta) pieces in one launch per kMaxDeltaPieces (count = T d_out
 // values, contiguous; pieces of count 0 are skipped).
+// With `out` set (the stacked decode path, one GEMM of x with [W0_1; ...; gate_1; A_1; ...]), the
+// piece writes out (T, d_out) in x's dtype = base + bias + the experts' sum, one rounding, where
+// base is this linear's first column of the same fp32 rows (ld apart) and bias (d_out) may be
+// null; delta is then unused.
 struct RoutePiece {
   const float* hall;  // this linear's first column of hall; rows ld apart
   int64_t ld;
@@ -83,6 +87,9 @@ struct RoutePiece {
   float* logits;
   float* weight;
   int64_t* idx;
+  const float* base = nullptr;
+  const void* bias = nullptr;
+  void* out = nullptr;
 };
 constexpr int kMaxRoutePieces = 4;  // per launch
 void route_expand(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream);

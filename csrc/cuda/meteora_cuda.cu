@@ -447,29 +447,34 @@ Overlap& overlap_for(c10::DeviceIndex device) {
   return *slot;
 }
 
-// meteora.linear's routing GEMM on the side stream: hall (T, ld) fp32 = x ext^T, with the side
-// stream's own 16 MiB cuBLAS workspace. at::mm there would give that stream torch's workspaces of a
-// new stream (32 MiB for cuBLAS on Hopper, 1 MiB for cuBLASLt: H200 e2e, 17 MiB more than this).
-// `blas` is torch's handle of this thread, taken while the main stream was current; torch sets its
-// stream and workspace again at its next use (getCurrentCUDABlasHandle does at every call). Strided
-// x goes through at::mm (and so gets torch's workspaces).
-void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, at::Tensor& hall) {
-  const int64_t tokens = x.size(0), d_in = x.size(1), rows = ext.size(0);
+// out (T, ld) fp32 = x rows^T with cuBLAS on the stream `blas` is set to (bf16 / fp16 products are
+// exact in fp32). Strided x goes through at::mm (on the current stream).
+void rows_gemm(cublasHandle_t blas, const at::Tensor& x, const at::Tensor& rows_m, at::Tensor& out) {
+  const int64_t tokens = x.size(0), d_in = x.size(1), rows = rows_m.size(0);
   const int64_t ldx = tokens == 1 ? std::max<int64_t>(x.stride(0), d_in) : x.stride(0);
   const int64_t limit = std::numeric_limits<int>::max();
-  if (x.stride(1) != 1 || ext.stride(1) != 1 || ldx < d_in || ext.stride(0) < d_in || hall.stride(1) != 1 ||
-      tokens > limit || ldx > limit || ext.stride(0) > limit || hall.stride(0) > limit) {
-    at::mm_out(hall, x, ext.t(), at::kFloat);
+  if (x.stride(1) != 1 || rows_m.stride(1) != 1 || ldx < d_in || rows_m.stride(0) < d_in || out.stride(1) != 1 ||
+      tokens > limit || ldx > limit || rows_m.stride(0) > limit || out.stride(0) > limit || rows > limit) {
+    at::mm_out(out, x, rows_m.t(), at::kFloat);
     return;
   }
   const cudaDataType_t dt = x.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
   const float one = 1.f, zero = 0.f;
-  ov.blas_on_side(blas);
-  // Column-major: hall^T (rows x T, ld) = ext (d_in x rows)^T x (d_in x T).
+  // Column-major: out^T (rows x T, ld) = rows_m (d_in x rows)^T x (d_in x T).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(rows), int(tokens), int(d_in), &one,
-                                    ext.data_ptr(), dt, int(ext.stride(0)), x.data_ptr(), dt, int(ldx), &zero,
-                                    hall.data_ptr(), CUDA_R_32F, int(hall.stride(0)), CUBLAS_COMPUTE_32F,
+                                    rows_m.data_ptr(), dt, int(rows_m.stride(0)), x.data_ptr(), dt, int(ldx), &zero,
+                                    out.data_ptr(), CUDA_R_32F, int(out.stride(0)), CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
+}
+
+// meteora.linear's routing GEMM on the side stream: hall (T, ld) fp32 = x ext^T, with the side
+// stream's own 16 MiB cuBLAS workspace. at::mm there would give that stream torch's workspaces of a
+// new stream (32 MiB for cuBLAS on Hopper, 1 MiB for cuBLASLt: H200 e2e, 17 MiB more than this).
+// `blas` is torch's handle of this thread, taken while the main stream was current; torch sets its
+// stream and workspace again at its next use (getCurrentCUDABlasHandle does at every call).
+void side_gemm(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, at::Tensor& hall) {
+  ov.blas_on_side(blas);
+  rows_gemm(blas, x, ext, hall);
 }
 
 // The prefill expand on the side stream: out (T, d_out) += H (T, N r) B_all^T, with the side
@@ -540,11 +545,20 @@ struct Member {
   }
   // Decode sizes: the routing from hall's columns [col, col + N + N r) and the expand into delta, as
   // one piece of a route_expand launch (every member's in one).
-  cuda::RoutePiece route_piece(const at::Tensor& hall, int64_t col) {
-    return {hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-            int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(),
-            b.stride(0), b.stride(1), d_out, delta.data_ptr<float>(), logits.data_ptr<float>(),
-            weight.data_ptr<float>(), idx.data_ptr<int64_t>()};
+  // Stacked (base_col >= 0): hall also holds this linear's base output from column base_col, and the
+  // piece writes `out` (allocated here) = base + bias + the experts' sum.
+  cuda::RoutePiece route_piece(const at::Tensor& hall, int64_t col, int64_t base_col = -1) {
+    cuda::RoutePiece p{hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                       int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), b.data_ptr(),
+                       b.stride(0), b.stride(1), d_out, delta.defined() ? delta.data_ptr<float>() : nullptr,
+                       logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>()};
+    if (base_col >= 0) {
+      out = at::empty({hall.size(0), d_out}, base_weight.options());
+      p.base = hall.data_ptr<float>() + base_col;
+      p.bias = base_bias.has_value() ? base_bias->data_ptr() : nullptr;
+      p.out = out.data_ptr();
+    }
+    return p;
   }
   // Larger T, side stream: the routing from hall's columns [col, col + N + N r) and the selection H.
   void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, cudaStream_t stream) {
@@ -592,12 +606,7 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     if (fused) {  // every member's routing and expand in one launch
       std::vector<cuda::RoutePiece> pieces;
       for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
-      static const bool split = std::getenv("METEORA_SPLIT_ROUTE") != nullptr;  // experiment: one launch per member
-      if (split) {
-        for (auto& piece : pieces) cuda::route_expand(half16(x), &piece, 1, tokens, ov.side.stream());
-      } else {
-        cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
-      }
+      cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
@@ -662,6 +671,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
   return m.result();
 }
 
+// Whether the members' base weights, in x's dtype, contiguous (bias, if any, too), are consecutive
+// blocks of the buffer whose [gate; A] rows start at storage offset `first`, the last ending there
+// ([W0_1; ...; W0_m; gate_1; A_1; ...]: the stacked layout of MeteoRALinear / LinearGroup pack_):
+// the storage offset of the first block, else -1.
+int64_t stacked_start(const at::Tensor& x, const std::vector<Member>& members, const at::Tensor& owner, int64_t first) {
+  std::vector<const Member*> order;
+  for (const auto& m : members) {
+    const at::Tensor& w = m.base_weight;
+    if (!w.is_contiguous() || !w.is_alias_of(owner) || w.scalar_type() != x.scalar_type() ||
+        (m.base_bias.has_value() && (m.base_bias->scalar_type() != x.scalar_type() || !m.base_bias->is_contiguous())))
+      return -1;
+    order.push_back(&m);
+  }
+  std::sort(order.begin(), order.end(), [](const Member* a, const Member* b) {
+    return a->base_weight.storage_offset() < b->base_weight.storage_offset();
+  });
+  const int64_t start = order[0]->base_weight.storage_offset();
+  int64_t end = start;
+  for (const Member* m : order) {
+    if (m->base_weight.storage_offset() != end) return -1;
+    end += m->base_weight.numel();
+  }
+  return end == first ? start : -1;
+}
+
+// Decode sizes with the stacked layout: one GEMM of x with every row of the stack (each member's
+// W0, gate and A) on the current stream, fp32 out, then one route_expand launch that routes each
+// token and writes every member's output = base + bias + its experts' sum (one rounding). No side
+// stream, no add_delta.
+void run_stacked(const at::Tensor& x, const at::Tensor& stack, std::vector<Member>& members,
+                 const std::vector<int64_t>& base_cols, const std::vector<int64_t>& cols) {
+  const int64_t tokens = x.size(0);
+  at::Tensor y = at::empty({tokens, stack.size(0)}, x.options().dtype(at::kFloat));
+  rows_gemm(at::cuda::getCurrentCUDABlasHandle(), x, stack, y);
+  std::vector<cuda::RoutePiece> pieces;
+  for (size_t i = 0; i < members.size(); ++i) {
+    members[i].allocate_routing(x);
+    pieces.push_back(members[i].route_piece(y, cols[i], base_cols[i]));
+  }
+  cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 bool half16_operands(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& lora_a,
                      const at::Tensor& lora_b) {
   return is_half16(x) && x.dim() == 2 && gate_weight.scalar_type() == x.scalar_type() &&
@@ -688,6 +740,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   const at::Tensor ext = gate_lora_rows(gate_weight, lora_a, 8);
   if (m.wide && x.size(0) > kFusedMaxTokens) return run_wide(x, ext, m);
   std::vector<Member> members{std::move(m)};
+  if (x.size(0) <= kFusedMaxTokens && gate_lora_adjacent(gate_weight, lora_a) && ext.is_alias_of(gate_weight)) {
+    const int64_t d_in = x.size(1), first = gate_weight.storage_offset();
+    const int64_t start = stacked_start(x, members, gate_weight, first);
+    if (start >= 0) {
+      const int64_t rows = (first - start) / d_in + ext.size(0);
+      run_stacked(x, gate_weight.as_strided({rows, d_in}, {d_in, 1}, start), members, {0}, {(first - start) / d_in});
+      return members[0].result();
+    }
+  }
   run_members(x, ext, members, {0});
   return members[0].result();
 }
@@ -734,10 +795,19 @@ std::vector<at::Tensor> linear_group_cuda(
   }
   if (int64_t(gate_weight[0].storage().nbytes()) < end * int64_t(gate_weight[0].element_size())) return each();
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor ext = gate_weight[0].as_strided({(end - first) / d_in, d_in}, {d_in, 1}, first);
-  std::vector<int64_t> cols(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) cols[size_t(i)] = (gate_weight[i].storage_offset() - first) / d_in;
-  run_members(x, ext, members, cols);
+  const int64_t start = x.size(0) <= kFusedMaxTokens ? stacked_start(x, members, gate_weight[0], first) : -1;
+  const int64_t top = start >= 0 ? start : first;  // the first row that the GEMM reads
+  const at::Tensor rows = gate_weight[0].as_strided({(end - top) / d_in, d_in}, {d_in, 1}, top);
+  std::vector<int64_t> cols(static_cast<size_t>(n)), base_cols(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    cols[size_t(i)] = (gate_weight[i].storage_offset() - top) / d_in;
+    base_cols[size_t(i)] = (base_weight[i].storage_offset() - top) / d_in;
+  }
+  if (start >= 0) {
+    run_stacked(x, rows, members, base_cols, cols);
+  } else {
+    run_members(x, rows, members, cols);
+  }
   std::vector<at::Tensor> outs;
   outs.reserve(size_t(4 * n));
   for (const auto& m : members) outs.insert(outs.end(), {m.out, m.logits, m.weight, m.idx});
