@@ -174,15 +174,18 @@ def pack_groups(linears) -> None:
             m.group = members
 
 
-def stack_layout(linears) -> None:
+def stack_layout(linears, names=None) -> None:
     """ours' default layout (MeteoRALinear.stack_base, LinearGroup.pack_): each group's base
     weights right before its members' [gate; A] blocks in one buffer, every other linear's right
-    before its own; kept as copies beside the separate layout, which ours_separate reads."""
+    before its own; kept as copies beside the separate layout, which ours_separate reads.
+    ``names``: only the linears (and groups) named there (default: all)."""
     done = set()
     for lin in linears:
         if id(lin) in done:
             continue
         members = getattr(lin, "group", None) or [lin]
+        if names is not None and not all(m.name in names for m in members):
+            continue
         views, bases = pack_rows([(m.gate, m.a) for m in members], [m.w0_ours for m in members])
         for m, (gate, a), w0 in zip(members, views, bases):
             m.stacked = (w0, gate, a)
@@ -436,6 +439,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-rounds", type=int, default=20,
                     help="ours and base again, graphs replayed in alternation this many times each; the median "
                          "per-round ratio is the row's 'paired' column (0: not)")
+    ap.add_argument("--stacked-linears", default="",
+                    help="ours stacks only these linears' base weights (comma list of shape names, a group only if "
+                         "all its members are named; default: every linear, as MeteoRALinear does)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -468,7 +474,7 @@ def main(argv=None) -> int:
                    for n, di, do in shapes]
         pack_groups(linears)
         if args.expert_columns != "wide":  # [W0 | B_all] buffers are never stacked (MeteoRALinear._stackable)
-            stack_layout(linears)
+            stack_layout(linears, set(args.stacked_linears.split(",")) if args.stacked_linears else None)
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)
