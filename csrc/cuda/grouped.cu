@@ -856,6 +856,14 @@ __device__ __forceinline__ void warp_topk_softmax(const float* __restrict__ row,
   for (int j = 0; j < top_k; ++j) w_out[j] = denom > 0 ? selected[j] / denom : 0.f;
 }
 
+// The piece of a several-piece launch that this block works on: piece p covers blocks
+// [first_block[p], first_block[p + 1]) along x.
+__device__ __forceinline__ int piece_of(const unsigned* first_block, int n) {
+  int p = 0;
+  while (p + 1 < n && blockIdx.x >= first_block[p + 1]) ++p;
+  return p;
+}
+
 // Up to kMaxRoutePieces linears of one route_expand launch: piece p covers blocks
 // [first_block[p], first_block[p + 1]) along x.
 struct RoutePieces {
@@ -876,8 +884,7 @@ __global__ void __launch_bounds__(kThreads) route_expand_kernel(const RoutePiece
   extern __shared__ float s_row[];  // experts * (1 + rank) values of hall
   __shared__ float s_coef[kMaxTopK], s_scale[kMaxExperts];
   __shared__ int s_e[kMaxTopK];
-  int p = 0;
-  while (p + 1 < pieces.n && blockIdx.x >= pieces.first_block[p + 1]) ++p;
+  const int p = piece_of(pieces.first_block, pieces.n);
   const RoutePiece& q = pieces.piece[p];
   const int experts = q.experts, rank = q.rank, top_k = q.top_k;
   const unsigned block = blockIdx.x - pieces.first_block[p];
@@ -947,8 +954,7 @@ struct DeltaPieces {
 // when aligned.
 template <typename h_t>
 __global__ void __launch_bounds__(kThreads) add_delta_kernel(const DeltaPieces pieces) {
-  int p = 0;
-  while (p + 1 < pieces.n && blockIdx.x >= pieces.first_block[p + 1]) ++p;
+  const int p = piece_of(pieces.first_block, pieces.n);
   h_t* __restrict__ out = static_cast<h_t*>(pieces.out[p]);
   const float* __restrict__ delta = pieces.delta[p];
   const int64_t count = pieces.count[p];
