@@ -145,6 +145,18 @@ def run(args) -> None:
         return
     for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
         evaluated(f"evaluation, top-{k}", ["--top-k", str(k), "--baseline", "none"], f"eval_top{k}")
+    chosen = None
+    if args.select_top_k:  # MeteoRA's k chosen on held-out test rows, then evaluated on the test rows
+        held_out = ["--baseline", "none", "--composite", "", "--offset", str(args.limit), "--limit", str(args.select_rows)]
+        means = {}
+        for k in args.select_top_k:
+            evaluated(f"selection, top-{k}", ["--top-k", str(k), *held_out], f"select_top{k}")
+            scores = json.loads((out / f"select_top{k}" / "summary.json").read_text())["tasks"]
+            means[k] = sum(by["meteora"]["score"] for by in scores.values()) / len(scores)
+        chosen = max(means, key=lambda k: (means[k], -k))  # a tie goes to fewer experts per token
+        (out / "selection.json").write_text(json.dumps({"held_out_rows": [args.limit, args.limit + args.select_rows],
+                                                         "mean_by_top_k": means, "chosen": chosen}, indent=2))
+        evaluated(f"evaluation, top-{chosen}", ["--top-k", str(chosen), "--baseline", "none"], f"eval_top{chosen}")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
                                                    "--baseline", "prompt-adapter", "--baseline", "answer-adapter"],
@@ -167,6 +179,15 @@ def run(args) -> None:
     for k in args.also_top_k:
         lines += ["", f"## MeteoRA with top-{k} routing (the same checkpoint)", "",
                   (out / f"eval_top{k}" / "results.md").read_text()]
+    if chosen is not None:
+        selection = json.loads((out / "selection.json").read_text())
+        first, last = selection["held_out_rows"]
+        lines += ["", f"## MeteoRA's top-k chosen on held-out test rows {first + 1}-{last} of each task", "",
+                  "| top-k | mean on the held-out rows |", "|---:|---:|"]
+        lines += [f"| {k}{' (chosen)' if int(k) == chosen else ''} | {v:.3f} |" for k, v in selection["mean_by_top_k"].items()]
+        if chosen not in args.also_top_k:
+            lines += ["", f"On the test rows (the same checkpoint, top-{chosen}):", "",
+                      (out / f"eval_top{chosen}" / "results.md").read_text()]
     if args.ablate_routing:
         lines += ["", "## Routing ablation: the task's adapter on the prompt (prompt-adapter) or on the generated "
                   "tokens (answer-adapter), the gates on the rest", "", (out / "eval_phase" / "results.md").read_text()]
@@ -214,6 +235,10 @@ def main() -> None:
     p.add_argument("--skip-eval", action="store_true",
                    help="leave out the main evaluation (four systems, composite-n) and its routing picture: for a "
                         "rerun that only adds --also-top-k / --ablate-routing to results already published")
+    p.add_argument("--select-top-k", type=lambda v: [int(k) for k in v.split(",") if k], default=[],
+                   help="comma list of k: choose MeteoRA's top-k among these on held-out test rows (the --select-rows "
+                        "after the first --limit of each task), then evaluate the chosen k on the test rows (eval_top<k>/)")
+    p.add_argument("--select-rows", type=int, default=36, help="held-out test rows per task for --select-top-k")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
                         "(eval_phase/: where the gap to the adapters comes from)")

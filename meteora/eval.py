@@ -211,14 +211,15 @@ def evaluate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     systems = build_systems(args, model, tokenizer, device)
     composites = composite_sets(args, model, tasks)
-    total = len(systems) * (sum(min(args.limit, len(t.test)) for t in tasks)
+    offset = getattr(args, "offset", 0)
+    total = len(systems) * (sum(len(t.test[offset: offset + args.limit]) for t in tasks)
                             + len(composites) * args.composite_samples)
     rows, table, comp_table = [], {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
         for system in systems:
             for task in tasks:
-                test = task.test[: args.limit]
+                test = task.test[offset: offset + args.limit]
                 system.prepare(task.name)
                 outputs = generate(system.model, tokenizer, [r["prompt"] for r in test], max_new_tokens(task.name, args),
                                    args.batch_size, device, bar)
@@ -243,7 +244,7 @@ def evaluate(args) -> dict:
                           "output": o} for r, o in zip(comp_rows, outputs)]
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
                "routing": {"top_k": model.top_k, "temperature": model.temperature},
-               "tasks": table, "composite": comp_table, "limit": args.limit,
+               "tasks": table, "composite": comp_table, "limit": args.limit, "offset": offset,
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
         summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
@@ -383,7 +384,9 @@ def same_outputs(rows: Sequence[dict], systems: Sequence[str]) -> dict[str, list
 def results_markdown(summary: dict) -> str:
     systems = summary["systems"]
     routing = summary.get("routing")
-    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, up to {summary['limit']} test rows per task"
+    rows = f"test rows {summary['offset'] + 1}-{summary['offset'] + summary['limit']}" if summary.get("offset") else \
+        f"up to {summary['limit']} test rows"
+    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, {rows} per task"
              + (f", MeteoRA routing top-{routing['top_k']} at temperature {routing['temperature']:g}." if routing else "."),
              "", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
     means = {s: [] for s in systems}
@@ -482,6 +485,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="numbered (the harness writes each 'i. ' and the model answers up to the line end), "
                              "free (one plain generation), or both as numbered,free")
     parser.add_argument("--limit", type=int, default=32, help="test rows per task")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip this many test rows of each task first (held-out rows for choosing a setting)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples of the paired bootstrap interval of the mean over tasks (0: none)")
@@ -495,7 +500,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-composite", metavar="N",
                         help="only draw the routing of the first composite-N row (3, 5, 10 or own), numbered decoding")
     parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.limit < 0 or args.offset < 0:
+        parser.error(f"--limit {args.limit} / --offset {args.offset}: need >= 0")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -71,7 +71,9 @@ def test_quality_pipeline_runs_in_four_calls(tiny_base, task_dir, tmp_path):
 
 def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, tmp_path):
     """--skip-eval: adapters, gates and the routing ablation, without the main evaluation; with
-    --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA."""
+    --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA;
+    --select-top-k evaluates each k on the held-out test rows after the first --limit, then the
+    chosen one on the test rows."""
     import json
     import sys
 
@@ -79,7 +81,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
-                    "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed"],
+                    "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed",
+                    "--select-top-k", "1,2", "--select-rows", "3"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
@@ -88,6 +91,14 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     times = json.loads((out / "times.json").read_text())
     assert "evaluation" not in times and "mixed-task LoRA" not in times and "evaluation, routing ablation" in times
     assert "Routing ablation" in (out / "quality.md").read_text()
+    selection = json.loads((out / "selection.json").read_text())
+    chosen = selection["chosen"]
+    assert selection["held_out_rows"] == [2, 5] and chosen in (1, 2) and set(selection["mean_by_top_k"]) == {"1", "2"}
+    held_out = json.loads((out / "select_top1" / "summary.json").read_text())
+    assert (held_out["offset"], held_out["limit"], held_out["systems"], held_out["composite"]) == (2, 3, ["meteora"], {})
+    assert "test rows 3-5 per task" in (out / "select_top1" / "results.md").read_text()
+    assert json.loads((out / f"eval_top{chosen}" / "summary.json").read_text())["routing"]["top_k"] == chosen
+    assert "chosen on held-out test rows 3-5" in (out / "quality.md").read_text()
 
 
 def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
