@@ -546,7 +546,7 @@ def _run_fuzz_case(case, device, seed):
     for name, leaf, ref in zip(("x", "gate", "lora_a", "lora_b"), leaves, ref_leaves):
         assert_close(leaf.grad, ref.grad, dtype, tol=GRAD_TOL, what=f"grad {name} {what}", scaled=True)
     bias = base[0] if tokens and case["masked"] else None
-    layout = [None, "rows", "cols", "wide", "cols5", "wide5"][seed % 6]
+    layout = [None, "rows", "cols", "wide", "cols5", "wide5", "stacked"][seed % 7]
     check_linear(inp, top_k, case["temperature"], mask, bias, pack=layout, what=f"{what} layout {layout}")
 
 
@@ -578,6 +578,11 @@ def test_torch_compile_and_cuda_graph(device):
     (g1, a1), (g2, a2) = packed_group([(inp["gate_weight"], inp["lora_a"])] * 2)
     group_args = ([inp["weight"]] * 2, [None] * 2, [g1, g2], [a1, a2], [inp["lora_b"]] * 2, [inp["scaling"]] * 2,
                   [None] * 2, [2, 1], [1.0, 0.5])
+    # The stacked layout (base weights before [gate; A]): one GEMM and one routing kernel at decode sizes.
+    [(gate_s, a_s)], [w_s] = packed_group([(inp["gate_weight"], inp["lora_a"])], [inp["weight"]])
+    [(gs1, as1), (gs2, as2)], [ws1, ws2] = packed_group([(inp["gate_weight"], inp["lora_a"])] * 2, [inp["weight"]] * 2)
+    stacked_args = ([ws1, ws2], [None] * 2, [gs1, gs2], [as1, as2], [inp["lora_b"]] * 2, [inp["scaling"]] * 2,
+                    [None] * 2, [2, 1], [1.0, 0.5])
 
     def layer(x):
         _, w, idx = torch.ops.meteora.route(x, inp["gate_weight"], None, 2, 1.0)
@@ -589,6 +594,9 @@ def test_torch_compile_and_cuda_graph(device):
             outs.append(torch.ops.meteora.linear(rows, inp["weight"], None, gate_p, a_p, inp["lora_b"], inp["scaling"],
                                                  None, 2, 1.0)[0])
             outs.extend(torch.ops.meteora.linear_group(rows, *group_args))
+            outs.append(torch.ops.meteora.linear(rows, w_s, None, gate_s, a_s, inp["lora_b"], inp["scaling"],
+                                                 None, 2, 1.0)[0])
+            outs.extend(torch.ops.meteora.linear_group(rows, *stacked_args))
         return tuple(outs)
 
     x = inp["x"]
