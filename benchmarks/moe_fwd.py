@@ -262,17 +262,22 @@ RUN = dict(base=run_base, lora1=run_lora1, loop=run_loop, gather_bmm=run_gather_
 
 
 # ----------------------------------------------------------------------------- measurement
+def event_ms(fn) -> float:
+    """Milliseconds of one fn() on the current stream, between two CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def median_ms(fn, budget_s=0.4, max_iters=200, min_iters=5) -> float:
     fn()
     torch.cuda.synchronize()
     times, start = [], time.perf_counter()
     while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < budget_s):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(event_ms(fn))
     return statistics.median(times)
 
 
@@ -332,15 +337,7 @@ def paired_ratio(fn_base, fn_ours, rounds: int = 20, replays: int = 10) -> dict:
                 graph.replay()
         return run
 
-    def timer(fn):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / replays
-
-    t_base, t_ours = alternate(burst(g_base), burst(g_ours), rounds, timer)
+    t_base, t_ours = alternate(burst(g_base), burst(g_ours), rounds, lambda fn: event_ms(fn) / replays)
     ratios = sorted(o / b for b, o in zip(t_base, t_ours))
     return dict(paired_ratio_base=ratios[len(ratios) // 2], paired_low=ratios[0], paired_high=ratios[-1],
                 paired_rounds=rounds)

@@ -151,8 +151,7 @@ def run(args) -> None:
         means = {}
         for k in args.select_top_k:
             evaluated(f"selection, top-{k}", ["--top-k", str(k), *held_out], f"select_top{k}")
-            scores = json.loads((out / f"select_top{k}" / "summary.json").read_text())["tasks"]
-            means[k] = sum(by["meteora"]["score"] for by in scores.values()) / len(scores)
+            means[k] = meteora_eval.mean_scores(json.loads((out / f"select_top{k}" / "summary.json").read_text()))["meteora"]
         chosen = max(means, key=lambda k: (means[k], -k))  # a tie goes to fewer experts per token
         (out / "selection.json").write_text(json.dumps({"held_out_rows": [args.limit, args.limit + args.select_rows],
                                                          "mean_by_top_k": means, "chosen": chosen}, indent=2))

@@ -211,7 +211,7 @@ def evaluate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     systems = build_systems(args, model, tokenizer, device)
     composites = composite_sets(args, model, tasks)
-    offset = getattr(args, "offset", 0)
+    offset = args.offset
     total = len(systems) * (sum(len(t.test[offset: offset + args.limit]) for t in tasks)
                             + len(composites) * args.composite_samples)
     rows, table, comp_table = [], {}, {}
@@ -381,6 +381,15 @@ def same_outputs(rows: Sequence[dict], systems: Sequence[str]) -> dict[str, list
     return out
 
 
+def mean_scores(summary: dict) -> dict[str, float | None]:
+    """Each system's mean score over the tasks it was scored on (None: none)."""
+    out = {}
+    for s in summary["systems"]:
+        values = [by[s]["score"] for by in summary["tasks"].values() if by.get(s, {}).get("score") is not None]
+        out[s] = sum(values) / len(values) if values else None
+    return out
+
+
 def results_markdown(summary: dict) -> str:
     systems = summary["systems"]
     routing = summary.get("routing")
@@ -389,16 +398,11 @@ def results_markdown(summary: dict) -> str:
     lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, {rows} per task"
              + (f", MeteoRA routing top-{routing['top_k']} at temperature {routing['temperature']:g}." if routing else "."),
              "", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
-    means = {s: [] for s in systems}
     for task, by_system in summary["tasks"].items():
-        cells = []
-        for s in systems:
-            value = by_system.get(s, {}).get("score")
-            if value is not None:
-                means[s].append(value)
-            cells.append("" if value is None else f"{value:.3f}")
+        cells = ["" if by_system.get(s, {}).get("score") is None else f"{by_system[s]['score']:.3f}" for s in systems]
         lines.append(f"| {task} ({data_mod.TASK_METRICS.get(task, 'contained')}) | " + " | ".join(cells) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{sum(v) / len(v):.3f}**" if v else "" for v in means.values()) + " |")
+    means = mean_scores(summary)
+    lines.append("| **mean** | " + " | ".join("" if means[s] is None else f"**{means[s]:.3f}**" for s in systems) + " |")
     for label, by_system in summary["composite"].items():
         sub = [k for k in next(iter(by_system.values())) if k not in ("sum", "attempted")]
         how = "one free generation" if label.endswith("(free)") else "the harness writes each 'i. ', the model answers to the line end"
