@@ -199,10 +199,12 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: str = "narrow", groups: bool = True, stack_base: bool = True) -> dict:
+                expert_columns: str = "narrow", groups: bool = True, stack_base: bool | set | None = None) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
     With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does);
-    ``stack_base``: MeteoRALinear.stack_base (the base weights in the rows before [gate; A])."""
+    ``stack_base``: MeteoRALinear.stack_base (the base weights in the rows before [gate; A]), for
+    every linear, or for those named in a set (q_proj, ..., down_proj; a group stacks only if all
+    of its members do); None: the library's default."""
     layers = {}
     with torch.no_grad():
         for parent, name, lin in list(linears(model)):
@@ -216,7 +218,7 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             m.requires_grad_(False)
             m.expert_columns = expert_columns in ("wide", "narrow")
             m.wide_columns = expert_columns == "wide"
-            m.stack_base = stack_base
+            m.stack_base = name in stack_base if isinstance(stack_base, set) else stack_base  # None: default
             m.pack_(base=m.expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
@@ -421,6 +423,10 @@ def main(argv=None) -> int:
                     help="keep every base weight in a buffer of its own (MeteoRALinear.stack_base = False), not "
                          "in the rows before its [gate; A]: decode then runs the base GEMMs beside a side-stream "
                          "routing GEMM")
+    ap.add_argument("--stacked-linears", default="",
+                    help="stack only these linears' base weights (comma list: q_proj,...,down_proj; a group stacks "
+                         "only if all its members are named), or 'all'; default: the library's (all but down_proj, "
+                         "meteora.layer.stacks_by_default)")
     ap.add_argument("--trace-memory", action="store_true",
                     help="record the stacks of the allocations that outlive meteora's set-up and first calls "
                          "(results.json: persistent_allocations)")
@@ -474,9 +480,11 @@ def main(argv=None) -> int:
     allocated_before = torch.cuda.memory_allocated()
     if args.trace_memory:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
+    stacked = (False if args.separate_base else None if not args.stacked_linears
+               else True if args.stacked_linears == "all" else set(args.stacked_linears.split(",")))
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
-                         stack_base=not args.separate_base)
-    results["stack_base"] = not args.separate_base
+                         stack_base=stacked)
+    results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in
     # gate_proj / up_proj, MeteoRALinear.pack_(base=True), take no more than B itself).
@@ -484,8 +492,10 @@ def main(argv=None) -> int:
                      for m in layers.values()) / 1e9
     rows_buffers = {m.gate.weight.untyped_storage().data_ptr(): m.gate.weight.untyped_storage().nbytes()
                     for m in layers.values()}  # one per linear, or one per group
-    packed_gb = (sum(rows_buffers.values()) + sum(m.lora_B.numel() * m.lora_B.element_size()
-                                                  for m in layers.values())) / 1e9
+    stacked_w0 = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for m in layers.values()
+                     if m.base_layer.weight.untyped_storage().data_ptr() in rows_buffers)  # stack_base
+    packed_gb = (sum(rows_buffers.values()) - stacked_w0 + sum(m.lora_B.numel() * m.lora_B.element_size()
+                                                               for m in layers.values())) / 1e9
     results["adapters_gb"] = adapter_gb
     results["packed_adapters_gb"] = packed_gb
     set_system(layers, "meteora")

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meteora import ops, reference  # noqa: E402
-from meteora.layer import GROUPS, Routing, column_layout, meteora_linear, pack_rows  # noqa: E402
+from meteora.layer import GROUPS, Routing, column_layout, meteora_linear, pack_rows, stacks_by_default  # noqa: E402
 
 LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
@@ -178,13 +178,18 @@ def stack_layout(linears, names=None) -> None:
     """ours' default layout (MeteoRALinear.stack_base, LinearGroup.pack_): each group's base
     weights right before its members' [gate; A] blocks in one buffer, every other linear's right
     before its own; kept as copies beside the separate layout, which ours_separate reads.
-    ``names``: only the linears (and groups) named there (default: all)."""
+    ``names``: only the linears (and groups) named there, or "all"; default: the library's
+    (meteora.layer.stacks_by_default: all but down_proj)."""
     done = set()
     for lin in linears:
         if id(lin) in done:
             continue
         members = getattr(lin, "group", None) or [lin]
-        if names is not None and not all(m.name in names for m in members):
+        if names is None:
+            d_out, d_in = lin.w0_ours.shape
+            if not stacks_by_default(d_in, d_out, len(members) > 1):
+                continue
+        elif names != "all" and not all(m.name in names for m in members):
             continue
         views, bases = pack_rows([(m.gate, m.a) for m in members], [m.w0_ours for m in members])
         for m, (gate, a), w0 in zip(members, views, bases):
@@ -438,7 +443,7 @@ def main(argv=None) -> int:
                          "per-round ratio is the row's 'paired' column (0: not)")
     ap.add_argument("--stacked-linears", default="",
                     help="ours stacks only these linears' base weights (comma list of shape names, a group only if "
-                         "all its members are named; default: every linear, as MeteoRALinear does)")
+                         "all its members are named), or 'all'; default: as MeteoRALinear does (all but down_proj)")
     ap.add_argument("--out", default="benchmarks/results/latest")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -471,7 +476,8 @@ def main(argv=None) -> int:
                    for n, di, do in shapes]
         pack_groups(linears)
         if args.expert_columns != "wide":  # [W0 | B_all] buffers are never stacked (MeteoRALinear._stackable)
-            stack_layout(linears, set(args.stacked_linears.split(",")) if args.stacked_linears else None)
+            stack_layout(linears, None if not args.stacked_linears else "all" if args.stacked_linears == "all"
+                         else set(args.stacked_linears.split(",")))
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)

@@ -172,11 +172,12 @@ class MeteoRAModel(nn.Module):
             layer.expert_columns = enabled
             layer.wide_columns = wide
 
-    def set_stack_base(self, enabled: bool = True) -> None:
+    def set_stack_base(self, enabled: bool | None = None) -> None:
         """The CUDA inference layout of every layer's base weight: in the rows right before its
-        [gate; A] (``enabled``, the default; a group's base weights before its members' blocks),
-        which lets decode-sized calls run the base GEMMs and the routing GEMM as one, or
-        (``enabled=False``) in a buffer of its own again; see MeteoRALinear.stack_base."""
+        [gate; A] (``enabled=True``; a group's base weights before its members' blocks), which lets
+        decode-sized calls run the base GEMMs and the routing GEMM as one, or (``enabled=False``)
+        in a buffer of its own again; None (the default): stacked except in the linears that
+        narrow their input (down_proj; meteora.layer.stacks_by_default). See MeteoRALinear.stack_base."""
         for layer in self.meteora_layers().values():
             layer.stack_base = enabled  # False: unstacks (MeteoRALinear.unstack_)
 
@@ -267,7 +268,7 @@ class MeteoRAModel(nn.Module):
                 layer.impl = old.impl
                 layer.expert_columns = old.expert_columns
                 layer.wide_columns = old.wide_columns
-                layer.stack_base = old.stack_base
+                layer.stack_base = old._stack_base  # the setting (None: the default), not its value
                 layer.pack_()  # the dtype changes above gave gate and lora_A buffers of their own
             layer.gate.weight[old_n:].zero_()
             if module in loaded.lora_a:

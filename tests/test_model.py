@@ -9,7 +9,7 @@ import torch
 
 import meteora
 from conftest import ALL_LINEARS, make_adapter, tiny_model
-from meteora.layer import LinearGroup, _stacked
+from meteora.layer import LinearGroup, _stacked, stacks_by_default
 
 PROMPT = "The three primary colours are red, yellow and"
 
@@ -459,10 +459,11 @@ def test_save_adapter_round_trips_an_embedded_adapter(tmp_path):
 
 
 def test_stacked_base_layout(tmp_path, monkeypatch):
-    """stack_base (the default): a lone linear's pack_(base=True) puts its base weight right before
-    its [gate; A] rows, a group's pack_ every member's base weight before the members' blocks;
-    the outputs do not change; set_stack_base(False) gives the base weights buffers of their own,
-    which later packs keep; add_adapter carries the setting over."""
+    """stack_base: a lone linear's pack_(base=True) puts its base weight right before its [gate; A]
+    rows, a group's pack_ every member's base weight before the members' blocks; by default every
+    group and every lone linear but those narrowing their input (down_proj) stacks; the outputs do
+    not change; set_stack_base(False) gives the base weights buffers of their own, which later packs
+    keep; add_adapter carries the setting over."""
     monkeypatch.setattr(LinearGroup, "on_cpu", True)  # the group packs on the CPU too
     base = tiny_model()
     adapters = {n: make_adapter(base, tmp_path / n, r=4 + 4 * i, alpha=8, targets=ALL_LINEARS, seed=i)
@@ -474,6 +475,8 @@ def test_stacked_base_layout(tmp_path, monkeypatch):
     q, k, v, o = (layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkvo")
     down = layers["model.layers.0.mlp.down_proj"]
     ids = torch.randint(0, 97, (2, 9))
+    assert q.group is not None and k.stack_base and o.stack_base and not down.stack_base  # the defaults
+    assert stacks_by_default(64, 32, True) and not stacks_by_default(64, 32, False) and stacks_by_default(64, 64, False)
     with torch.no_grad():
         model.set_stack_base(False)
         apart = model(ids).logits
@@ -487,9 +490,15 @@ def test_stacked_base_layout(tmp_path, monkeypatch):
         assert q.group.is_packed() and not _stacked([o.base_layer.weight], o.gate.weight)
         for layer in layers.values():
             assert layer.pack_(base=True) and layer.is_packed(base=True)
-        assert _stacked([o.base_layer.weight], o.gate.weight) and _stacked([down.base_layer.weight], down.gate.weight)
+        assert _stacked([o.base_layer.weight], o.gate.weight) and not _stacked([down.base_layer.weight], down.gate.weight)
         assert not _stacked([q.base_layer.weight], q.gate.weight)  # a member stacks with its group only
+        model.set_stack_base(True)
+        assert down.pack_(base=True) and _stacked([down.base_layer.weight], down.gate.weight)
         torch.testing.assert_close(stacked, apart, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids).logits, apart, rtol=0, atol=0)
+        model.set_stack_base()  # back to the default: down_proj's base weight gets a buffer of its own
+        assert not down.stack_base and not _stacked([down.base_layer.weight], down.gate.weight)
+        assert down.base_layer.weight.untyped_storage().data_ptr() != down.gate.weight.untyped_storage().data_ptr()
         torch.testing.assert_close(model(ids).logits, apart, rtol=0, atol=0)
         model.set_stack_base(False)
         assert not _stacked([o.base_layer.weight], o.gate.weight)
@@ -498,3 +507,7 @@ def test_stacked_base_layout(tmp_path, monkeypatch):
         assert not _stacked([q.base_layer.weight, k.base_layer.weight, v.base_layer.weight], q.gate.weight)
         model.add_adapter("c", make_adapter(base, tmp_path / "c", r=4, alpha=8, targets=ALL_LINEARS, seed=5))
         assert not any(layer.stack_base for layer in model.meteora_layers().values())
+        model.set_stack_base()
+        model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=6))
+        layers = model.meteora_layers()
+        assert layers["model.layers.1.self_attn.o_proj"].stack_base and not layers["model.layers.1.mlp.down_proj"].stack_base
