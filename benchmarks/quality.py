@@ -156,6 +156,8 @@ def run(args) -> None:
         (out / "selection.json").write_text(json.dumps({"held_out_rows": [args.limit, args.limit + args.select_rows],
                                                          "mean_by_top_k": means, "chosen": chosen}, indent=2))
         evaluated(f"evaluation, top-{chosen}", ["--top-k", str(chosen), "--baseline", "none"], f"eval_top{chosen}")
+    if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
+        evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote"], "eval_vote")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
                                                    "--baseline", "prompt-adapter", "--baseline", "answer-adapter"],
@@ -187,6 +189,10 @@ def run(args) -> None:
         if chosen not in args.also_top_k:
             lines += ["", f"On the test rows (the same checkpoint, top-{chosen}):", "",
                       (out / f"eval_top{chosen}" / "results.md").read_text()]
+    if args.prompt_vote:
+        lines += ["", "## MeteoRA with the prompt's adapter voted by its gates (prompt-vote: one forward over the prompt, "
+                  "each row's prompt then on the adapter its gates picked first most often; the gates route the "
+                  "generated tokens; no task label)", "", (out / "eval_vote" / "results.md").read_text()]
     if args.ablate_routing:
         lines += ["", "## Routing ablation: the task's adapter on the prompt (prompt-adapter) or on the generated "
                   "tokens (answer-adapter), the gates on the rest", "", (out / "eval_phase" / "results.md").read_text()]
@@ -238,6 +244,9 @@ def main() -> None:
                    help="comma list of k: choose MeteoRA's top-k among these on held-out test rows (the --select-rows "
                         "after the first --limit of each task), then evaluate the chosen k on the test rows (eval_top<k>/)")
     p.add_argument("--select-rows", type=int, default=36, help="held-out test rows per task for --select-top-k")
+    p.add_argument("--prompt-vote", action="store_true",
+                   help="evaluate MeteoRA with MeteoRAModel.vote_prompts beside MeteoRA itself (eval_vote/): the "
+                        "gates vote one adapter for each whole prompt, the generated tokens are routed as usual")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
                         "(eval_phase/: where the gap to the adapters comes from)")

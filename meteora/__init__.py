@@ -12,10 +12,10 @@ from .adapters import AdapterError, LoraAdapter, load_adapter
 from .base import cache_dir, default_model_dir, load_base_model
 from .layer import MeteoRALinear, Routing
 from .loss import gate_accuracy, gate_loss, meteora_loss
-from .model import CheckpointError, MeteoRAModel, RoutingTrace, from_adapters, load, new_experts
+from .model import CheckpointError, MeteoRAModel, PromptVote, RoutingTrace, from_adapters, load, new_experts
 
 __all__ = [
-    "AdapterError", "CheckpointError", "LoraAdapter", "MeteoRALinear", "MeteoRAModel", "Routing",
+    "AdapterError", "CheckpointError", "LoraAdapter", "MeteoRALinear", "MeteoRAModel", "PromptVote", "Routing",
     "RoutingTrace", "cache_dir", "default_model_dir", "from_adapters", "gate_accuracy", "gate_loss",
     "load", "load_adapter", "load_base_model", "meteora_loss", "new_experts", "ops", "reference",
 ]

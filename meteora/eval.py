@@ -27,7 +27,7 @@ import torch
 from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
-from .model import CheckpointError, MeteoRAModel, load
+from .model import CheckpointError, MeteoRAModel, PromptVote, load
 from .train import RUN_NAME, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
@@ -106,10 +106,12 @@ class System:
     """One way of answering: the MeteoRA model, one task's own adapter, the base, a mixed LoRA.
 
     ``force(task)`` (None: the system routes by itself) sets the model up for one task's rows and
-    ``release()`` undoes it; forced systems skip the composite prompts, which mix tasks."""
+    ``release()`` undoes it; systems that use the task's label (``labelled``) skip the composite
+    prompts, which mix tasks."""
 
-    def __init__(self, name: str, model, force=None, release=None):
+    def __init__(self, name: str, model, force=None, release=None, labelled: bool | None = None):
         self.name, self.model, self.force, self._release = name, model, force, release
+        self.labelled = force is not None if labelled is None else labelled
 
     def prepare(self, task: str) -> None:
         if self.force is not None:
@@ -169,6 +171,9 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
+        elif kind == "prompt-vote":  # the gates vote one adapter for the whole prompt (no label)
+            vote = PromptVote(model)
+            systems.append(System(kind, model, force=vote.install, release=vote.release, labelled=False))
         elif kind == "base":
             systems.append(System("base", fresh_base()))
         elif kind == "mixed":
@@ -178,8 +183,8 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
 
             systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
-            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base, mixed=DIR, prompt-adapter or "
-                                  "answer-adapter")
+            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base, mixed=DIR, prompt-adapter, "
+                                  "answer-adapter or prompt-vote")
     return systems
 
 
@@ -228,10 +233,11 @@ def evaluate(args) -> dict:
                 table.setdefault(task.name, {})[system.name] = scores
                 rows += [{"system": system.name, "task": task.name, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(test, outputs)]
-            if system.force is not None:
+            if system.labelled:
                 continue  # composite prompts mix tasks: there is no single "own adapter" to force
             for label, comp_tasks, comp_rows, decoding in composites:
                 prompts = [r["prompt"] for r in comp_rows]
+                system.prepare(label)  # (a system without labels: its routing mode, e.g. prompt-vote)
                 if decoding == "numbered":
                     outputs = generate_numbered(system.model, tokenizer, prompts,
                                                 [max_new_tokens(t.name, args) for t in comp_tasks],
@@ -239,6 +245,7 @@ def evaluate(args) -> dict:
                 else:
                     budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
+                system.release()
                 comp_table.setdefault(label, {})[system.name] = score_composite(comp_tasks, comp_rows, outputs)
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
@@ -480,8 +487,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", action="append",
                         help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), "
                              "prompt-adapter / answer-adapter (the task's adapter on the prompt / on the generated "
-                             "tokens, the gates on the rest: a routing ablation), or none; repeat (default: adapter "
-                             "and base)")
+                             "tokens, the gates on the rest: a routing ablation), prompt-vote (MeteoRA whose gates "
+                             "first vote one adapter for the whole prompt: eval.PromptVote), or none; repeat (default: "
+                             "adapter and base)")
     parser.add_argument("--composite", default="own",
                         help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")
     parser.add_argument("--composite-samples", type=int, default=16)

@@ -208,6 +208,19 @@ class MeteoRAModel(nn.Module):
             for layer in layers.values():
                 layer.routing_hook = None
 
+    @contextlib.contextmanager
+    def vote_prompts(self) -> Iterator["PromptVote"]:
+        """While the block runs (e.g. over generate()), every forward over more than one token (a
+        prompt's prefill) first lets the gates vote: each row's prompt then runs on the adapter its
+        gates picked first most often over its tokens, and the one-token decode steps route token
+        by token as usual. See PromptVote."""
+        vote = PromptVote(self)
+        vote.install()
+        try:
+            yield vote
+        finally:
+            vote.release()
+
     # -- parameters -------------------------------------------------------------------------
     def gate_parameters(self) -> list[nn.Parameter]:
         return [layer.gate.weight for layer in self.meteora_layers().values()]
@@ -326,6 +339,71 @@ class MeteoRAModel(nn.Module):
         config = json.dumps(self.meteora_config(), indent=2)
         _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config))
         return path
+
+
+class PromptVote:
+    """MeteoRA with a look-ahead over the prompt (``MeteoRAModel.vote_prompts``: an inference mode
+    beside the paper's token-level routing; it uses no task label): before the prompt's prefill,
+    one forward over the prompt lets every gate vote its top-1 expert at every (unpadded) prompt
+    token; the prefill then runs each row's prompt on the adapter with the most votes in that row,
+    and the gates route the generated tokens as usual. It costs one more forward over the prompt. The whole prompt is known before the first answer token, so the tokens that no
+    causal gate can route (the chat template's, the same for every task, before the question) get
+    the question's adapter. A prompt that mixes tasks gets one adapter for all of it."""
+
+    def __init__(self, model: "MeteoRAModel"):
+        self.model, self._handle, self._labels, self._voting = model, None, None, False
+
+    @torch.no_grad()
+    def vote(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) labels for route_by_labels: each row's most voted expert (-1 at padding)."""
+        keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        counts = torch.zeros(ids.shape[0], self.model.num_experts, device=ids.device)
+        layers = list(self.model.meteora_layers().values())
+        hooks = [layer.routing_hook for layer in layers]
+
+        def count(routing):
+            counts.scatter_add_(1, routing.expert_idx[:, 0].view(ids.shape), keep.to(counts.dtype))
+
+        for layer in layers:
+            layer.routing_hook = count
+        self._voting = True
+        try:
+            kwargs = {} if position_ids is None else {"position_ids": position_ids}
+            backbone = getattr(self.model.model, "base_model", self.model.model)  # the decoder stack: no LM head
+            backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        finally:
+            self._voting = False
+            for layer, hook in zip(layers, hooks):
+                layer.routing_hook = hook
+        return counts.argmax(1, keepdim=True).expand_as(ids).masked_fill(~keep, -1)
+
+    def _pre(self, module, args, kwargs):
+        if self._voting:
+            return
+        self._drop_labels()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[1] <= 1:  # a decode step (or embeddings): the gates route
+            return
+        self._labels = self.model.route_by_labels(self.vote(ids, kwargs.get("attention_mask"),
+                                                            kwargs.get("position_ids")))
+        self._labels.__enter__()
+
+    def _drop_labels(self) -> None:
+        if self._labels is not None:
+            self._labels.__exit__(None, None, None)
+            self._labels = None
+
+    def install(self, task: str | None = None) -> None:
+        """From now on every prefill votes (``task`` is ignored: System.force's signature)."""
+        if self._handle is None:
+            self._handle = self.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._drop_labels()
 
 
 class RoutingTrace:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meteora import eval as meteora_eval
-from meteora import metrics
+from meteora import PromptVote, metrics
 
 
 def test_accuracy_rules():
@@ -221,6 +221,62 @@ def test_phase_force_routes_one_phase_by_the_adapter(trained, tmp_path, phase):
     assert all(set(c) == {"meteora"} for c in summary["composite"].values())  # forced systems skip them
     with pytest.raises(ValueError, match="phase"):
         meteora_eval.PhaseForce(model, "both")
+
+
+def test_prompt_vote_runs_the_prompt_on_the_gates_choice(trained, tmp_path):
+    """prompt-vote: one forward over the prompt in which every gate votes its top-1 expert at every
+    unpadded token; the prefill then runs each row on its most voted expert (the first generated
+    token's logits are that adapter's), the decode steps on the gates; no task label is used, so
+    composite prompts are evaluated too."""
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    layers = list(model.meteora_layers().values())
+    with meteora_eval._left_padding(tokenizer):
+        batch = tokenizer(["Count: cat dog bird", "Reverse: abc def ghi jkl mno"], return_tensors="pt", padding=True)
+    ids, mask = batch.input_ids, batch.attention_mask
+    assert not mask.all()  # the rows differ in length: left padding
+    for layer in layers:
+        layer.record_routing = True
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    expected = torch.zeros(2, model.num_experts)
+    for layer in layers:
+        top1 = layer.routing.expert_idx[:, 0].view(ids.shape)
+        for row in range(2):
+            expected[row] += torch.bincount(top1[row][mask[row].bool()], minlength=model.num_experts)
+        layer.record_routing = False
+    vote = PromptVote(model)
+    labels = vote.vote(ids, mask)
+    assert torch.equal(labels, expected.argmax(1, keepdim=True).expand_as(ids).masked_fill(~mask.bool(), -1))
+    assert all(layer.routing_hook is None for layer in layers)
+
+    one = ids[1:, mask[1].bool()]  # the longer row alone
+    winner = int(expected[1].argmax())
+    seen = []
+    spy = layers[0].register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[-2], m.token_experts is not None)))
+
+    def first_logits():
+        out = model.generate(input_ids=one, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        return out.scores[0]
+
+    model.force_adapter(winner)
+    forced = first_logits()
+    model.force_adapter(None)
+    seen.clear()
+    with model.vote_prompts() as vote:
+        voted = first_logits()
+    spy.remove()
+    # the vote's forward (gates), the prefill (the winner), two decode steps (gates)
+    assert seen == [(one.shape[1], False), (one.shape[1], True), (1, False), (1, False)]
+    torch.testing.assert_close(voted, forced, rtol=1e-4, atol=1e-4)
+    assert vote._handle is None and all(layer.token_experts is None for layer in layers)
+    summary = meteora_eval.evaluate(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(tmp_path / "e"), "--limit", "2", "--composite-samples", "2",
+        "--max-new-tokens", "2", "--max-new-tokens-long", "2", "--device", "cpu", "--quiet",
+        "--baseline", "prompt-vote"]))
+    assert summary["systems"] == ["meteora", "prompt-vote"]
+    assert summary["composite"] and all(set(c) == {"meteora", "prompt-vote"} for c in summary["composite"].values())
 
 
 def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):

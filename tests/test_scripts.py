@@ -73,7 +73,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     """--skip-eval: adapters, gates and the routing ablation, without the main evaluation; with
     --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA;
     --select-top-k evaluates each k on the held-out test rows after the first --limit, then the
-    chosen one on the test rows."""
+    chosen one on the test rows; --prompt-vote evaluates MeteoRA with vote_prompts (eval_vote/)."""
     import json
     import sys
 
@@ -82,7 +82,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
                     "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed",
-                    "--select-top-k", "1,2", "--select-rows", "3"],
+                    "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
@@ -99,6 +99,10 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert "test rows 3-5 per task" in (out / "select_top1" / "results.md").read_text()
     assert json.loads((out / f"eval_top{chosen}" / "summary.json").read_text())["routing"]["top_k"] == chosen
     assert "chosen on held-out test rows 3-5" in (out / "quality.md").read_text()
+    vote = json.loads((out / "eval_vote" / "summary.json").read_text())
+    assert vote["systems"] == ["meteora", "prompt-vote"] and vote["composite"]
+    assert all(set(c) == {"meteora", "prompt-vote"} for c in vote["composite"].values())
+    assert "evaluation, prompt vote" in times and "| prompt-vote |" in (out / "quality.md").read_text()
 
 
 def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
