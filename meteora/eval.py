@@ -27,7 +27,7 @@ import torch
 from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
-from .model import CheckpointError, MeteoRAModel, PromptVote, load
+from .model import CheckpointError, MeteoRAModel, PrefillHook, PromptVote, load
 from .train import RUN_NAME, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
@@ -122,7 +122,7 @@ class System:
             self._release()
 
 
-class PhaseForce:
+class PhaseForce(PrefillHook):
     """The task's own adapter in one phase of a generation, the gates in the other (a routing
     ablation): ``phase="prompt"`` forces the forwards over more than one token (the prompt's
     prefill) and lets the gates route the one-token decode steps; ``phase="answer"`` the reverse.
@@ -133,24 +133,20 @@ class PhaseForce:
     def __init__(self, model: MeteoRAModel, phase: str):
         if phase not in ("prompt", "answer"):
             raise ValueError(f"phase must be prompt or answer, not {phase!r}")
-        self.model, self.phase, self.task, self._handle = model, phase, None, None
+        super().__init__(model)
+        self.phase, self.task = phase, None
 
     def _pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
+        ids = self.input_ids(args, kwargs)
         prefill = ids is not None and ids.shape[1] > 1
         self.model.force_adapter(self.task if prefill == (self.phase == "prompt") else None)
 
     def force(self, task: str) -> None:
         self.task = task
-        if self._handle is None:
-            self._handle = self.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+        self.install()
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        super().release()
         self.task = None
         self.model.force_adapter(None)
 

@@ -341,7 +341,35 @@ class MeteoRAModel(nn.Module):
         return path
 
 
-class PromptVote:
+class PrefillHook:
+    """A forward pre-hook on a MeteoRAModel's wrapped model that sees each forward's input_ids
+    (``_pre``): the base of routing modes that treat a prompt's prefill (a forward over more than
+    one token) and the one-token decode steps differently. ``install`` / ``release``."""
+
+    def __init__(self, model: "MeteoRAModel"):
+        self.model, self._handle = model, None
+
+    @staticmethod
+    def input_ids(args, kwargs) -> torch.Tensor | None:
+        """The forward's input_ids (or inputs_embeds), from its arguments."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        return kwargs.get("inputs_embeds") if ids is None else ids
+
+    def _pre(self, module, args, kwargs):
+        raise NotImplementedError
+
+    def install(self, task: str | None = None) -> None:
+        """From now on every forward passes ``_pre`` (``task``: for subclasses that use it)."""
+        if self._handle is None:
+            self._handle = self.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class PromptVote(PrefillHook):
     """MeteoRA with a look-ahead over the prompt (``MeteoRAModel.vote_prompts``: an inference mode
     beside the paper's token-level routing; it uses no task label): before the prompt's prefill,
     one forward over the prompt lets every gate vote its top-1 expert at every (unpadded) prompt
@@ -351,7 +379,8 @@ class PromptVote:
     the question's adapter. A prompt that mixes tasks gets one adapter for all of it."""
 
     def __init__(self, model: "MeteoRAModel"):
-        self.model, self._handle, self._labels, self._voting = model, None, None, False
+        super().__init__(model)
+        self._labels, self._voting = None, False
 
     @torch.no_grad()
     def vote(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -382,8 +411,8 @@ class PromptVote:
         if self._voting:
             return
         self._drop_labels()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None or ids.shape[1] <= 1:  # a decode step (or embeddings): the gates route
+        ids = self.input_ids(args, kwargs)
+        if ids is None or ids.shape[1] <= 1 or ids.is_floating_point():  # a decode step (or embeddings): gates
             return
         self._labels = self.model.route_by_labels(self.vote(ids, kwargs.get("attention_mask"),
                                                             kwargs.get("position_ids")))
@@ -394,15 +423,8 @@ class PromptVote:
             self._labels.__exit__(None, None, None)
             self._labels = None
 
-    def install(self, task: str | None = None) -> None:
-        """From now on every prefill votes (``task`` is ignored: System.force's signature)."""
-        if self._handle is None:
-            self._handle = self.model.model.register_forward_pre_hook(self._pre, with_kwargs=True)
-
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        super().release()
         self._drop_labels()
 
 
