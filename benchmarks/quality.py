@@ -157,7 +157,8 @@ def run(args) -> None:
                                                          "mean_by_top_k": means, "chosen": chosen}, indent=2))
         evaluated(f"evaluation, top-{chosen}", ["--top-k", str(chosen), "--baseline", "none"], f"eval_top{chosen}")
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
-        evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote"], "eval_vote")
+        windowed = [] if args.vote_window is None else ["--baseline", f"prompt-vote={args.vote_window}"]
+        evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
                                                    "--baseline", "prompt-adapter", "--baseline", "answer-adapter"],
@@ -247,6 +248,8 @@ def main() -> None:
     p.add_argument("--prompt-vote", action="store_true",
                    help="evaluate MeteoRA with MeteoRAModel.vote_prompts beside MeteoRA itself (eval_vote/): the "
                         "gates vote one adapter for each whole prompt, the generated tokens are routed as usual")
+    p.add_argument("--vote-window", type=int, help="with --prompt-vote: also vote each prompt token's adapter "
+                   "among the W tokens before and after it (a composite prompt keeps its switches)")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
                         "(eval_phase/: where the gap to the adapters comes from)")

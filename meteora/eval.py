@@ -167,9 +167,14 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
-        elif kind == "prompt-vote":  # the gates vote one adapter for the whole prompt (no label)
-            vote = PromptVote(model)
-            systems.append(System(kind, model, force=vote.install, release=vote.release, labelled=False))
+        elif kind == "prompt-vote":  # the gates vote the prompt's adapter (no label): row-wide, or =W tokens around
+            try:
+                window = int(path) if path else None
+                vote = PromptVote(model, window)
+            except ValueError:
+                raise CheckpointError(f"--baseline {spec!r}: prompt-vote=W takes a window of W >= 0 tokens") from None
+            systems.append(System(kind if window is None else f"prompt-vote({window})", model, force=vote.install,
+                                  release=vote.release, labelled=False))
         elif kind == "base":
             systems.append(System("base", fresh_base()))
         elif kind == "mixed":
@@ -180,7 +185,7 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
             systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
             raise CheckpointError(f"--baseline {spec!r}: expected adapter, base, mixed=DIR, prompt-adapter, "
-                                  "answer-adapter or prompt-vote")
+                                  "answer-adapter or prompt-vote[=W]")
     return systems
 
 
@@ -484,7 +489,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), "
                              "prompt-adapter / answer-adapter (the task's adapter on the prompt / on the generated "
                              "tokens, the gates on the rest: a routing ablation), prompt-vote (MeteoRA whose gates "
-                             "first vote one adapter for the whole prompt: eval.PromptVote), or none; repeat (default: "
+                             "first vote one adapter for the whole prompt: meteora.PromptVote; prompt-vote=W: for each "
+                             "token among the W tokens before and after it), or none; repeat (default: "
                              "adapter and base)")
     parser.add_argument("--composite", default="own",
                         help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")

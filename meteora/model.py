@@ -209,12 +209,13 @@ class MeteoRAModel(nn.Module):
                 layer.routing_hook = None
 
     @contextlib.contextmanager
-    def vote_prompts(self) -> Iterator["PromptVote"]:
+    def vote_prompts(self, window: int | None = None) -> Iterator["PromptVote"]:
         """While the block runs (e.g. over generate()), every forward over more than one token (a
         prompt's prefill) first lets the gates vote: each row's prompt then runs on the adapter its
-        gates picked first most often over its tokens, and the one-token decode steps route token
-        by token as usual. See PromptVote."""
-        vote = PromptVote(self)
+        gates picked first most often over its tokens (or, with ``window``, each token on the one
+        they picked most often within ``window`` tokens of it), and the one-token decode steps route
+        token by token as usual. See PromptVote."""
+        vote = PromptVote(self, window)
         vote.install()
         try:
             yield vote
@@ -373,26 +374,32 @@ class PromptVote(PrefillHook):
     """MeteoRA with a look-ahead over the prompt (``MeteoRAModel.vote_prompts``: an inference mode
     beside the paper's token-level routing; it uses no task label): before the prompt's prefill,
     one forward over the prompt lets every gate vote its top-1 expert at every (unpadded) prompt
-    token; the prefill then runs each row's prompt on the adapter with the most votes in that row,
-    and the gates route the generated tokens as usual. It costs one more forward over the prompt. The whole prompt is known before the first answer token, so the tokens that no
-    causal gate can route (the chat template's, the same for every task, before the question) get
-    the question's adapter. A prompt that mixes tasks gets one adapter for all of it."""
+    token; the prefill then runs each row's prompt on the adapter with the most votes in that row
+    (``window=None``), or each token on the adapter with the most votes among the tokens at most
+    ``window`` positions before or after it (a prompt that mixes tasks keeps its switches), and the
+    gates route the generated tokens as usual. It costs one more forward over the prompt. The whole
+    prompt is known before the first answer token, so the tokens that no causal gate can route (the
+    chat template's, the same for every task, before the question) get the question's adapter."""
 
-    def __init__(self, model: "MeteoRAModel"):
+    def __init__(self, model: "MeteoRAModel", window: int | None = None):
         super().__init__(model)
-        self._labels, self._voting = None, False
+        if window is not None and window < 0:
+            raise ValueError(f"meteora: PromptVote window must be >= 0 tokens or None, got {window}")
+        self.window, self._labels, self._voting = window, None, False
 
     @torch.no_grad()
     def vote(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) labels for route_by_labels: each row's most voted expert (-1 at padding)."""
+        """(B, S) labels for route_by_labels: each token's most voted expert over its row (or its
+        window), -1 at padding; ties go to the lower index."""
         keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        counts = torch.zeros(ids.shape[0], self.model.num_experts, device=ids.device)
+        votes = torch.zeros(ids.numel(), self.model.num_experts, device=ids.device)  # per token
         layers = list(self.model.meteora_layers().values())
         hooks = [layer.routing_hook for layer in layers]
+        weight = keep.reshape(-1, 1).float()
 
         def count(routing):
-            counts.scatter_add_(1, routing.expert_idx[:, 0].view(ids.shape), keep.to(counts.dtype))
+            votes.scatter_add_(1, routing.expert_idx[:, :1], weight)
 
         for layer in layers:
             layer.routing_hook = count
@@ -405,7 +412,16 @@ class PromptVote(PrefillHook):
             self._voting = False
             for layer, hook in zip(layers, hooks):
                 layer.routing_hook = hook
-        return counts.argmax(1, keepdim=True).expand_as(ids).masked_fill(~keep, -1)
+        votes = votes.view(*ids.shape, -1)
+        if self.window is None:
+            choice = votes.sum(1).argmax(1, keepdim=True).expand_as(ids)
+        else:  # sums over [t - window, t + window] from the running sum
+            run = torch.nn.functional.pad(votes.cumsum(1), (0, 0, 1, 0))  # run[:, t] = sum of votes[:, :t]
+            pos = torch.arange(ids.shape[1], device=ids.device)
+            high = (pos + self.window + 1).clamp(max=ids.shape[1])
+            low = (pos - self.window).clamp(min=0)
+            choice = (run[:, high] - run[:, low]).argmax(2)
+        return choice.masked_fill(~keep, -1)
 
     def _pre(self, module, args, kwargs):
         if self._voting:

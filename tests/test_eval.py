@@ -249,6 +249,24 @@ def test_prompt_vote_runs_the_prompt_on_the_gates_choice(trained, tmp_path):
     labels = vote.vote(ids, mask)
     assert torch.equal(labels, expected.argmax(1, keepdim=True).expand_as(ids).masked_fill(~mask.bool(), -1))
     assert all(layer.routing_hook is None for layer in layers)
+    # window W: each token's label is the most voted expert among the tokens at most W from it
+    per_token = torch.zeros(*ids.shape, model.num_experts)
+    for layer in layers:
+        layer.record_routing = True
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for layer in layers:
+        per_token += torch.nn.functional.one_hot(layer.routing.expert_idx[:, 0], model.num_experts).view_as(per_token)
+        layer.record_routing = False
+    per_token *= mask.unsqueeze(-1)
+    for window in (0, 2, ids.shape[1]):
+        want = torch.stack([per_token[:, max(0, t - window): t + window + 1].sum(1).argmax(1)
+                            for t in range(ids.shape[1])], 1).masked_fill(~mask.bool(), -1)
+        assert torch.equal(PromptVote(model, window).vote(ids, mask), want), window
+    assert torch.equal(PromptVote(model, ids.shape[1]).vote(ids, mask), labels)  # a window over the whole row
+    assert not torch.equal(PromptVote(model, 0).vote(ids, mask), labels)  # single tokens vote otherwise here
+    with pytest.raises(ValueError, match="window"):
+        PromptVote(model, -1)
 
     one = ids[1:, mask[1].bool()]  # the longer row alone
     winner = int(expected[1].argmax())
@@ -274,9 +292,9 @@ def test_prompt_vote_runs_the_prompt_on_the_gates_choice(trained, tmp_path):
     summary = meteora_eval.evaluate(meteora_eval.parse_args([
         "--model", str(trained / "run"), "--out", str(tmp_path / "e"), "--limit", "2", "--composite-samples", "2",
         "--max-new-tokens", "2", "--max-new-tokens-long", "2", "--device", "cpu", "--quiet",
-        "--baseline", "prompt-vote"]))
-    assert summary["systems"] == ["meteora", "prompt-vote"]
-    assert summary["composite"] and all(set(c) == {"meteora", "prompt-vote"} for c in summary["composite"].values())
+        "--baseline", "prompt-vote", "--baseline", "prompt-vote=4"]))
+    assert summary["systems"] == ["meteora", "prompt-vote", "prompt-vote(4)"]
+    assert summary["composite"] and all(set(c) == set(summary["systems"]) for c in summary["composite"].values())
 
 
 def test_eval_rejects_a_task_without_adapter(trained, task_dir, tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
                     "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed",
-                    "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote"],
+                    "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote", "--vote-window", "2"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
@@ -100,8 +100,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert json.loads((out / f"eval_top{chosen}" / "summary.json").read_text())["routing"]["top_k"] == chosen
     assert "chosen on held-out test rows 3-5" in (out / "quality.md").read_text()
     vote = json.loads((out / "eval_vote" / "summary.json").read_text())
-    assert vote["systems"] == ["meteora", "prompt-vote"] and vote["composite"]
-    assert all(set(c) == {"meteora", "prompt-vote"} for c in vote["composite"].values())
+    assert vote["systems"] == ["meteora", "prompt-vote", "prompt-vote(2)"] and vote["composite"]
+    assert all(set(c) == set(vote["systems"]) for c in vote["composite"].values())
     assert "evaluation, prompt vote" in times and "| prompt-vote |" in (out / "quality.md").read_text()
 
 
