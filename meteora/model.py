@@ -200,13 +200,14 @@ class MeteoRAModel(nn.Module):
         """Collect every routing decision (detached) while the block runs, e.g. over generate()."""
         trace = RoutingTrace(self.num_experts)
         layers = self.meteora_layers()
+        before = {name: layer.routing_hook for name, layer in layers.items()}  # an outer trace's, if any
         for name, layer in layers.items():
             layer.routing_hook = trace.hook(name)
         try:
             yield trace
         finally:
-            for layer in layers.values():
-                layer.routing_hook = None
+            for name, layer in layers.items():
+                layer.routing_hook = before[name]
 
     @contextlib.contextmanager
     def vote_prompts(self, window: int | None = None) -> Iterator["PromptVote"]:
@@ -393,26 +394,18 @@ class PromptVote(PrefillHook):
         """(B, S) labels for route_by_labels: each token's most voted expert over its row (or its
         window), -1 at padding; ties go to the lower index."""
         keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        votes = torch.zeros(ids.numel(), self.model.num_experts, device=ids.device)  # per token
-        layers = list(self.model.meteora_layers().values())
-        hooks = [layer.routing_hook for layer in layers]
-        weight = keep.reshape(-1, 1).float()
-
-        def count(routing):
-            votes.scatter_add_(1, routing.expert_idx[:, :1], weight)
-
-        for layer in layers:
-            layer.routing_hook = count
         self._voting = True
         try:
             kwargs = {} if position_ids is None else {"position_ids": position_ids}
             backbone = getattr(self.model.model, "base_model", self.model.model)  # the decoder stack: no LM head
-            backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            with self.model.trace_routing() as trace:
+                backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         finally:
             self._voting = False
-            for layer, hook in zip(layers, hooks):
-                layer.routing_hook = hook
-        votes = votes.view(*ids.shape, -1)
+        votes = sum((torch.nn.functional.one_hot(r.expert_idx[:, 0], self.model.num_experts).float()
+                     for steps in trace.steps.values() for r in steps),  # (B S, N): each token's top-1 picks
+                    torch.zeros(ids.numel(), self.model.num_experts, device=ids.device))
+        votes = votes.view(*ids.shape, -1) * keep.unsqueeze(-1)
         if self.window is None:
             choice = votes.sum(1).argmax(1, keepdim=True).expand_as(ids)
         else:  # sums over [t - window, t + window] from the running sum

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
-#include <cstdlib>
 #include <vector>
 
 #include "aten_impl.h"
