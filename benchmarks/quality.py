@@ -159,6 +159,13 @@ def run(args) -> None:
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
         windowed = [] if args.vote_window is None else ["--baseline", f"prompt-vote={args.vote_window}"]
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
+    if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
+        systems = ["--baseline", "base", *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
+                   *(["--baseline", "prompt-vote"] if args.prompt_vote else []),
+                   *(["--baseline", f"prompt-vote={args.vote_window}"] if args.vote_window is not None else [])]
+        evaluated(f"composite-n, {args.composite_check} prompts",
+                  ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
+                   "--batch-size", str(args.composite_batch_size), *systems], "eval_composite")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
                                                    "--baseline", "prompt-adapter", "--baseline", "answer-adapter"],
@@ -194,6 +201,9 @@ def run(args) -> None:
         lines += ["", "## MeteoRA with the prompt's adapter voted by its gates (prompt-vote: one forward over the prompt, "
                   "each row's prompt then on the adapter its gates picked first most often; the gates route the "
                   "generated tokens; no task label)", "", (out / "eval_vote" / "results.md").read_text()]
+    if args.composite_check:
+        lines += ["", f"## Composite-n on {args.composite_check} prompts (numbered decoding; paired bootstrap over "
+                  "the prompts)", "", (out / "eval_composite" / "results.md").read_text()]
     if args.ablate_routing:
         lines += ["", "## Routing ablation: the task's adapter on the prompt (prompt-adapter) or on the generated "
                   "tokens (answer-adapter), the gates on the rest", "", (out / "eval_phase" / "results.md").read_text()]
@@ -248,8 +258,13 @@ def main() -> None:
     p.add_argument("--prompt-vote", action="store_true",
                    help="evaluate MeteoRA with MeteoRAModel.vote_prompts beside MeteoRA itself (eval_vote/): the "
                         "gates vote one adapter for each whole prompt, the generated tokens are routed as usual")
-    p.add_argument("--vote-window", type=int, help="with --prompt-vote: also vote each prompt token's adapter "
-                   "among the W tokens before and after it (a composite prompt keeps its switches)")
+    p.add_argument("--vote-window", type=int, help="with --prompt-vote or --composite-check: also vote each prompt "
+                   "token's adapter among the W tokens before and after it (a composite prompt keeps its switches)")
+    p.add_argument("--composite-check", type=int, default=0, metavar="N",
+                   help="evaluate composite-n (--composite) alone on N prompts (TASKS.md: 200), numbered decoding: "
+                        "MeteoRA, base, the mixed LoRA and, with --prompt-vote / --vote-window, the vote "
+                        "(eval_composite/, with the paired bootstrap of every sum)")
+    p.add_argument("--composite-batch-size", type=int, default=40, help="prompts per generation batch in --composite-check")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
                         "(eval_phase/: where the gap to the adapters comes from)")

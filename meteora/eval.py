@@ -220,12 +220,14 @@ def evaluate(args) -> dict:
     offset = args.offset
     total = len(systems) * (sum(len(t.test[offset: offset + args.limit]) for t in tasks)
                             + len(composites) * args.composite_samples)
-    rows, table, comp_table = [], {}, {}
+    rows, table, comp_table, comp_parts = [], {}, {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
         for system in systems:
             for task in tasks:
                 test = task.test[offset: offset + args.limit]
+                if not test:  # --limit 0: composite-n only
+                    continue
                 system.prepare(task.name)
                 outputs = generate(system.model, tokenizer, [r["prompt"] for r in test], max_new_tokens(task.name, args),
                                    args.batch_size, device, bar)
@@ -248,6 +250,7 @@ def evaluate(args) -> dict:
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
                 system.release()
                 comp_table.setdefault(label, {})[system.name] = score_composite(comp_tasks, comp_rows, outputs)
+                comp_parts.setdefault(label, {})[system.name] = composite_parts(comp_tasks, comp_rows, outputs)
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
@@ -256,6 +259,7 @@ def evaluate(args) -> dict:
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
         summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
+        summary["composite_bootstrap"] = composite_bootstrap(comp_parts, args.bootstrap)
     summary["same_output_as_meteora"] = same_outputs([r for r in rows if r["task"] in table], summary["systems"])
     data_mod.write_jsonl(out / "samples.jsonl", rows)
     _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
@@ -308,18 +312,51 @@ def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, li
     return sets
 
 
+def composite_parts(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> list[tuple[str, list[str], list[str]]]:
+    """Per sub-task of a composite-n: (its metric, the i-th numbered answers, their references)."""
+    split = [data_mod.split_composite_answer(o, len(tasks)) for o in outputs]
+    return [(task.metric, [s[i] for s in split], [r["answers"][i] for r in rows]) for i, task in enumerate(tasks)]
+
+
 def score_composite(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> dict:
     """Per sub-task score (its own metric on the i-th numbered answer), their sum, and the share of
     sub-questions the model attempted (a non-empty numbered answer)."""
-    n = len(tasks)
-    split = [data_mod.split_composite_answer(o, n) for o in outputs]
-    result, total = {}, 0.0
-    for i, task in enumerate(tasks):
-        got = metrics.score(task.metric, [s[i] for s in split], [r["answers"][i] for r in rows])
-        result[task.name] = got["score"]
-        total += got["score"]
-    result["sum"] = total
-    result["attempted"] = sum(bool(a) for s in split for a in s) / max(1, n * len(split))
+    parts = composite_parts(tasks, rows, outputs)
+    result = {task.name: metrics.score(metric, outs, refs)["score"] for task, (metric, outs, refs) in zip(tasks, parts)}
+    result["sum"] = sum(result.values())
+    result["attempted"] = sum(bool(a) for _, outs, _ in parts for a in outs) / max(1, len(tasks) * len(outputs))
+    return result
+
+
+def _resampled(metric: str, outputs: Sequence[str], references: Sequence[str], picks, prompts=None):
+    """A metric's headline on each row of ``picks`` (an array of row-index resamples)."""
+    import numpy as np
+
+    if metric in metrics.CORPUS_METRICS:
+        return np.array([metrics.corpus_bleu([outputs[i] for i in idx], [references[i] for i in idx]) / 100
+                         for idx in picks])
+    return np.asarray(metrics.row_hits(metric, outputs, references, prompts), dtype=float)[picks].mean(axis=1)
+
+
+def _intervals(values, systems: Sequence[str], key: str) -> dict:
+    """From per-resample values (row 0: the full sample; one column per system): each system's value
+    with its 95% interval under ``key``, and MeteoRA's ratio to and difference from every other
+    system with theirs (the ratio is None where the other system scores 0 on the full sample)."""
+    import numpy as np
+
+    result = {key: {s: [float(values[0, j]), *np.percentile(values[1:, j], [2.5, 97.5]).tolist()]
+                    for j, s in enumerate(systems)}}
+    if "meteora" in systems:
+        m = systems.index("meteora")
+        for j, other in enumerate(systems):
+            if j == m:
+                continue
+            ratio = np.divide(values[:, m], values[:, j], out=np.full(len(values), np.nan), where=values[:, j] > 0)
+            diff = values[:, m] - values[:, j]
+            ratio_ci = [None] * 3 if np.isnan(ratio[0]) else \
+                [float(ratio[0]), *np.nanpercentile(ratio[1:], [2.5, 97.5]).tolist()]
+            result.setdefault("meteora_vs", {})[other] = {
+                "ratio": ratio_ci, "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
     return result
 
 
@@ -345,29 +382,33 @@ def bootstrap(rows: Sequence[dict], systems: Sequence[str], resamples: int = 100
         picks = np.vstack([np.arange(n), rng.integers(0, n, size=(resamples, n))])
         for j, system in enumerate(systems):
             got = by_task[task][system]
-            outs, refs = [r["output"] for r in got], [r["reference"] for r in got]
-            if metric in metrics.CORPUS_METRICS:
-                for b, idx in enumerate(picks):
-                    means[b, j] += metrics.corpus_bleu([outs[i] for i in idx], [refs[i] for i in idx]) / 100
-            else:
-                hits = np.asarray(metrics.row_hits(metric, outs, refs, [r.get("prompt", "") for r in got]))
-                means[:, j] += hits[picks].mean(axis=1)
+            means[:, j] += _resampled(metric, [r["output"] for r in got], [r["reference"] for r in got], picks,
+                                      [r.get("prompt", "") for r in got])
     means /= len(tasks)
-    result = {"resamples": resamples, "tasks": len(tasks),
-              "mean": {s: [float(means[0, j]), *np.percentile(means[1:, j], [2.5, 97.5]).tolist()]
-                       for j, s in enumerate(systems)}}
-    if "meteora" in systems:
-        m = systems.index("meteora")
-        for j, other in enumerate(systems):
-            if j == m:
-                continue
-            ratio = np.divide(means[:, m], means[:, j], out=np.full(len(means), np.nan), where=means[:, j] > 0)
-            diff = means[:, m] - means[:, j]
-            # the ratio is undefined (None) where the other system scores 0 on the full sample
-            ratio_ci = [None] * 3 if np.isnan(ratio[0]) else \
-                [float(ratio[0]), *np.nanpercentile(ratio[1:], [2.5, 97.5]).tolist()]
-            result.setdefault("meteora_vs", {})[other] = {
-                "ratio": ratio_ci, "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
+    return {"resamples": resamples, "tasks": len(tasks), **_intervals(means, list(systems), "mean")}
+
+
+def composite_bootstrap(parts: dict[str, dict[str, list[tuple[str, list[str], list[str]]]]], resamples: int = 1000,
+                        seed: int = 0) -> dict:
+    """Paired bootstrap of each composite-n's sum of sub-task scores: each resample draws the
+    composite prompts with replacement (the same prompts for every system) and rescores every
+    sub-task. ``parts``: {label: {system: composite_parts(...)}}. Returns, per label, the number of
+    prompts, each system's sum with its 95% interval and MeteoRA's ratio / difference intervals."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    result = {}
+    for label, by_system in parts.items():
+        systems = list(by_system)
+        n = len(by_system[systems[0]][0][1])
+        if n == 0:
+            continue
+        picks = np.vstack([np.arange(n), rng.integers(0, n, size=(resamples, n))])
+        sums = np.zeros((resamples + 1, len(systems)))
+        for j, system in enumerate(systems):
+            for metric, outs, refs in by_system[system]:
+                sums[:, j] += _resampled(metric, outs, refs, picks)
+        result[label] = {"resamples": resamples, "prompts": n, **_intervals(sums, systems, "sum")}
     return result
 
 
@@ -403,14 +444,17 @@ def results_markdown(summary: dict) -> str:
     routing = summary.get("routing")
     rows = f"test rows {summary['offset'] + 1}-{summary['offset'] + summary['limit']}" if summary.get("offset") else \
         f"up to {summary['limit']} test rows"
-    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, {rows} per task"
-             + (f", MeteoRA routing top-{routing['top_k']} at temperature {routing['temperature']:g}." if routing else "."),
-             "", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
-    for task, by_system in summary["tasks"].items():
-        cells = ["" if by_system.get(s, {}).get("score") is None else f"{by_system[s]['score']:.3f}" for s in systems]
-        lines.append(f"| {task} ({data_mod.TASK_METRICS.get(task, 'contained')}) | " + " | ".join(cells) + " |")
-    means = mean_scores(summary)
-    lines.append("| **mean** | " + " | ".join("" if means[s] is None else f"**{means[s]:.3f}**" for s in systems) + " |")
+    what = f"{rows} per task" if summary["tasks"] else "composite-n prompts only"
+    lines = [f"Checkpoint `{summary['checkpoint']}` on {summary['device']}, {what}"
+             + (f", MeteoRA routing top-{routing['top_k']} at temperature {routing['temperature']:g}." if routing else ".")]
+    if summary["tasks"]:
+        lines += ["", "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+        for task, by_system in summary["tasks"].items():
+            cells = ["" if by_system.get(s, {}).get("score") is None else f"{by_system[s]['score']:.3f}" for s in systems]
+            lines.append(f"| {task} ({data_mod.TASK_METRICS.get(task, 'contained')}) | " + " | ".join(cells) + " |")
+        means = mean_scores(summary)
+        lines.append("| **mean** | " + " | ".join("" if means[s] is None else f"**{means[s]:.3f}**" for s in systems)
+                     + " |")
     for label, by_system in summary["composite"].items():
         sub = [k for k in next(iter(by_system.values())) if k not in ("sum", "attempted")]
         how = "one free generation" if label.endswith("(free)") else "the harness writes each 'i. ', the model answers to the line end"
@@ -419,6 +463,14 @@ def results_markdown(summary: dict) -> str:
         for s, scores in by_system.items():
             lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
                          + f" | {scores['sum']:.3f} | {scores['attempted']:.0%} |")
+        boot = summary.get("composite_bootstrap", {}).get(label)
+        if boot:
+            parts = [", ".join(f"{s} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for s, v in boot["sum"].items())]
+            parts += [", ".join(f"MeteoRA - {other} {g['difference'][0]:+.3f} [{g['difference'][1]:+.3f}, "
+                                f"{g['difference'][2]:+.3f}]" for other, g in boot["meteora_vs"].items())] \
+                if boot.get("meteora_vs") else []
+            lines += ["", f"Sum with its 95% interval (paired bootstrap over the {boot['prompts']} prompts, "
+                      f"{boot['resamples']} resamples): " + "; ".join(parts) + "."]
     boot = summary.get("bootstrap")
     if boot:
         lines += ["", f"Mean over {boot['tasks']} tasks with its 95% interval (paired bootstrap over test rows, "
@@ -498,12 +550,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--composite-decoding", default="numbered",
                         help="numbered (the harness writes each 'i. ' and the model answers up to the line end), "
                              "free (one plain generation), or both as numbered,free")
-    parser.add_argument("--limit", type=int, default=32, help="test rows per task")
+    parser.add_argument("--limit", type=int, default=32, help="test rows per task (0: composite-n only)")
     parser.add_argument("--offset", type=int, default=0,
                         help="skip this many test rows of each task first (held-out rows for choosing a setting)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="resamples of the paired bootstrap interval of the mean over tasks (0: none)")
+                        help="resamples of the paired bootstrap intervals of the mean over tasks and of each "
+                             "composite-n's sum (0: none)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="for short-answer tasks")
     parser.add_argument("--max-new-tokens-long", type=int, default=64, help="for BLEU/ROUGE tasks")
     parser.add_argument("--top-k", type=int, help="route every token to this many adapters (default: the checkpoint's)")

@@ -41,7 +41,8 @@ if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality
   tar czf "$OUT/quality_files.tgz" times.json meteora/report.json meteora/train_log.jsonl meteora/train_run.json \
     eval/summary.json eval/samples.jsonl eval/results.md eval/routing.html adapters/*/meteora_adapter.json \
     eval_top*/summary.json eval_top*/samples.jsonl eval_top*/results.md eval_phase/summary.json eval_phase/samples.jsonl \
-    eval_phase/results.md eval_vote/summary.json eval_vote/results.md select_top*/summary.json select_top*/results.md selection.json 2>/dev/null
+    eval_phase/results.md eval_vote/summary.json eval_vote/results.md eval_vote/samples.jsonl \
+    eval_composite/summary.json eval_composite/results.md eval_composite/samples.jsonl select_top*/summary.json select_top*/results.md selection.json 2>/dev/null
   exit 0
 fi
 build

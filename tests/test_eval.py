@@ -92,6 +92,14 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     same = summary["same_output_as_meteora"]
     assert set(same) == {"adapter", "base", "mixed"} and all(m == 4 * 3 and 0 <= n <= m for n, m in same.values())
     assert f"adapter {same['adapter'][0]} of 12" in table
+    comp_boot = summary["composite_bootstrap"]  # every composite's sum, over its prompts
+    assert set(comp_boot) == set(summary["composite"])
+    for label, got in comp_boot.items():
+        assert got["prompts"] == 3 and set(got["sum"]) == {"meteora", "base", "mixed"}
+        for system, (point, lo, hi) in got["sum"].items():
+            assert point == pytest.approx(summary["composite"][label][system]["sum"]) and lo <= point + 1e-9 <= hi + 2e-9
+        assert set(got["meteora_vs"]) == {"base", "mixed"}
+    assert table.count("Sum with its 95% interval (paired bootstrap over the 3 prompts") == 2
 
 
 def test_same_outputs_counts_rows_by_position():
@@ -132,6 +140,46 @@ def test_bootstrap_intervals():
     lo = boot["meteora_vs"]["mixed"]["difference"][1]
     assert lo > 0, boot["meteora_vs"]["mixed"]
     assert meteora_eval.bootstrap([], ["meteora"]) == {}
+
+
+def test_composite_bootstrap_intervals():
+    """Composite sums: the full-sample row is score_composite's sum (an accuracy and a corpus-BLEU
+    sub-task), a system against its twin has a zero-width interval, a clearly better one a positive
+    one, and a composite with no prompts is left out."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(3)
+    tasks = [SimpleNamespace(name="object_counting", metric="exact"), SimpleNamespace(name="puzzles", metric="bleu")]
+    rows = [{"answers": [f"{i}", f"the cat sat on mat {i}"]} for i in range(50)]
+    outputs = {}
+    for system, p in (("meteora", 0.9), ("mixed", 0.2)):
+        right = (torch.rand(50, generator=gen) < p).tolist()
+        outputs[system] = [f"1. {i if ok else 'no'}\n2. the cat sat on the mat {i}" for i, ok in enumerate(right)]
+    outputs["twin"] = outputs["meteora"]
+    parts = {"composite-2": {s: meteora_eval.composite_parts(tasks, rows, o) for s, o in outputs.items()},
+             "composite-9": {"meteora": [("exact", [], [])]}}
+    boot = meteora_eval.composite_bootstrap(parts, resamples=300, seed=2)
+    assert set(boot) == {"composite-2"} and boot["composite-2"]["prompts"] == 50
+    for system, out in outputs.items():
+        assert boot["composite-2"]["sum"][system][0] == pytest.approx(
+            meteora_eval.score_composite(tasks, rows, out)["sum"])
+    vs = boot["composite-2"]["meteora_vs"]
+    assert vs["twin"]["difference"] == pytest.approx([0.0, 0.0, 0.0])
+    assert vs["mixed"]["difference"][1] > 0, vs["mixed"]
+
+
+def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
+    out = tmp_path / "eval"
+    summary = meteora_eval.evaluate(meteora_eval.parse_args([
+        "--model", str(trained / "run"), "--out", str(out), "--limit", "0", "--composite-samples", "2",
+        "--max-new-tokens", "3", "--max-new-tokens-long", "3", "--device", "cpu", "--quiet", "--baseline", "base"]))
+    assert summary["tasks"] == {} and summary["bootstrap"] == {}
+    assert set(summary["composite"]) == {"composite-3"} and set(summary["composite"]["composite-3"]) == {"meteora", "base"}
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 and {r["task"] for r in rows} == {"composite-3"}
+    table = (out / "results.md").read_text()
+    assert "composite-n prompts only" in table and "| **mean** |" not in table and "| task |" not in table
+    assert "MeteoRA - base" in table
 
 
 def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):

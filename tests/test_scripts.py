@@ -73,7 +73,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     """--skip-eval: adapters, gates and the routing ablation, without the main evaluation; with
     --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA;
     --select-top-k evaluates each k on the held-out test rows after the first --limit, then the
-    chosen one on the test rows; --prompt-vote evaluates MeteoRA with vote_prompts (eval_vote/)."""
+    chosen one on the test rows; --prompt-vote evaluates MeteoRA with vote_prompts (eval_vote/);
+    --composite-check evaluates composite-n alone on that many prompts (eval_composite/)."""
     import json
     import sys
 
@@ -82,7 +83,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
                     "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed",
-                    "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote", "--vote-window", "2"],
+                    "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote", "--vote-window", "2",
+                    "--composite-check", "3"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
@@ -103,6 +105,10 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert vote["systems"] == ["meteora", "prompt-vote", "prompt-vote(2)"] and vote["composite"]
     assert all(set(c) == set(vote["systems"]) for c in vote["composite"].values())
     assert "evaluation, prompt vote" in times and "| prompt-vote |" in (out / "quality.md").read_text()
+    comp = json.loads((out / "eval_composite" / "summary.json").read_text())
+    assert comp["tasks"] == {} and comp["systems"] == ["meteora", "base", "prompt-vote", "prompt-vote(2)"]
+    assert list(comp["composite"]) == ["composite-2"] and comp["composite_bootstrap"]["composite-2"]["prompts"] == 3
+    assert "composite-n, 3 prompts" in times and "## Composite-n on 3 prompts" in (out / "quality.md").read_text()
 
 
 def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
