@@ -217,6 +217,8 @@ def evaluate(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     systems = build_systems(args, model, tokenizer, device)
     composites = composite_sets(args, model, tasks)
+    if args.limit == 0 and not composites:
+        raise CheckpointError("--limit 0 scores composite-n prompts only, and --composite names none: nothing to evaluate")
     offset = args.offset
     total = len(systems) * (sum(len(t.test[offset: offset + args.limit]) for t in tasks)
                             + len(composites) * args.composite_samples)

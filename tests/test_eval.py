@@ -180,6 +180,9 @@ def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
     table = (out / "results.md").read_text()
     assert "composite-n prompts only" in table and "| **mean** |" not in table and "| task |" not in table
     assert "MeteoRA - base" in table
+    with pytest.raises(meteora_eval.CheckpointError, match="nothing to evaluate"):
+        meteora_eval.evaluate(meteora_eval.parse_args(["--model", str(trained / "run"), "--out", str(out), "--limit", "0",
+                                                       "--composite", "", "--device", "cpu", "--quiet"]))
 
 
 def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
