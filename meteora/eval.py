@@ -28,7 +28,7 @@ from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
 from .model import CheckpointError, MeteoRAModel, PrefillHook, PromptVote, load
-from .train import RUN_NAME, format_prompt, stop_tokens
+from .train import RUN_NAME, collate, encode_composite, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
 
@@ -255,9 +255,14 @@ def evaluate(args) -> dict:
                 comp_parts.setdefault(label, {})[system.name] = composite_parts(comp_tasks, comp_rows, outputs)
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
+    comp_routing = {}  # the gates on each composite's prompts (the same rows for either decoding)
+    for label, comp_tasks, comp_rows, _ in composites:
+        key = label.split(" (")[0]
+        if key not in comp_routing:
+            comp_routing[key] = composite_routing(model, tokenizer, comp_tasks, comp_rows, device, args.batch_size)
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
                "routing": {"top_k": model.top_k, "temperature": model.temperature},
-               "tasks": table, "composite": comp_table, "limit": args.limit, "offset": offset,
+               "tasks": table, "composite": comp_table, "composite_routing": comp_routing, "limit": args.limit, "offset": offset,
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
         summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
@@ -312,6 +317,38 @@ def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, li
         label = f"composite-{len(chosen) if value == 'own' else value}"
         sets += [(label + ("" if d == "numbered" else f" ({d})"), chosen, rows, d) for d in decodings]
     return sets
+
+
+@torch.no_grad()
+def composite_routing(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict], device: torch.device,
+                      batch_size: int) -> dict[str, dict[str, float | None]]:
+    """MeteoRA's gates on composite prompts, teacher-forced over each prompt and its reference
+    answers (``train.encode_composite`` labels sub-question i and answer line i with task i):
+    {"question" | "answer": {sub-task: the share of (gate, token) pairs whose top-1 is its adapter
+    over its question's / its answer line's tokens (None: no such token)}}. Whether the routing
+    switches where the tasks do, apart from whether the base model can answer."""
+    from .loss import gate_accuracy
+
+    index = {name: i for i, name in enumerate(model.adapter_names)}
+    examples = [encode_composite(tokenizer, r, index, max_length=1 << 20, group=0) for r in rows]
+    hits = {(t.name, part): [0.0, 0] for t in tasks for part in ("question", "answer")}
+    model.record_routing(True)
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id, device)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            labels, response = batch["task_labels"], batch["labels"] != -100
+            for t in tasks:
+                own = labels == index[t.name]
+                for part, where in (("question", own & ~response), ("answer", own & response)):
+                    n = int(where.sum())
+                    if n:
+                        hits[(t.name, part)][0] += float(gate_accuracy(model, labels.masked_fill(~where, -1))) * n
+                        hits[(t.name, part)][1] += n
+    finally:
+        model.record_routing(False)
+    return {part: {t.name: hits[(t.name, part)][0] / hits[(t.name, part)][1] if hits[(t.name, part)][1] else None
+                   for t in tasks} for part in ("question", "answer")}
 
 
 def composite_parts(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> list[tuple[str, list[str], list[str]]]:
@@ -465,6 +502,12 @@ def results_markdown(summary: dict) -> str:
         for s, scores in by_system.items():
             lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
                          + f" | {scores['sum']:.3f} | {scores['attempted']:.0%} |")
+        gates = summary.get("composite_routing", {}).get(label)
+        if gates:
+            pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+            lines += ["", "MeteoRA's gates on these prompts, teacher-forced on the reference answers: top-1 = the "
+                      "sub-task's adapter over its question's / its answer line's tokens: "
+                      + ", ".join(f"{t} {pct(gates['question'][t])} / {pct(gates['answer'][t])}" for t in sub) + "."]
         boot = summary.get("composite_bootstrap", {}).get(label)
         if boot:
             parts = [", ".join(f"{s} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for s, v in boot["sum"].items())]

@@ -100,6 +100,9 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
             assert point == pytest.approx(summary["composite"][label][system]["sum"]) and lo <= point + 1e-9 <= hi + 2e-9
         assert set(got["meteora_vs"]) == {"base", "mixed"}
     assert table.count("Sum with its 95% interval (paired bootstrap over the 3 prompts") == 2
+    gates = summary["composite_routing"]  # once per composite, either decoding: the same prompts
+    assert set(gates) == {"composite-3"} and set(gates["composite-3"]["answer"]) == {"count", "reverse", "upper"}
+    assert table.count("MeteoRA's gates on these prompts") == 1
 
 
 def test_same_outputs_counts_rows_by_position():
@@ -166,6 +169,31 @@ def test_composite_bootstrap_intervals():
     vs = boot["composite-2"]["meteora_vs"]
     assert vs["twin"]["difference"] == pytest.approx([0.0, 0.0, 0.0])
     assert vs["mixed"]["difference"][1] > 0, vs["mixed"]
+
+
+def test_composite_routing_counts_each_sub_task_on_its_own_lines(trained, task_dir):
+    """composite_routing: teacher-forced over composite prompts and their reference answers, the
+    share of gates picking each sub-task's adapter over its question's and its answer line's
+    tokens. With every gate zeroed all logits tie, ties go to the lowest index: the first adapter
+    is picked everywhere (1.0 for its sub-task, 0.0 for the others); with the trained gates every
+    share is a fraction, and the model's gates are left as they were."""
+    from meteora import data
+
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    tasks = data.load_tasks(["count", "reverse", "upper"][::-1], str(task_dir))  # sub-tasks not in adapter order
+    rows = data.build_composite(tasks, samples=3, seed=5)
+    got = meteora_eval.composite_routing(model, tokenizer, tasks, rows, device, batch_size=2)
+    assert set(got) == {"question", "answer"}
+    for part in got.values():
+        assert set(part) == {t.name for t in tasks} and all(0.0 <= v <= 1.0 for v in part.values())
+    assert all(layer.routing is None for layer in model.meteora_layers().values())  # recording switched off
+    first = model.adapter_names[0]
+    for layer in model.meteora_layers().values():
+        layer.gate.weight.data.zero_()
+    tied = meteora_eval.composite_routing(model, tokenizer, tasks, rows, device, batch_size=3)
+    for part in tied.values():
+        assert part == {t.name: (1.0 if t.name == first else 0.0) for t in tasks}, part
 
 
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
