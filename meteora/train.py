@@ -185,15 +185,23 @@ def encode_composite(tokenizer, row: dict, labels: dict[str, int], max_length: i
 
 
 def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length: int, seed: int) -> list[Example]:
-    """``count`` composite rows from the train splits, each 2 to 5 distinct tasks in random order."""
+    """``count`` composite rows from the train splits, each 2 to 5 distinct tasks in random order and
+    one shot. A row longer than ``max_length`` sheds its shot, then its last questions (down to two),
+    until it fits whole: cutting it as ``encode`` does would drop its first questions (and the last
+    answer lines) and leave answer lines labelled with tasks whose question the row no longer shows
+    (at 16 tasks and 256 tokens, 28% of the sub-tasks). A row of two questions that still does not
+    fit is cut."""
     rng = random.Random(seed)
     labels = {t.name: i for i, t in enumerate(tasks)}
     out = []
     for i in range(count):
         picked = rng.sample(list(tasks), rng.randint(2, min(5, len(tasks))))
-        # One shot (evaluation prompts have two): rows stay short enough to keep every question.
-        row = data_mod.build_composite(picked, samples=1, seed=seed * 7919 + i, split="train", shots=1)[0]
-        out.append(encode_composite(tokenizer, row, labels, max_length, group=len(tasks)))
+        for n, shots in [(n, shots) for n in range(len(picked), 1, -1) for shots in (1, 0)]:
+            row = data_mod.build_composite(picked[:n], samples=1, seed=seed * 7919 + i, split="train", shots=shots)[0]
+            example = encode_composite(tokenizer, row, labels, max_length, group=len(tasks))
+            if example == encode_composite(tokenizer, row, labels, 1 << 30, group=len(tasks)):
+                break  # nothing cut
+        out.append(example)
     return out
 
 

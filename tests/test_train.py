@@ -252,6 +252,39 @@ def test_composite_rows_label_each_question_and_answer_line(trained, tiny_base, 
         train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--composite-rows", "-1"))
 
 
+def test_composite_rows_shed_questions_to_fit(tiny_base, task_dir):
+    """composite_examples: a row that fits max_length is kept as drawn; a longer one sheds its shot,
+    then its last questions, until it fits whole (every sub-task keeps its question and its answer
+    line); only a row of two questions may still be cut."""
+    from meteora import base, data
+
+    tokenizer = base.load_tokenizer(str(tiny_base))
+    tasks = data.load_tasks(["count", "reverse", "upper"], task_dir)
+
+    def parts(e):  # the sub-tasks labelled in the prompt (questions) and in the response (answer lines)
+        question = {k for k, lab in zip(e.token_tasks, e.labels) if k >= 0 and lab == -100}
+        return question, {k for k, lab in zip(e.token_tasks, e.labels) if k >= 0 and lab != -100}
+
+    roomy = train.composite_examples(tokenizer, tasks, 16, 1 << 16, seed=3)
+    for e in roomy:
+        question, answer = parts(e)
+        assert question == answer and len(answer) in (2, 3)
+    limit = sorted(len(e.input_ids) for e in roomy)[len(roomy) // 2]
+    tight = train.composite_examples(tokenizer, tasks, 16, limit, seed=3)
+    shed = 0
+    for drawn, got in zip(roomy, tight):
+        if len(drawn.input_ids) <= limit:
+            assert got == drawn
+            continue
+        question, answer = parts(got)
+        if len(got.input_ids) <= limit and question == answer:
+            shed += 1
+            assert len(got.input_ids) < len(drawn.input_ids) and len(answer) <= len(parts(drawn)[1])
+        else:
+            assert len(got.input_ids) == limit and len(question | answer) <= 2  # cut: two questions did not fit
+    assert shed > 0
+
+
 def test_answer_positions_are_those_that_generate_the_response(tiny_base):
     """The report's answer-token gate accuracy counts the positions whose next token is a response
     token: from the last prompt token to the response's second last, padding excluded."""
