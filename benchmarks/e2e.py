@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_fwd import alternate, capture as graph_of  # noqa: E402
+from benchmarks.moe_fwd import alternate, capture as graph_of, stacked_linears  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
 from meteora.layer import group_linears  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
@@ -480,8 +480,7 @@ def main(argv=None) -> int:
     allocated_before = torch.cuda.memory_allocated()
     if args.trace_memory:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
-    stacked = (False if args.separate_base else None if not args.stacked_linears
-               else True if args.stacked_linears == "all" else set(args.stacked_linears.split(",")))
+    stacked = False if args.separate_base else stacked_linears(args.stacked_linears)
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
                          stack_base=stacked)
     results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked

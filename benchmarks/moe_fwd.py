@@ -174,11 +174,17 @@ def pack_groups(linears) -> None:
             m.group = members
 
 
+def stacked_linears(text: str) -> bool | set[str] | None:
+    """--stacked-linears (moe_fwd and e2e): '' -> None (the library's default), 'all' -> True, else
+    the set of linear names."""
+    return None if not text else True if text == "all" else set(text.split(","))
+
+
 def stack_layout(linears, names=None) -> None:
     """ours' default layout (MeteoRALinear.stack_base, LinearGroup.pack_): each group's base
     weights right before its members' [gate; A] blocks in one buffer, every other linear's right
     before its own; kept as copies beside the separate layout, which ours_separate reads.
-    ``names``: only the linears (and groups) named there, or "all"; default: the library's
+    ``names``: only the linears (and groups) named there, or True for all; default: the library's
     (meteora.layer.stacks_by_default: all but down_proj)."""
     done = set()
     for lin in linears:
@@ -189,7 +195,7 @@ def stack_layout(linears, names=None) -> None:
             d_out, d_in = lin.w0_ours.shape
             if not stacks_by_default(d_in, d_out, len(members) > 1):
                 continue
-        elif names != "all" and not all(m.name in names for m in members):
+        elif names is not True and not all(m.name in names for m in members):
             continue
         views, bases = pack_rows([(m.gate, m.a) for m in members], [m.w0_ours for m in members])
         for m, (gate, a), w0 in zip(members, views, bases):
@@ -476,8 +482,7 @@ def main(argv=None) -> int:
                    for n, di, do in shapes]
         pack_groups(linears)
         if args.expert_columns != "wide":  # [W0 | B_all] buffers are never stacked (MeteoRALinear._stackable)
-            stack_layout(linears, None if not args.stacked_linears else "all" if args.stacked_linears == "all"
-                         else set(args.stacked_linears.split(",")))
+            stack_layout(linears, stacked_linears(args.stacked_linears))
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)

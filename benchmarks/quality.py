@@ -156,13 +156,12 @@ def run(args) -> None:
         (out / "selection.json").write_text(json.dumps({"held_out_rows": [args.limit, args.limit + args.select_rows],
                                                          "mean_by_top_k": means, "chosen": chosen}, indent=2))
         evaluated(f"evaluation, top-{chosen}", ["--top-k", str(chosen), "--baseline", "none"], f"eval_top{chosen}")
+    windowed = [] if args.vote_window is None else ["--baseline", f"prompt-vote={args.vote_window}"]
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
-        windowed = [] if args.vote_window is None else ["--baseline", f"prompt-vote={args.vote_window}"]
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
         systems = ["--baseline", "base", *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
-                   *(["--baseline", "prompt-vote"] if args.prompt_vote else []),
-                   *(["--baseline", f"prompt-vote={args.vote_window}"] if args.vote_window is not None else [])]
+                   *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
                    "--batch-size", str(args.composite_batch_size), *systems], "eval_composite")

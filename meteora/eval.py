@@ -251,8 +251,8 @@ def evaluate(args) -> dict:
                     budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
                 system.release()
-                comp_table.setdefault(label, {})[system.name] = score_composite(comp_tasks, comp_rows, outputs)
-                comp_parts.setdefault(label, {})[system.name] = composite_parts(comp_tasks, comp_rows, outputs)
+                parts = comp_parts.setdefault(label, {})[system.name] = composite_parts(comp_tasks, comp_rows, outputs)
+                comp_table.setdefault(label, {})[system.name] = _composite_scores(comp_tasks, parts)
                 rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(comp_rows, outputs)]
     comp_routing = {}  # the gates on each composite's prompts (the same rows for either decoding)
@@ -327,24 +327,24 @@ def composite_routing(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict
     {"question" | "answer": {sub-task: the share of (gate, token) pairs whose top-1 is its adapter
     over its question's / its answer line's tokens (None: no such token)}}. Whether the routing
     switches where the tasks do, apart from whether the base model can answer."""
-    from .loss import gate_accuracy
+    from .loss import gate_hits
 
     index = {name: i for i, name in enumerate(model.adapter_names)}
     examples = [encode_composite(tokenizer, r, index, max_length=1 << 20, group=0) for r in rows]
-    hits = {(t.name, part): [0.0, 0] for t in tasks for part in ("question", "answer")}
+    hits = {(t.name, part): [0, 0] for t in tasks for part in ("question", "answer")}  # gates right, gates
     model.record_routing(True)
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id, device)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            labels, response = batch["task_labels"], batch["labels"] != -100
+            right, counted = gate_hits(model, batch["task_labels"])
+            labels = batch["task_labels"].reshape(-1).to(right.device)
+            response = (batch["labels"] != -100).reshape(-1).to(right.device)
             for t in tasks:
                 own = labels == index[t.name]
                 for part, where in (("question", own & ~response), ("answer", own & response)):
-                    n = int(where.sum())
-                    if n:
-                        hits[(t.name, part)][0] += float(gate_accuracy(model, labels.masked_fill(~where, -1))) * n
-                        hits[(t.name, part)][1] += n
+                    hits[(t.name, part)][0] += int(right[where].sum())
+                    hits[(t.name, part)][1] += int(counted[where].sum())
     finally:
         model.record_routing(False)
     return {part: {t.name: hits[(t.name, part)][0] / hits[(t.name, part)][1] if hits[(t.name, part)][1] else None
@@ -360,10 +360,15 @@ def composite_parts(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> list
 def score_composite(tasks, rows: Sequence[dict], outputs: Sequence[str]) -> dict:
     """Per sub-task score (its own metric on the i-th numbered answer), their sum, and the share of
     sub-questions the model attempted (a non-empty numbered answer)."""
-    parts = composite_parts(tasks, rows, outputs)
+    return _composite_scores(tasks, composite_parts(tasks, rows, outputs))
+
+
+def _composite_scores(tasks, parts: list[tuple[str, list[str], list[str]]]) -> dict:
+    """score_composite from the composite's parts (composite_parts)."""
     result = {task.name: metrics.score(metric, outs, refs)["score"] for task, (metric, outs, refs) in zip(tasks, parts)}
     result["sum"] = sum(result.values())
-    result["attempted"] = sum(bool(a) for _, outs, _ in parts for a in outs) / max(1, len(tasks) * len(outputs))
+    answers = [a for _, outs, _ in parts for a in outs]
+    result["attempted"] = sum(bool(a) for a in answers) / max(1, len(answers))
     return result
 
 

@@ -56,11 +56,23 @@ def meteora_loss(
 
 
 @torch.no_grad()
-def gate_accuracy(model: MeteoRAModel, task_labels: torch.Tensor) -> torch.Tensor:
-    """Share of (gate, labelled token) pairs whose top-1 expert is the token's task adapter."""
-    hits, count = 0, 0
+def gate_hits(model: MeteoRAModel, task_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (task_labels flattened): how many gates pick its task adapter first, and how many
+    gates count for it (labelled, and its adapter present at that gate). One pass over the layers;
+    sums over any set of tokens give that set's gate accuracy."""
+    hits = gates = None
     labels_dev = task_labels.to(next(iter(model.meteora_layers().values())).expert_mask.device)
     for logits, labels, valid in _recorded(model, labels_dev):
-        hits += (logits.argmax(-1)[valid] == labels[valid]).sum()
-        count += valid.sum()
-    return torch.as_tensor(hits / max(int(count), 1), dtype=torch.float32)
+        hit = (logits.argmax(-1) == labels) & valid
+        hits = hit.long() if hits is None else hits + hit
+        gates = valid.long() if gates is None else gates + valid
+    if hits is None:
+        raise RuntimeError("meteora: the model has no MeteoRA layers")
+    return hits, gates
+
+
+@torch.no_grad()
+def gate_accuracy(model: MeteoRAModel, task_labels: torch.Tensor) -> torch.Tensor:
+    """Share of (gate, labelled token) pairs whose top-1 expert is the token's task adapter."""
+    hits, gates = gate_hits(model, task_labels)
+    return (hits.sum() / max(int(gates.sum()), 1)).float()
