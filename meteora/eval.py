@@ -530,7 +530,7 @@ def results_markdown(summary: dict) -> str:
             r, d = got["ratio"], got["difference"]
             ratio = "undefined (0 mean)" if r[0] is None else f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"
             lines.append(f"MeteoRA vs {other}: ratio of means {ratio}, difference {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}].")
-    same = summary.get("same_output_as_meteora")
+    same = {s: v for s, v in (summary.get("same_output_as_meteora") or {}).items() if v[1]}  # none: composite only
     if same:
         lines += ["", "Rows on which a system writes exactly MeteoRA's text: "
                   + ", ".join(f"{s} {n} of {m}" for s, (n, m) in same.items()) + "."]

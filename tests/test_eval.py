@@ -207,7 +207,7 @@ def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
     assert len(rows) == 2 * 2 and {r["task"] for r in rows} == {"composite-3"}
     table = (out / "results.md").read_text()
     assert "composite-n prompts only" in table and "| **mean** |" not in table and "| task |" not in table
-    assert "MeteoRA - base" in table
+    assert "MeteoRA - base" in table and "writes exactly MeteoRA's text" not in table  # no single-task rows to match
     with pytest.raises(meteora_eval.CheckpointError, match="nothing to evaluate"):
         meteora_eval.evaluate(meteora_eval.parse_args(["--model", str(trained / "run"), "--out", str(out), "--limit", "0",
                                                        "--composite", "", "--device", "cpu", "--quiet"]))
