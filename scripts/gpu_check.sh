@@ -21,11 +21,15 @@ fi
 # The sanitizer subset (SANITIZE_FILTER overrides it): 58 tests, one of them 25 fuzz cases. Under racecheck it no longer
 # fits one call (2026-12-02: the first 47 tests in ~400 s, then test_linear_group_matches_float64[300-...] alone
 # ran > 130 s); split it, e.g. SANITIZE_FILTER="cuda and kernel and (test_forward_matches_float64 or
-# test_linear_matches_float64)" in one call and the rest of the subset in another.
+# test_linear_matches_float64)" in one call and the rest of the subset in another (2026-12-02, each alone:
+# gradients 17 s, group[300] 100 s, many_members[300] 15 s, fuzz 137 s). Racecheck reports one hazard in the fuzz
+# test, inside cuBLAS's fp16 bias-epilogue GEMM (nvjet_sm90_..._h_bz_bias_TNT), none in meteora's kernels
+# (benchmarks/results/h200_default_layout). SANITIZE_ARGS adds options to compute-sanitizer, e.g. to leave cuBLAS's
+# kernels out: SANITIZE_ARGS="--kernel-name-exclude kns=nvjet" (documented option, not yet run here).
 SUBSET="cuda and (kernel and (test_forward_matches_float64 and (7-3-2 or 129-28-8 or 1-1-1) or test_gradients and (129-3-2 or 129-28-8) or test_linear and (28-2 or 64-8) or test_linear_group and (1-dtype1 or 33-dtype1 or 300-dtype1) or test_ties) or test_fuzz or test_linear_group_many_members and not 40)"
 if [ "${SANITIZE:-1}" = 1 ]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-    METEORA_FUZZ_CASES=25 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider tests/test_ops.py \
+    METEORA_FUZZ_CASES=25 compute-sanitizer --tool $tool --error-exitcode 9 ${SANITIZE_ARGS:-} python3 -m pytest -q -p no:cacheprovider tests/test_ops.py \
       -k "${SANITIZE_FILTER:-$SUBSET}" \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -cE 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer_$tool.log") clean summaries); $(grep -E 'passed|failed' "$OUT/sanitizer_$tool.log" | tail -1)"
