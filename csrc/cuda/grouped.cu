@@ -1023,6 +1023,142 @@ __global__ void __launch_bounds__(kThreads) route_select_kernel(
 }
 
 
+// Prefill routing by pairs (pair_shrink): the selected experts' shrink only, grouped by expert. Tiles
+// of PSM sorted pairs, expert after expert (expert e has ceil(count_e / PSM) tiles); a tile gathers
+// its pairs' rows of x and the expert's r rows of A (r <= 64, as 16-column WMMA fragments, zero past
+// r) and writes H[t, e r + c] = w s <A_e[c], x_t> for each of its pairs. 16-byte loads only (the
+// caller checks the alignment). 4 warps, 16 pairs each.
+constexpr int PSM = 64, PS_THREADS = 128, PS_STAGES = 3, PS_RN = kMaxRank;
+
+struct PairShrinkParams {
+  const void* x;
+  int64_t x_ld, tokens, K;
+  const void* a;  // expert e's row c at (e r + c) a_ld
+  int64_t a_ld;
+  int experts, rank, top_k;
+  const int *perm, *offsets;
+  const float *weight, *scaling;
+  void* H;
+  int64_t ldh;
+};
+
+template <typename h_t>
+__global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParams p) {
+  constexpr int X_ELEMS = PSM * LDK, W_ELEMS = PS_RN * LDK, STAGE = X_ELEMS + W_ELEMS;
+  __shared__ __align__(128) unsigned char stage_bytes[PS_STAGES * STAGE * sizeof(h_t)];
+  __shared__ __align__(32) float scratch[PS_THREADS / 32][256];
+  __shared__ int s_off[kMaxExperts + 1], s_tok[PSM];
+  __shared__ float s_coef[PSM];
+  __shared__ int s_e, s_first, s_count;
+  h_t* stages = reinterpret_cast<h_t*>(stage_bytes);
+  for (int i = threadIdx.x; i <= p.experts; i += PS_THREADS) s_off[i] = p.offsets[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {  // this block's expert and its first sorted pair
+    int b = int(blockIdx.x);
+    s_e = -1;
+    s_count = 0;
+    for (int e = 0; e < p.experts; ++e) {
+      const int n = s_off[e + 1] - s_off[e];
+      const int tiles = (n + PSM - 1) / PSM;
+      if (b < tiles) {
+        s_e = e;
+        s_first = s_off[e] + b * PSM;
+        s_count = min(PSM, n - b * PSM);
+        break;
+      }
+      b -= tiles;
+    }
+  }
+  __syncthreads();
+  if (s_e < 0) return;
+  if (threadIdx.x < PSM) {
+    const int i = threadIdx.x;
+    int t = -1;
+    float coef = 0.f;
+    if (i < s_count) {
+      const int pair = p.perm[s_first + i];
+      t = pair / p.top_k;
+      coef = p.weight[pair] * p.scaling[s_e];
+    }
+    s_tok[i] = t;
+    s_coef[i] = coef;
+  }
+  __syncthreads();
+  const int e = s_e, count = s_count;
+  const int r = p.rank, rn = (r + 15) & ~15;
+  const int64_t K = p.K;
+  const h_t* X = static_cast<const h_t*>(p.x);
+  const h_t* A = static_cast<const h_t*>(p.a) + int64_t(e) * r * p.a_ld;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nk = static_cast<int>((K + BK - 1) / BK);
+
+  auto load_stage = [&](int stage, int64_t k0) {
+    h_t* xs = stages + stage * STAGE;
+    h_t* ws = xs + X_ELEMS;
+    for (int q = threadIdx.x; q < PSM * (BK / 8); q += PS_THREADS) {
+      const int row = q / (BK / 8), seg = (q % (BK / 8)) * 8;
+      const int t = s_tok[row];
+      const int64_t kk = k0 + seg;
+      const bool ok = t >= 0 && kk < K;
+      cp_async16(xs + row * LDK + seg, ok ? X + t * p.x_ld + kk : X, ok);
+    }
+    for (int q = threadIdx.x; q < rn * (BK / 8); q += PS_THREADS) {  // A_e^T column-major: ws[c * LDK + kk]
+      const int c = q / (BK / 8), seg = (q % (BK / 8)) * 8;
+      const int64_t kk = k0 + seg;
+      const bool ok = c < r && kk < K;
+      cp_async16(ws + c * LDK + seg, ok ? A + c * p.a_ld + kk : A, ok);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PS_RN / 16];
+#pragma unroll
+  for (int f = 0; f < PS_RN / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
+#pragma unroll
+  for (int s = 0; s < PS_STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, int64_t(s) * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<PS_STAGES - 2>();
+    __syncthreads();
+    const int next = kt + PS_STAGES - 1;
+    if (next < nk) load_stage(next % PS_STAGES, int64_t(next) * BK);
+    cp_async_commit();
+    if (warp * 16 >= count) continue;  // this warp's 16 pairs are all past the tile's end
+    const h_t* xs = stages + (kt % PS_STAGES) * STAGE;
+    const h_t* ws = xs + X_ELEMS;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, h_t, wmma::row_major> a;
+      wmma::load_matrix_sync(a, xs + warp * 16 * LDK + kk, LDK);
+#pragma unroll
+      for (int f = 0; f < PS_RN / 16; ++f) {
+        if (f * 16 < rn) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, h_t, wmma::col_major> b;
+          wmma::load_matrix_sync(b, ws + f * 16 * LDK + kk, LDK);
+          wmma::mma_sync(acc[f], a, b, acc[f]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if (warp * 16 >= count) return;
+  h_t* H = static_cast<h_t*>(p.H);
+  float* sc = scratch[warp];
+#pragma unroll
+  for (int f = 0; f < PS_RN / 16; ++f) {
+    if (f * 16 >= rn) break;
+    wmma::store_matrix_sync(sc, acc[f], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int q = lane; q < 256; q += 32) {
+      const int row = warp * 16 + q / 16, c = f * 16 + q % 16;
+      if (row < count && c < r) H[int64_t(s_tok[row]) * p.ldh + int64_t(e) * r + c] = from_f<h_t>(sc[q] * s_coef[row]);
+    }
+    __syncwarp();
+  }
+}
+
+
 template <typename Fn>
 void dispatch_half(Half16 dt, Fn&& fn) {
   if (dt == Half16::kFloat16) {
@@ -1263,6 +1399,19 @@ void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
     route_select_kernel<h_t><<<blocks_for(tokens, kThreads / 32), kThreads, 0, stream>>>(
         hall, ld, mask, tokens, experts, rank, top_k, temperature, scaling, logits, weight, idx,
         static_cast<h_t*>(H), ldh);
+  });
+}
+
+void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t d_in, const void* a, int64_t a_ld,
+                 int experts, int rank, int top_k, const int* perm, const int* offsets, const float* weight,
+                 const float* scaling, void* H, int64_t ldh, cudaStream_t stream) {
+  if (tokens == 0) return;
+  PairShrinkParams p{x, x_ld, tokens, d_in, a, a_ld, experts, rank, top_k, perm, offsets, weight, scaling, H, ldh};
+  // At most ceil(pairs / PSM) + N tiles; the blocks past the last tile return at once.
+  const unsigned blocks = blocks_for(tokens * top_k, PSM) + unsigned(experts);
+  dispatch_half(dt, [&](auto tag) {
+    using h_t = decltype(tag);
+    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, 0, stream>>>(p);
   });
 }
 
