@@ -258,6 +258,18 @@ def packed_group(pairs, bases=()):
 GROUP_MEMBERS = [(40, 3, 2, [4, 8, 2], True, False), (24, 28, 2, None, False, True), (72, 5, 5, [1, 3, 8, 8, 2], True, True)]
 
 
+def group_members(tokens, dtype, device, seed, gen, d_in, temperatures):
+    """GROUP_MEMBERS as ops.LinearArgs on d_in-wide inputs (biases and masks drawn from gen)."""
+    members = []
+    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
+        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
+        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
+        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
+        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], mask, top_k, temperatures[i]))
+    return members
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -276,13 +288,7 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     gen = torch.Generator().manual_seed(seed)
     d_in = 24 + seed % 17
     x = make_inputs(tokens, 1, 1, dtype, device, seed, noncontiguous=seed % 2 == 0, d_in=d_in)["x"]
-    members = []
-    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
-        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
-        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
-        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
-        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
-                                      inp["scaling"], mask, top_k, 0.5 + i * 0.3))
+    members = group_members(tokens, dtype, device, seed, gen, d_in, [0.5, 0.8, 1.1])
     pairs = [(m.gate_weight, m.lora_a) for m in members]
     layouts = {
         "one buffer": packed_group(pairs),
@@ -369,13 +375,7 @@ def test_linear_pair_routing(device, dtype, tokens, monkeypatch):
                          what=f"pairs N={experts} k={top_k} d_in={d_in} pack={pack} mask={use_mask} seed {seed}")
     d_in = 48
     x = make_inputs(tokens, 1, 1, dtype, device, seed, d_in=d_in)["x"]
-    members = []
-    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
-        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
-        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
-        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
-        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
-                                      inp["scaling"], mask, top_k, 0.7))
+    members = group_members(tokens, dtype, device, seed, gen, d_in, [0.7] * len(GROUP_MEMBERS))
     views = packed_group([(m.gate_weight, m.lora_a) for m in members])
     members = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
