@@ -1027,8 +1027,15 @@ __global__ void __launch_bounds__(kThreads) route_select_kernel(
 // of PSM sorted pairs, expert after expert (expert e has ceil(count_e / PSM) tiles); a tile gathers
 // its pairs' rows of x and the expert's r rows of A (r <= 64, as 16-column WMMA fragments, zero past
 // r) and writes H[t, e r + c] = w s <A_e[c], x_t> for each of its pairs. 16-byte loads only (the
-// caller checks the alignment). 4 warps, 16 pairs each.
-constexpr int PSM = 64, PS_THREADS = 128, PS_STAGES = 3, PS_RN = kMaxRank;
+// caller checks the alignment). 4 warps, 16 pairs each. Little compute per byte, so the K steps are
+// long (64) and 4 stages deep: with ~1 block per SM, 3 stages in flight keep ~35 KB of loads
+// outstanding per SM. Dynamic shared memory: PS_STAGES (PSM + rn) (PBK + 8) elements.
+constexpr int PSM = 64, PS_THREADS = 128, PS_STAGES = 4, PS_RN = kMaxRank, PBK = 64, PLDK = PBK + 8;
+
+inline size_t pair_shrink_smem(int rank, size_t elem) {
+  const int rn = (rank + 15) & ~15;
+  return size_t(PS_STAGES) * (PSM + rn) * PLDK * elem;
+}
 
 struct PairShrinkParams {
   const void* x;
@@ -1044,13 +1051,12 @@ struct PairShrinkParams {
 
 template <typename h_t>
 __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParams p) {
-  constexpr int X_ELEMS = PSM * LDK, W_ELEMS = PS_RN * LDK, STAGE = X_ELEMS + W_ELEMS;
-  __shared__ __align__(128) unsigned char stage_bytes[PS_STAGES * STAGE * sizeof(h_t)];
+  extern __shared__ __align__(128) unsigned char pair_smem[];
   __shared__ __align__(32) float scratch[PS_THREADS / 32][256];
   __shared__ int s_off[kMaxExperts + 1], s_tok[PSM];
   __shared__ float s_coef[PSM];
   __shared__ int s_e, s_first, s_count;
-  h_t* stages = reinterpret_cast<h_t*>(stage_bytes);
+  h_t* stages = reinterpret_cast<h_t*>(pair_smem);
   for (int i = threadIdx.x; i <= p.experts; i += PS_THREADS) s_off[i] = p.offsets[i];
   __syncthreads();
   if (threadIdx.x == 0) {  // this block's expert and its first sorted pair
@@ -1086,27 +1092,28 @@ __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParam
   __syncthreads();
   const int e = s_e, count = s_count;
   const int r = p.rank, rn = (r + 15) & ~15;
+  const int X_ELEMS = PSM * PLDK, STAGE = (PSM + rn) * PLDK;
   const int64_t K = p.K;
   const h_t* X = static_cast<const h_t*>(p.x);
   const h_t* A = static_cast<const h_t*>(p.a) + int64_t(e) * r * p.a_ld;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nk = static_cast<int>((K + BK - 1) / BK);
+  const int nk = static_cast<int>((K + PBK - 1) / PBK);
 
   auto load_stage = [&](int stage, int64_t k0) {
     h_t* xs = stages + stage * STAGE;
     h_t* ws = xs + X_ELEMS;
-    for (int q = threadIdx.x; q < PSM * (BK / 8); q += PS_THREADS) {
-      const int row = q / (BK / 8), seg = (q % (BK / 8)) * 8;
+    for (int q = threadIdx.x; q < PSM * (PBK / 8); q += PS_THREADS) {
+      const int row = q / (PBK / 8), seg = (q % (PBK / 8)) * 8;
       const int t = s_tok[row];
       const int64_t kk = k0 + seg;
       const bool ok = t >= 0 && kk < K;
-      cp_async16(xs + row * LDK + seg, ok ? X + t * p.x_ld + kk : X, ok);
+      cp_async16(xs + row * PLDK + seg, ok ? X + t * p.x_ld + kk : X, ok);
     }
-    for (int q = threadIdx.x; q < rn * (BK / 8); q += PS_THREADS) {  // A_e^T column-major: ws[c * LDK + kk]
-      const int c = q / (BK / 8), seg = (q % (BK / 8)) * 8;
+    for (int q = threadIdx.x; q < rn * (PBK / 8); q += PS_THREADS) {  // A_e^T column-major: ws[c * PLDK + kk]
+      const int c = q / (PBK / 8), seg = (q % (PBK / 8)) * 8;
       const int64_t kk = k0 + seg;
       const bool ok = c < r && kk < K;
-      cp_async16(ws + c * LDK + seg, ok ? A + c * p.a_ld + kk : A, ok);
+      cp_async16(ws + c * PLDK + seg, ok ? A + c * p.a_ld + kk : A, ok);
     }
   };
 
@@ -1115,27 +1122,27 @@ __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParam
   for (int f = 0; f < PS_RN / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
 #pragma unroll
   for (int s = 0; s < PS_STAGES - 1; ++s) {
-    if (s < nk) load_stage(s, int64_t(s) * BK);
+    if (s < nk) load_stage(s, int64_t(s) * PBK);
     cp_async_commit();
   }
   for (int kt = 0; kt < nk; ++kt) {
     cp_async_wait<PS_STAGES - 2>();
     __syncthreads();
     const int next = kt + PS_STAGES - 1;
-    if (next < nk) load_stage(next % PS_STAGES, int64_t(next) * BK);
+    if (next < nk) load_stage(next % PS_STAGES, int64_t(next) * PBK);
     cp_async_commit();
     if (warp * 16 >= count) continue;  // this warp's 16 pairs are all past the tile's end
     const h_t* xs = stages + (kt % PS_STAGES) * STAGE;
     const h_t* ws = xs + X_ELEMS;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
+    for (int kk = 0; kk < PBK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, h_t, wmma::row_major> a;
-      wmma::load_matrix_sync(a, xs + warp * 16 * LDK + kk, LDK);
+      wmma::load_matrix_sync(a, xs + warp * 16 * PLDK + kk, PLDK);
 #pragma unroll
       for (int f = 0; f < PS_RN / 16; ++f) {
         if (f * 16 < rn) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, h_t, wmma::col_major> b;
-          wmma::load_matrix_sync(b, ws + f * 16 * LDK + kk, LDK);
+          wmma::load_matrix_sync(b, ws + f * 16 * PLDK + kk, PLDK);
           wmma::mma_sync(acc[f], a, b, acc[f]);
         }
       }
@@ -1411,7 +1418,9 @@ void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t
   const unsigned blocks = blocks_for(tokens * top_k, PSM) + unsigned(experts);
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
-    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, 0, stream>>>(p);
+    const size_t smem = pair_shrink_smem(rank, sizeof(h_t));  // 46-74 KB, beside ~5 KB of static: always opt in
+    cudaFuncSetAttribute(pair_shrink_kernel<h_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, smem, stream>>>(p);
   });
 }
 
