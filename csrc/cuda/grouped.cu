@@ -1418,9 +1418,18 @@ void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t
   const unsigned blocks = blocks_for(tokens * top_k, PSM) + unsigned(experts);
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
-    const size_t smem = pair_shrink_smem(rank, sizeof(h_t));  // 46-74 KB, beside ~5 KB of static: always opt in
-    cudaFuncSetAttribute(pair_shrink_kernel<h_t>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, smem, stream>>>(p);
+    // 46-74 KB beside ~5 KB of static shared memory: opted in once per device (to the largest rank's
+    // size), so that no attribute call falls inside a graph capture after the first use.
+    constexpr int kDevices = 64;
+    static bool opted[kDevices] = {};
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device >= kDevices || !opted[device]) {
+      cudaFuncSetAttribute(pair_shrink_kernel<h_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(pair_shrink_smem(kMaxRank, sizeof(h_t))));
+      if (device < kDevices) opted[device] = true;
+    }
+    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, pair_shrink_smem(rank, sizeof(h_t)), stream>>>(p);
   });
 }
 
