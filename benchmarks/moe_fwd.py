@@ -211,6 +211,9 @@ def pair_shrink(on: bool = True):
     """METEORA_PAIR_SHRINK=1 inside (meteora.linear's opt-in prefill routing by pairs; the op reads
     it at every call, so a graph keeps the path it was captured with)."""
     old = os.environ.get("METEORA_PAIR_SHRINK")
+    if old == ("1" if on else None):  # as wanted already (the timed calls pay nothing)
+        yield
+        return
     if on:
         os.environ["METEORA_PAIR_SHRINK"] = "1"
     else:
@@ -229,27 +232,23 @@ def run_ours_layer(lin_list, xs, k, routings=None, stacked=True, pairs=False):
     one meteora.linear per other linear; outputs in lin_list's order (routings, if a list, gets
     each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one;
     ``pairs``: with METEORA_PAIR_SHRINK=1 (prefill routing by pairs)."""
-    with pair_shrink(pairs):
-        return _ours_layer(lin_list, xs, k, routings, stacked)
-
-
-def _ours_layer(lin_list, xs, k, routings, stacked):
     def parts(m):
         return m.stacked if stacked and m.stacked is not None else (m.w0_ours, m.gate, m.a)
 
     results = {}
-    for lin in lin_list:
-        if id(lin) in results:
-            continue
-        group = getattr(lin, "group", None)
-        if group and all(any(m is l for l in lin_list) for m in group):
-            args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
-            for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
-                results[id(m)] = (out, Routing(logits, w, idx))
-        else:
-            w0, gate, a = parts(lin)
-            results[id(lin)] = meteora_linear(xs[lin.d_in], w0, None, gate, a, lin.b_ours, lin.s, None, k, 1.0,
-                                              impl="kernel")
+    with pair_shrink(pairs):
+        for lin in lin_list:
+            if id(lin) in results:
+                continue
+            group = getattr(lin, "group", None)
+            if group and all(any(m is l for l in lin_list) for m in group):
+                args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
+                for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
+                    results[id(m)] = (out, Routing(logits, w, idx))
+            else:
+                w0, gate, a = parts(lin)
+                results[id(lin)] = meteora_linear(xs[lin.d_in], w0, None, gate, a, lin.b_ours, lin.s, None, k, 1.0,
+                                                  impl="kernel")
     if routings is not None:
         routings.extend((results[id(l)][1].expert_weight, results[id(l)][1].expert_idx) for l in lin_list)
     return [results[id(l)][0] for l in lin_list]

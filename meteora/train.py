@@ -198,10 +198,13 @@ def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length:
         picked = rng.sample(list(tasks), rng.randint(2, min(5, len(tasks))))
         for n, shots in [(n, shots) for n in range(len(picked), 1, -1) for shots in (1, 0)]:
             row = data_mod.build_composite(picked[:n], samples=1, seed=seed * 7919 + i, split="train", shots=shots)[0]
-            example = encode_composite(tokenizer, row, labels, max_length, group=len(tasks))
-            if example == encode_composite(tokenizer, row, labels, 1 << 30, group=len(tasks)):
-                break  # nothing cut
-        out.append(example)
+            whole = encode_composite(tokenizer, row, labels, 1 << 30, group=len(tasks))
+            answer = sum(label != -100 for label in whole.labels) - 1  # the response without its EOS
+            if len(whole.input_ids) <= max_length and answer <= max_length // 2:  # what encode_composite keeps
+                out.append(whole)
+                break
+        else:
+            out.append(encode_composite(tokenizer, row, labels, max_length, group=len(tasks)))  # two questions, cut
     return out
 
 

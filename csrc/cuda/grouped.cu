@@ -1175,9 +1175,11 @@ void dispatch_half(Half16 dt, Fn&& fn) {
   }
 }
 
+// The kernel's dynamic shared memory limit set to `bytes` at every launch: static + dynamic past 48 KB
+// needs the opt-in, and the call is allowed inside a graph capture.
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
 template <typename h_t, int BM, bool kBackward, bool kVec>
@@ -1418,18 +1420,9 @@ void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t
   const unsigned blocks = blocks_for(tokens * top_k, PSM) + unsigned(experts);
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
-    // 46-74 KB beside ~5 KB of static shared memory: opted in once per device (to the largest rank's
-    // size), so that no attribute call falls inside a graph capture after the first use.
-    constexpr int kDevices = 64;
-    static bool opted[kDevices] = {};
-    int device = 0;
-    cudaGetDevice(&device);
-    if (device >= kDevices || !opted[device]) {
-      cudaFuncSetAttribute(pair_shrink_kernel<h_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           int(pair_shrink_smem(kMaxRank, sizeof(h_t))));
-      if (device < kDevices) opted[device] = true;
-    }
-    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, pair_shrink_smem(rank, sizeof(h_t)), stream>>>(p);
+    const size_t smem = pair_shrink_smem(rank, sizeof(h_t));  // 46-74 KB, beside ~5 KB of static
+    set_smem(pair_shrink_kernel<h_t>, smem);
+    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, smem, stream>>>(p);
   });
 }
 

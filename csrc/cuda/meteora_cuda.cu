@@ -568,6 +568,10 @@ struct Member {
                        float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
                        idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fill_b_all();
+  }
+  // B_all (d_out, N r) for the expand GEMM: a copy of the (N, d_out, r) tensor unless B is kept as columns.
+  void fill_b_all() {
     if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
   }
   // Prefill by pairs (opt-in, see pair_routing): whether this member's operands take it (16-byte
@@ -606,7 +610,7 @@ struct Member {
                       int(top_k), perm.data_ptr<int>(), offsets.data_ptr<int>(), weight.data_ptr<float>(),
                       s.data_ptr<float>(), H.data_ptr(), H.stride(0), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
+    fill_b_all();
   }
   at::Tensor base_gemm(const at::Tensor& x) const {
     return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
