@@ -355,8 +355,8 @@ def test_linear_pair_routing(device, dtype, tokens, monkeypatch):
     the routing, the pairs sorted by expert, and the selected experts' shrink, cuda::pair_shrink)
     against float64 at the op's own selection: one expert (all pairs in its tiles), k = N, 28 x 2,
     64 x 8 with ranks up to 64 (four 16-column fragments), d_in from 8 to 4104 (not a multiple of
-    the 32-element K step), masks, biases, every B layout; x strided or d_in not a multiple of 8 take
-    the dense path; linear_group's members each by pairs; the kernel is checked to have run."""
+    the 64-element K step; K split over blocks at 1032 and 4104), masks, biases, every B layout; x
+    strided or d_in not a multiple of 8 take the dense path; linear_group's members each by pairs; the kernel is checked to have run."""
     _skip_unless_available("kernel", device)
     monkeypatch.setenv("METEORA_PAIR_SHRINK", "1")
     seed = fresh_seed()
@@ -384,7 +384,9 @@ def test_linear_pair_routing(device, dtype, tokens, monkeypatch):
     for i, (m, result) in enumerate(zip(members, results)):
         verify_linear(result, x, *m, what=f"pairs, group member {i}, seed {seed}")
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum("pair_shrink_kernel" in name for name in kernels) == len(members), kernels
+    if not kernels:  # e.g. under compute-sanitizer, which holds CUPTI: the results above were checked
+        pytest.skip("the profiler recorded no CUDA kernels (CUPTI taken)")
+    assert sum("pair_shrink_kernel<" in name for name in kernels) == len(members), kernels
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")

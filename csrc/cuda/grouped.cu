@@ -1047,6 +1047,9 @@ struct PairShrinkParams {
   const float *weight, *scaling;
   void* H;
   int64_t ldh;
+  int k_steps;    // K steps of PBK per block along grid y (split K)
+  int64_t pairs;  // T k
+  float* part;    // split K: (gridDim.y, pairs, r) fp32 partial products, by sorted pair
 };
 
 template <typename h_t>
@@ -1097,7 +1100,8 @@ __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParam
   const h_t* X = static_cast<const h_t*>(p.x);
   const h_t* A = static_cast<const h_t*>(p.a) + int64_t(e) * r * p.a_ld;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nk = static_cast<int>((K + PBK - 1) / PBK);
+  const int kt0 = int(blockIdx.y) * p.k_steps;
+  const int nk = min(static_cast<int>((K + PBK - 1) / PBK), kt0 + p.k_steps);
 
   auto load_stage = [&](int stage, int64_t k0) {
     h_t* xs = stages + stage * STAGE;
@@ -1122,17 +1126,17 @@ __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParam
   for (int f = 0; f < PS_RN / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
 #pragma unroll
   for (int s = 0; s < PS_STAGES - 1; ++s) {
-    if (s < nk) load_stage(s, int64_t(s) * PBK);
+    if (kt0 + s < nk) load_stage(s, int64_t(kt0 + s) * PBK);
     cp_async_commit();
   }
-  for (int kt = 0; kt < nk; ++kt) {
+  for (int kt = kt0; kt < nk; ++kt) {
     cp_async_wait<PS_STAGES - 2>();
     __syncthreads();
     const int next = kt + PS_STAGES - 1;
-    if (next < nk) load_stage(next % PS_STAGES, int64_t(next) * PBK);
+    if (next < nk) load_stage((next - kt0) % PS_STAGES, int64_t(next) * PBK);
     cp_async_commit();
     if (warp * 16 >= count) continue;  // this warp's 16 pairs are all past the tile's end
-    const h_t* xs = stages + (kt % PS_STAGES) * STAGE;
+    const h_t* xs = stages + ((kt - kt0) % PS_STAGES) * STAGE;
     const h_t* ws = xs + X_ELEMS;
 #pragma unroll
     for (int kk = 0; kk < PBK; kk += 16) {
@@ -1159,12 +1163,33 @@ __global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParam
     __syncwarp();
     for (int q = lane; q < 256; q += 32) {
       const int row = warp * 16 + q / 16, c = f * 16 + q % 16;
-      if (row < count && c < r) H[int64_t(s_tok[row]) * p.ldh + int64_t(e) * r + c] = from_f<h_t>(sc[q] * s_coef[row]);
+      if (row >= count || c >= r) continue;
+      if (gridDim.y == 1) {
+        H[int64_t(s_tok[row]) * p.ldh + int64_t(e) * r + c] = from_f<h_t>(sc[q] * s_coef[row]);
+      } else {
+        p.part[(int64_t(blockIdx.y) * p.pairs + s_first + row) * r + c] = sc[q];
+      }
     }
     __syncwarp();
   }
 }
 
+// Split K: H[t, e r + c] = w s (the splits' partial products summed), one thread per (sorted pair, c).
+template <typename h_t>
+__global__ void __launch_bounds__(kThreads) pair_shrink_sum_kernel(PairShrinkParams p, const int64_t* __restrict__ idx,
+                                                                    int splits) {
+  const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (q >= p.pairs * p.rank) return;
+  const int64_t pos = q / p.rank;
+  const int c = int(q % p.rank);
+  if (pos >= p.offsets[p.experts]) return;  // pairs at no expert (idx -1) are not in perm
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += p.part[(int64_t(s) * p.pairs + pos) * p.rank + c];
+  const int pair = p.perm[pos];
+  const int64_t e = idx[pair];
+  const int64_t t = pair / p.top_k;
+  static_cast<h_t*>(p.H)[t * p.ldh + e * p.rank + c] = from_f<h_t>(v * p.weight[pair] * p.scaling[e]);
+}
 
 template <typename Fn>
 void dispatch_half(Half16 dt, Fn&& fn) {
@@ -1411,18 +1436,41 @@ void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
   });
 }
 
+int pair_shrink_splits(int64_t tokens, int64_t d_in, int experts, int top_k) {
+  // Each block's K loop is serial (~1 us per 64-element step on the H200), so a few tiles over a long K
+  // are latency-bound: K is split until ~8 blocks per SM, each split at least 4 steps long.
+  if (tokens == 0) return 1;
+  int device = 0, sms = 132;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t tiles = blocks_for(tokens * top_k, PSM) + experts;
+  const int64_t nk = (d_in + PBK - 1) / PBK;
+  const int64_t want = (8 * int64_t(sms) + tiles - 1) / tiles;
+  const int64_t most = std::max<int64_t>(1, nk / 4);
+  const int64_t splits = std::max<int64_t>(1, std::min(want, most));
+  const int64_t steps = (nk + splits - 1) / splits;
+  return int((nk + steps - 1) / steps);
+}
+
 void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t d_in, const void* a, int64_t a_ld,
-                 int experts, int rank, int top_k, const int* perm, const int* offsets, const float* weight,
-                 const float* scaling, void* H, int64_t ldh, cudaStream_t stream) {
+                 int experts, int rank, int top_k, const int* perm, const int* offsets, const int64_t* idx,
+                 const float* weight, const float* scaling, void* H, int64_t ldh, int splits, float* part,
+                 cudaStream_t stream) {
   if (tokens == 0) return;
-  PairShrinkParams p{x, x_ld, tokens, d_in, a, a_ld, experts, rank, top_k, perm, offsets, weight, scaling, H, ldh};
+  const int64_t nk = (d_in + PBK - 1) / PBK;
+  const int steps = int((nk + splits - 1) / splits);
+  PairShrinkParams p{x,     x_ld,    tokens, d_in,     a,         a_ld, experts, rank, top_k,
+                     perm,  offsets, weight, scaling,  H,         ldh,  steps,   tokens * top_k, part};
   // At most ceil(pairs / PSM) + N tiles; the blocks past the last tile return at once.
-  const unsigned blocks = blocks_for(tokens * top_k, PSM) + unsigned(experts);
+  const dim3 grid(blocks_for(tokens * top_k, PSM) + unsigned(experts), unsigned(splits));
   dispatch_half(dt, [&](auto tag) {
     using h_t = decltype(tag);
     const size_t smem = pair_shrink_smem(rank, sizeof(h_t));  // 46-74 KB, beside ~5 KB of static
     set_smem(pair_shrink_kernel<h_t>, smem);
-    pair_shrink_kernel<h_t><<<blocks, PS_THREADS, smem, stream>>>(p);
+    pair_shrink_kernel<h_t><<<grid, PS_THREADS, smem, stream>>>(p);
+    if (splits > 1 && rank > 0) {
+      pair_shrink_sum_kernel<h_t><<<blocks_for(tokens * top_k * rank, kThreads), kThreads, 0, stream>>>(p, idx, splits);
+    }
   });
 }
 

@@ -589,6 +589,8 @@ struct Member {
     gate_hall = at::empty({tokens, std::min((experts + 7) / 8 * 8, experts + nr)}, x.options().dtype(at::kFloat));
     perm = at::empty({tokens * top_k}, x.options().dtype(at::kInt));
     offsets = at::empty({experts + 1}, x.options().dtype(at::kInt));
+    splits = cuda::pair_shrink_splits(tokens, d_in, int(experts), int(top_k));
+    if (splits > 1) part = at::empty({splits, tokens * top_k, rank}, x.options().dtype(at::kFloat));
   }
   // Side stream: the gate GEMM, the routing, then the selected experts' shrink grouped by expert
   // into H (zero elsewhere).
@@ -607,8 +609,9 @@ struct Member {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto* a = static_cast<const char*>(ext.data_ptr()) + (col + experts) * ext.stride(0) * ext.element_size();
     cuda::pair_shrink(half16(x), x.data_ptr(), x.stride(0), tokens, d_in, a, ext.stride(0), int(experts), int(rank),
-                      int(top_k), perm.data_ptr<int>(), offsets.data_ptr<int>(), weight.data_ptr<float>(),
-                      s.data_ptr<float>(), H.data_ptr(), H.stride(0), stream);
+                      int(top_k), perm.data_ptr<int>(), offsets.data_ptr<int>(), idx.data_ptr<int64_t>(),
+                      weight.data_ptr<float>(), s.data_ptr<float>(), H.data_ptr(), H.stride(0), splits,
+                      splits > 1 ? part.data_ptr<float>() : nullptr, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     fill_b_all();
   }
@@ -624,7 +627,8 @@ struct Member {
   int64_t experts = 0, rank = 0, nr = 0, d_out = 0, d_in = 0, ldb = 0;
   bool b_rows = false, wide = false;
   at::Tensor mask, s, b, b_all, H, delta, logits, weight, idx, out;
-  at::Tensor gate_hall, perm, offsets;  // prefill by pairs
+  at::Tensor gate_hall, perm, offsets, part;  // prefill by pairs
+  int splits = 1;
 };
 
 // Prefill routing by pairs instead of one GEMM of x with every member's [gate; A_all] rows: per
