@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.moe_fwd import alternate, capture as graph_of, pair_shrink, stacked_linears  # noqa: E402
+from benchmarks.moe_fwd import alternate, capture as graph_of, stacked_linears  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
 from meteora.layer import group_linears  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
@@ -304,21 +304,18 @@ def prefill(model: Llama, batch: int, tokens: int, gen: torch.Generator, repeats
 
 
 @torch.no_grad()
-def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: torch.Generator, rounds: int,
-                   pairs: bool = False) -> dict:
+def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: torch.Generator, rounds: int) -> dict:
     """Base and meteora prefill graphs replayed in alternation, ``rounds`` times each: the GPU's
     clock drift over a run (the same GEMM moved by up to 13% between runs minutes apart on the
     H200) then falls on both sides alike. Returns both medians and the median of the per-round
-    ratios meteora tokens/s / base tokens/s. ``pairs``: meteora's graph captured with prefill routing
-    by pairs (METEORA_PAIR_SHRINK=1)."""
+    ratios meteora tokens/s / base tokens/s."""
     device = model.embed_tokens.weight.device
     ids = torch.randint(0, model.cfg.vocab, (batch, tokens), generator=gen, device=device)
     positions = torch.arange(tokens, device=device)
     graphs = {}
     for system in ("base", "meteora"):
         set_system(layers, system)
-        with pair_shrink(pairs and system == "meteora"):
-            graphs[system] = graph_of(lambda: model(ids, positions))
+        graphs[system] = graph_of(lambda: model(ids, positions))
     set_system(layers, "meteora")
     t_base, t_meteora = alternate(graphs["base"].replay, graphs["meteora"].replay, rounds, lambda fn: timed(fn, 1))
     del graphs
@@ -415,8 +412,6 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--paired-rounds", type=int, default=10,
                     help="prefill of base and meteora again, alternated this many times each (0: not)")
-    ap.add_argument("--pair-shrink", action="store_true",
-                    help="also alternate base with meteora's prefill routing by pairs (METEORA_PAIR_SHRINK=1, opt-in)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
                     help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of their "
@@ -525,15 +520,13 @@ def main(argv=None) -> int:
         if system == "merged":
             merge_first_adapter(layers, -1.0)
     if args.paired_rounds and "base" in systems and "meteora" in systems:
-        for key, pairs in (("paired_prefill", False), ("paired_prefill_pairs", True))[: 1 + args.pair_shrink]:
-            results[key] = []
-            for batch, tokens in shapes:
-                r = paired_prefill(model, layers, batch, tokens, gen, args.paired_rounds, pairs)
-                results[key].append(r)
-                print(f"  paired prefill {batch}x{tokens}{' (by pairs)' if pairs else ''}: meteora / base tokens/s "
-                      f"{r['ratio']:.3f} (rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f}, "
-                      f"{args.paired_rounds} alternations)", flush=True)
-                torch.cuda.empty_cache()
+        results["paired_prefill"] = []
+        for batch, tokens in shapes:
+            r = paired_prefill(model, layers, batch, tokens, gen, args.paired_rounds)
+            results["paired_prefill"].append(r)
+            print(f"  paired prefill {batch}x{tokens}: meteora / base tokens/s {r['ratio']:.3f} (rounds "
+                  f"{r['ratio_low']:.3f}-{r['ratio_high']:.3f}, {args.paired_rounds} alternations)", flush=True)
+            torch.cuda.empty_cache()
     write_outputs(results, Path(args.out))
     return 0
 
@@ -565,11 +558,10 @@ def verdicts(results: dict, rows: list[dict]) -> list[str]:
         if r["vs_gather_bmm"] is not None:
             lines.append(f"- {r['mode']} {shape}: {r['vs_gather_bmm']:.2f}x gather-bmm with graphs on both sides, "
                          f"{r['vs_gather_bmm_eager']:.2f}x eager (target >= 5x)")
-    for key, label in (("paired_prefill", ""), ("paired_prefill_pairs", " (routing by pairs, METEORA_PAIR_SHRINK=1)")):
-        for r in results.get(key, []):
-            lines.append(f"- prefill {r['batch']}x{r['tokens']}, base and meteora{label} alternated {r['rounds']} "
-                         f"times: {r['ratio']:.3f}x (rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f}; "
-                         f"target >= 0.9): {'met' if r['ratio'] >= 0.90 else 'NOT met'}")
+    for r in results.get("paired_prefill", []):
+        lines.append(f"- prefill {r['batch']}x{r['tokens']}, base and meteora alternated {r['rounds']} times: "
+                     f"{r['ratio']:.3f}x (rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f}; target >= 0.9): "
+                     f"{'met' if r['ratio'] >= 0.90 else 'NOT met'}")
     if results.get("meteora_static_gb") is not None:
         lines.append(f"- kept allocated by meteora once set up and first called: {results['meteora_static_gb']:.3f} GB")
     over = max((r["peak_over_base_gb"] for r in ours if r["peak_over_base_gb"] is not None), default=None)

@@ -13,8 +13,6 @@ One run measures, on the same inputs and the same GPU:
   ours_separate  ours with the base weights kept apart from the [gate; A] rows (MeteoRALinear.stack_base
               = False; ours stacks them, the default): at decode sizes the base GEMMs then run beside a
               routing GEMM on a side stream instead of being one GEMM with it
-  ours_pairs  ours with prefill routing by pairs (METEORA_PAIR_SHRINK=1, opt-in: a gate-only GEMM, then
-              the selected experts' shrink grouped by expert); prefill sizes (T > 32) only
   authors     the authors' Triton kernel (v4), when --reference points at their checkout
 for one linear and one LLaMA layer (7 linears), T tokens, uniform or concentrated routing
 (90% of tokens on experts 0 and 1), eager and CUDA-graph replay (median of many runs), plus
@@ -34,7 +32,6 @@ Writes results.json, results.md and results.png under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import math
@@ -56,8 +53,8 @@ LLAMA3_8B = (
     "q_proj:4096x4096,k_proj:4096x1024,v_proj:4096x1024,o_proj:4096x4096,"
     "gate_proj:4096x14336,up_proj:4096x14336,down_proj:14336x4096"
 )
-METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "ours_pairs", "authors")
-GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "ours_pairs", "authors"}  # loop syncs on the host
+METHODS = ("base", "lora1", "loop", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "authors")
+GRAPHABLE = {"base", "lora1", "gather_bmm", "dense", "ours", "ours_each", "ours_separate", "authors"}  # loop syncs on the host
 
 
 def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
@@ -206,49 +203,26 @@ def stack_layout(linears, names=None) -> None:
             done.add(id(m))
 
 
-@contextlib.contextmanager
-def pair_shrink(on: bool = True):
-    """METEORA_PAIR_SHRINK=1 inside (meteora.linear's opt-in prefill routing by pairs; the op reads
-    it at every call, so a graph keeps the path it was captured with)."""
-    old = os.environ.get("METEORA_PAIR_SHRINK")
-    if old == ("1" if on else None):  # as wanted already (the timed calls pay nothing)
-        yield
-        return
-    if on:
-        os.environ["METEORA_PAIR_SHRINK"] = "1"
-    else:
-        os.environ.pop("METEORA_PAIR_SHRINK", None)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("METEORA_PAIR_SHRINK", None)
-        else:
-            os.environ["METEORA_PAIR_SHRINK"] = old
-
-
-def run_ours_layer(lin_list, xs, k, routings=None, stacked=True, pairs=False):
+def run_ours_layer(lin_list, xs, k, routings=None, stacked=True):
     """ours over lin_list: one meteora.linear_group per group whose members are all in lin_list,
     one meteora.linear per other linear; outputs in lin_list's order (routings, if a list, gets
-    each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one;
-    ``pairs``: with METEORA_PAIR_SHRINK=1 (prefill routing by pairs)."""
+    each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one."""
     def parts(m):
         return m.stacked if stacked and m.stacked is not None else (m.w0_ours, m.gate, m.a)
 
     results = {}
-    with pair_shrink(pairs):
-        for lin in lin_list:
-            if id(lin) in results:
-                continue
-            group = getattr(lin, "group", None)
-            if group and all(any(m is l for l in lin_list) for m in group):
-                args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
-                for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
-                    results[id(m)] = (out, Routing(logits, w, idx))
-            else:
-                w0, gate, a = parts(lin)
-                results[id(lin)] = meteora_linear(xs[lin.d_in], w0, None, gate, a, lin.b_ours, lin.s, None, k, 1.0,
-                                                  impl="kernel")
+    for lin in lin_list:
+        if id(lin) in results:
+            continue
+        group = getattr(lin, "group", None)
+        if group and all(any(m is l for l in lin_list) for m in group):
+            args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
+            for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
+                results[id(m)] = (out, Routing(logits, w, idx))
+        else:
+            w0, gate, a = parts(lin)
+            results[id(lin)] = meteora_linear(xs[lin.d_in], w0, None, gate, a, lin.b_ours, lin.s, None, k, 1.0,
+                                              impl="kernel")
     if routings is not None:
         routings.extend((results[id(l)][1].expert_weight, results[id(l)][1].expert_idx) for l in lin_list)
     return [results[id(l)][0] for l in lin_list]
@@ -528,21 +502,16 @@ def main(argv=None) -> int:
                         continue
                     if method in ("ours_each", "ours_separate") and (scope == "linear" or "ours" not in methods):
                         continue  # the same calls as ours there
-                    if method == "ours_pairs" and tokens <= 32:
-                        continue  # decode sizes: the same calls as ours
-                    layered = method in ("ours", "ours_separate", "ours_pairs")
-                    if layered:
-                        fn = lambda st=method != "ours_separate", pr=method == "ours_pairs": run_ours_layer(  # noqa: E731
-                            lin_list, xs, args.top_k, stacked=st, pairs=pr)
+                    if method in ("ours", "ours_separate"):
+                        fn = lambda st=method == "ours": run_ours_layer(lin_list, xs, args.top_k, stacked=st)  # noqa: E731
                     else:
                         fn = lambda m=method: [RUN[m](lin, xs[lin.d_in], args.top_k) for lin in lin_list]  # noqa: E731
                     try:
                         outs = fn()
                         refs_m = refs
-                        if layered and tokens:  # at its own selection
+                        if method in ("ours", "ours_separate") and tokens:  # at its own selection
                             own = []
-                            run_ours_layer(lin_list, xs, args.top_k, own, stacked=method != "ours_separate",
-                                           pairs=method == "ours_pairs")
+                            run_ours_layer(lin_list, xs, args.top_k, own, stacked=method == "ours")
                             refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, r) for lin, r in zip(lin_list, own)]
                         elif method == "ours_each" and tokens:
                             refs_m = [reference_out(lin, xs[lin.d_in], args.top_k, ours_routing(lin, xs[lin.d_in], args.top_k))
@@ -565,7 +534,7 @@ def main(argv=None) -> int:
                                hot_share=hot_share)
                     row["ratio_base"] = (graph / base_graph) if graph and base_graph else (eager / base_eager if base_eager else None)
                     row["ratio_floor"] = (graph or eager) / floor if floor else None
-                    if layered and tokens and args.paired_rounds and "base" in methods:
+                    if method in ("ours", "ours_separate") and tokens and args.paired_rounds and "base" in methods:
                         row.update(paired_ratio(
                             lambda: [RUN["base"](lin, xs[lin.d_in], args.top_k) for lin in lin_list], fn,
                             args.paired_rounds))

@@ -258,18 +258,6 @@ def packed_group(pairs, bases=()):
 GROUP_MEMBERS = [(40, 3, 2, [4, 8, 2], True, False), (24, 28, 2, None, False, True), (72, 5, 5, [1, 3, 8, 8, 2], True, True)]
 
 
-def group_members(tokens, dtype, device, seed, gen, d_in, temperatures):
-    """GROUP_MEMBERS as ops.LinearArgs on d_in-wide inputs (biases and masks drawn from gen)."""
-    members = []
-    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
-        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
-        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
-        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
-        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
-                                      inp["scaling"], mask, top_k, temperatures[i]))
-    return members
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -288,7 +276,13 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     gen = torch.Generator().manual_seed(seed)
     d_in = 24 + seed % 17
     x = make_inputs(tokens, 1, 1, dtype, device, seed, noncontiguous=seed % 2 == 0, d_in=d_in)["x"]
-    members = group_members(tokens, dtype, device, seed, gen, d_in, [0.5, 0.8, 1.1])
+    members = []
+    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
+        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
+        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
+        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
+        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], mask, top_k, 0.5 + i * 0.3))
     pairs = [(m.gate_weight, m.lora_a) for m in members]
     layouts = {
         "one buffer": packed_group(pairs),
@@ -345,48 +339,6 @@ def test_linear_group_many_members(device, tokens):
     members = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
     for i, (m, result) in enumerate(zip(members, ops.linear_group(x, members))):
         verify_linear(result, x, *m, what=f"member {i} of 11, seed {seed}")
-
-
-@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [33, 300, 1000])
-def test_linear_pair_routing(device, dtype, tokens, monkeypatch):
-    """Prefill routing by pairs (METEORA_PAIR_SHRINK=1: per linear a GEMM of x with its gate rows,
-    the routing, the pairs sorted by expert, and the selected experts' shrink, cuda::pair_shrink)
-    against float64 at the op's own selection: one expert (all pairs in its tiles), k = N, 28 x 2,
-    64 x 8 with ranks up to 64 (four 16-column fragments), d_in from 8 to 4104 (not a multiple of
-    the 64-element K step; K split over blocks at 1032 and 4104), masks, biases, every B layout; x
-    strided or d_in not a multiple of 8 take the dense path; linear_group's members each by pairs; the kernel is checked to have run."""
-    _skip_unless_available("kernel", device)
-    monkeypatch.setenv("METEORA_PAIR_SHRINK", "1")
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    mixed64 = [64 if e % 9 == 0 else 1 + e % 8 for e in range(64)]
-    cases = [(1, 1, [8], 64), (3, 3, [4, 8, 16], 40), (28, 2, None, 1032), (64, 8, mixed64, 4104), (28, 2, None, 8),
-             (5, 2, [1, 3, 8, 8, 2], 36)]
-    for n, (experts, top_k, ranks, d_in) in enumerate(cases):
-        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + n, noncontiguous=n == 2 and seed % 2 == 0,
-                          ranks=ranks, d_in=d_in, d_out=24 + 8 * n)
-        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if experts > 1 else None
-        bias = torch.randn(inp["weight"].shape[0], generator=gen).to(device=device, dtype=dtype)
-        for pack, use_mask, use_bias in [(None, True, False), ("rows", False, True), ("cols", True, True),
-                                         ("stacked", False, False)]:
-            check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack,
-                         what=f"pairs N={experts} k={top_k} d_in={d_in} pack={pack} mask={use_mask} seed {seed}")
-    d_in = 48
-    x = make_inputs(tokens, 1, 1, dtype, device, seed, d_in=d_in)["x"]
-    members = group_members(tokens, dtype, device, seed, gen, d_in, [0.7] * len(GROUP_MEMBERS))
-    views = packed_group([(m.gate_weight, m.lora_a) for m in members])
-    members = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        results = ops.linear_group(x, members)
-        torch.cuda.synchronize()
-    for i, (m, result) in enumerate(zip(members, results)):
-        verify_linear(result, x, *m, what=f"pairs, group member {i}, seed {seed}")
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    if not kernels:  # e.g. under compute-sanitizer, which holds CUPTI: the results above were checked
-        pytest.skip("the profiler recorded no CUDA kernels (CUPTI taken)")
-    assert sum("pair_shrink_kernel<" in name for name in kernels) == len(members), kernels
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")

@@ -1023,174 +1023,6 @@ __global__ void __launch_bounds__(kThreads) route_select_kernel(
 }
 
 
-// Prefill routing by pairs (pair_shrink): the selected experts' shrink only, grouped by expert. Tiles
-// of PSM sorted pairs, expert after expert (expert e has ceil(count_e / PSM) tiles); a tile gathers
-// its pairs' rows of x and the expert's r rows of A (r <= 64, as 16-column WMMA fragments, zero past
-// r) and writes H[t, e r + c] = w s <A_e[c], x_t> for each of its pairs. 16-byte loads only (the
-// caller checks the alignment). 4 warps, 16 pairs each. Little compute per byte, so the K steps are
-// long (64) and 4 stages deep: with ~1 block per SM, 3 stages in flight keep ~35 KB of loads
-// outstanding per SM. Dynamic shared memory: PS_STAGES (PSM + rn) (PBK + 8) elements.
-constexpr int PSM = 64, PS_THREADS = 128, PS_STAGES = 4, PS_RN = kMaxRank, PBK = 64, PLDK = PBK + 8;
-
-inline size_t pair_shrink_smem(int rank, size_t elem) {
-  const int rn = (rank + 15) & ~15;
-  return size_t(PS_STAGES) * (PSM + rn) * PLDK * elem;
-}
-
-struct PairShrinkParams {
-  const void* x;
-  int64_t x_ld, tokens, K;
-  const void* a;  // expert e's row c at (e r + c) a_ld
-  int64_t a_ld;
-  int experts, rank, top_k;
-  const int *perm, *offsets;
-  const float *weight, *scaling;
-  void* H;
-  int64_t ldh;
-  int k_steps;    // K steps of PBK per block along grid y (split K)
-  int64_t pairs;  // T k
-  float* part;    // split K: (gridDim.y, pairs, r) fp32 partial products, by sorted pair
-};
-
-template <typename h_t>
-__global__ void __launch_bounds__(PS_THREADS) pair_shrink_kernel(PairShrinkParams p) {
-  extern __shared__ __align__(128) unsigned char pair_smem[];
-  __shared__ __align__(32) float scratch[PS_THREADS / 32][256];
-  __shared__ int s_off[kMaxExperts + 1], s_tok[PSM];
-  __shared__ float s_coef[PSM];
-  __shared__ int s_e, s_first, s_count;
-  h_t* stages = reinterpret_cast<h_t*>(pair_smem);
-  for (int i = threadIdx.x; i <= p.experts; i += PS_THREADS) s_off[i] = p.offsets[i];
-  __syncthreads();
-  if (threadIdx.x == 0) {  // this block's expert and its first sorted pair
-    int b = int(blockIdx.x);
-    s_e = -1;
-    s_count = 0;
-    for (int e = 0; e < p.experts; ++e) {
-      const int n = s_off[e + 1] - s_off[e];
-      const int tiles = (n + PSM - 1) / PSM;
-      if (b < tiles) {
-        s_e = e;
-        s_first = s_off[e] + b * PSM;
-        s_count = min(PSM, n - b * PSM);
-        break;
-      }
-      b -= tiles;
-    }
-  }
-  __syncthreads();
-  if (s_e < 0) return;
-  if (threadIdx.x < PSM) {
-    const int i = threadIdx.x;
-    int t = -1;
-    float coef = 0.f;
-    if (i < s_count) {
-      const int pair = p.perm[s_first + i];
-      t = pair / p.top_k;
-      coef = p.weight[pair] * p.scaling[s_e];
-    }
-    s_tok[i] = t;
-    s_coef[i] = coef;
-  }
-  __syncthreads();
-  const int e = s_e, count = s_count;
-  const int r = p.rank, rn = (r + 15) & ~15;
-  const int X_ELEMS = PSM * PLDK, STAGE = (PSM + rn) * PLDK;
-  const int64_t K = p.K;
-  const h_t* X = static_cast<const h_t*>(p.x);
-  const h_t* A = static_cast<const h_t*>(p.a) + int64_t(e) * r * p.a_ld;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int kt0 = int(blockIdx.y) * p.k_steps;
-  const int nk = min(static_cast<int>((K + PBK - 1) / PBK), kt0 + p.k_steps);
-
-  auto load_stage = [&](int stage, int64_t k0) {
-    h_t* xs = stages + stage * STAGE;
-    h_t* ws = xs + X_ELEMS;
-    for (int q = threadIdx.x; q < PSM * (PBK / 8); q += PS_THREADS) {
-      const int row = q / (PBK / 8), seg = (q % (PBK / 8)) * 8;
-      const int t = s_tok[row];
-      const int64_t kk = k0 + seg;
-      const bool ok = t >= 0 && kk < K;
-      cp_async16(xs + row * PLDK + seg, ok ? X + t * p.x_ld + kk : X, ok);
-    }
-    for (int q = threadIdx.x; q < rn * (PBK / 8); q += PS_THREADS) {  // A_e^T column-major: ws[c * PLDK + kk]
-      const int c = q / (PBK / 8), seg = (q % (PBK / 8)) * 8;
-      const int64_t kk = k0 + seg;
-      const bool ok = c < r && kk < K;
-      cp_async16(ws + c * PLDK + seg, ok ? A + c * p.a_ld + kk : A, ok);
-    }
-  };
-
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PS_RN / 16];
-#pragma unroll
-  for (int f = 0; f < PS_RN / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
-#pragma unroll
-  for (int s = 0; s < PS_STAGES - 1; ++s) {
-    if (kt0 + s < nk) load_stage(s, int64_t(kt0 + s) * PBK);
-    cp_async_commit();
-  }
-  for (int kt = kt0; kt < nk; ++kt) {
-    cp_async_wait<PS_STAGES - 2>();
-    __syncthreads();
-    const int next = kt + PS_STAGES - 1;
-    if (next < nk) load_stage((next - kt0) % PS_STAGES, int64_t(next) * PBK);
-    cp_async_commit();
-    if (warp * 16 >= count) continue;  // this warp's 16 pairs are all past the tile's end
-    const h_t* xs = stages + ((kt - kt0) % PS_STAGES) * STAGE;
-    const h_t* ws = xs + X_ELEMS;
-#pragma unroll
-    for (int kk = 0; kk < PBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, h_t, wmma::row_major> a;
-      wmma::load_matrix_sync(a, xs + warp * 16 * PLDK + kk, PLDK);
-#pragma unroll
-      for (int f = 0; f < PS_RN / 16; ++f) {
-        if (f * 16 < rn) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, h_t, wmma::col_major> b;
-          wmma::load_matrix_sync(b, ws + f * 16 * PLDK + kk, PLDK);
-          wmma::mma_sync(acc[f], a, b, acc[f]);
-        }
-      }
-    }
-  }
-  cp_async_wait<0>();
-  if (warp * 16 >= count) return;
-  h_t* H = static_cast<h_t*>(p.H);
-  float* sc = scratch[warp];
-#pragma unroll
-  for (int f = 0; f < PS_RN / 16; ++f) {
-    if (f * 16 >= rn) break;
-    wmma::store_matrix_sync(sc, acc[f], 16, wmma::mem_row_major);
-    __syncwarp();
-    for (int q = lane; q < 256; q += 32) {
-      const int row = warp * 16 + q / 16, c = f * 16 + q % 16;
-      if (row >= count || c >= r) continue;
-      if (gridDim.y == 1) {
-        H[int64_t(s_tok[row]) * p.ldh + int64_t(e) * r + c] = from_f<h_t>(sc[q] * s_coef[row]);
-      } else {
-        p.part[(int64_t(blockIdx.y) * p.pairs + s_first + row) * r + c] = sc[q];
-      }
-    }
-    __syncwarp();
-  }
-}
-
-// Split K: H[t, e r + c] = w s (the splits' partial products summed), one thread per (sorted pair, c).
-template <typename h_t>
-__global__ void __launch_bounds__(kThreads) pair_shrink_sum_kernel(PairShrinkParams p, const int64_t* __restrict__ idx,
-                                                                    int splits) {
-  const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (q >= p.pairs * p.rank) return;
-  const int64_t pos = q / p.rank;
-  const int c = int(q % p.rank);
-  if (pos >= p.offsets[p.experts]) return;  // pairs at no expert (idx -1) are not in perm
-  float v = 0.f;
-  for (int s = 0; s < splits; ++s) v += p.part[(int64_t(s) * p.pairs + pos) * p.rank + c];
-  const int pair = p.perm[pos];
-  const int64_t e = idx[pair];
-  const int64_t t = pair / p.top_k;
-  static_cast<h_t*>(p.H)[t * p.ldh + e * p.rank + c] = from_f<h_t>(v * p.weight[pair] * p.scaling[e]);
-}
-
 template <typename Fn>
 void dispatch_half(Half16 dt, Fn&& fn) {
   if (dt == Half16::kFloat16) {
@@ -1200,11 +1032,9 @@ void dispatch_half(Half16 dt, Fn&& fn) {
   }
 }
 
-// The kernel's dynamic shared memory limit set to `bytes` at every launch: static + dynamic past 48 KB
-// needs the opt-in, and the call is allowed inside a graph capture.
 template <typename Kernel>
 void set_smem(Kernel kernel, size_t bytes) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
 template <typename h_t, int BM, bool kBackward, bool kVec>
@@ -1433,44 +1263,6 @@ void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
     route_select_kernel<h_t><<<blocks_for(tokens, kThreads / 32), kThreads, 0, stream>>>(
         hall, ld, mask, tokens, experts, rank, top_k, temperature, scaling, logits, weight, idx,
         static_cast<h_t*>(H), ldh);
-  });
-}
-
-int pair_shrink_splits(int64_t tokens, int64_t d_in, int experts, int top_k) {
-  // Each block's K loop is serial (~1 us per 64-element step on the H200), so a few tiles over a long K
-  // are latency-bound: K is split until ~8 blocks per SM, each split at least 4 steps long.
-  if (tokens == 0) return 1;
-  int device = 0, sms = 132;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t tiles = blocks_for(tokens * top_k, PSM) + experts;
-  const int64_t nk = (d_in + PBK - 1) / PBK;
-  const int64_t want = (8 * int64_t(sms) + tiles - 1) / tiles;
-  const int64_t most = std::max<int64_t>(1, nk / 4);
-  const int64_t splits = std::max<int64_t>(1, std::min(want, most));
-  const int64_t steps = (nk + splits - 1) / splits;
-  return int((nk + steps - 1) / steps);
-}
-
-void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t d_in, const void* a, int64_t a_ld,
-                 int experts, int rank, int top_k, const int* perm, const int* offsets, const int64_t* idx,
-                 const float* weight, const float* scaling, void* H, int64_t ldh, int splits, float* part,
-                 cudaStream_t stream) {
-  if (tokens == 0) return;
-  const int64_t nk = (d_in + PBK - 1) / PBK;
-  const int steps = int((nk + splits - 1) / splits);
-  PairShrinkParams p{x,     x_ld,    tokens, d_in,     a,         a_ld, experts, rank, top_k,
-                     perm,  offsets, weight, scaling,  H,         ldh,  steps,   tokens * top_k, part};
-  // At most ceil(pairs / PSM) + N tiles; the blocks past the last tile return at once.
-  const dim3 grid(blocks_for(tokens * top_k, PSM) + unsigned(experts), unsigned(splits));
-  dispatch_half(dt, [&](auto tag) {
-    using h_t = decltype(tag);
-    const size_t smem = pair_shrink_smem(rank, sizeof(h_t));  // 46-74 KB, beside ~5 KB of static
-    set_smem(pair_shrink_kernel<h_t>, smem);
-    pair_shrink_kernel<h_t><<<grid, PS_THREADS, smem, stream>>>(p);
-    if (splits > 1 && rank > 0) {
-      pair_shrink_sum_kernel<h_t><<<blocks_for(tokens * top_k * rank, kThreads), kThreads, 0, stream>>>(p, idx, splits);
-    }
   });
 }
 

@@ -109,16 +109,4 @@ void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, in
                   int top_k, float temperature, const float* scaling, float* logits, float* weight, int64_t* idx,
                   void* H, int64_t ldh, cudaStream_t stream);
 
-// pair_shrink (larger T, after route_select with rank 0 and sort_pairs): the selected experts' shrink
-// only, grouped by expert: H[t, e r + c] (rows ldh apart, x's dtype) = w s <A_e[c], x_t> for every
-// sorted pair (t, e); the other entries of H are left as they are (the caller zeroes H). Expert e's
-// row c of A at a + (e r + c) a_ld. 16-byte loads: x, a 16-byte aligned, d_in, x_ld, a_ld
-// multiples of 8 (the caller checks). K split `splits` ways (pair_shrink_splits): with splits > 1
-// `part` holds splits T k r floats (the partial products) and a second launch sums them into H.
-int pair_shrink_splits(int64_t tokens, int64_t d_in, int experts, int top_k);
-void pair_shrink(Half16 dt, const void* x, int64_t x_ld, int64_t tokens, int64_t d_in, const void* a, int64_t a_ld,
-                 int experts, int rank, int top_k, const int* perm, const int* offsets, const int64_t* idx,
-                 const float* weight, const float* scaling, void* H, int64_t ldh, int splits, float* part,
-                 cudaStream_t stream);
-
 }  // namespace meteora::cuda

@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -568,52 +567,7 @@ struct Member {
                        float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
                        idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fill_b_all();
-  }
-  // B_all (d_out, N r) for the expand GEMM: a copy of the (N, d_out, r) tensor unless B is kept as columns.
-  void fill_b_all() {
     if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
-  }
-  // Prefill by pairs (opt-in, see pair_routing): whether this member's operands take it (16-byte
-  // loads of x and of its A rows, which start N rows after its gate rows at row `col` of ext).
-  bool pairs_ok(const at::Tensor& x, const at::Tensor& ext, int64_t col) const {
-    const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
-    return x.stride(1) == 1 && x.stride(0) % 8 == 0 && d_in % 8 == 0 && aligned(x.data_ptr()) && ext.stride(1) == 1 &&
-           ext.stride(0) % 8 == 0 && aligned(ext.data_ptr()) && ext.size(0) >= col + experts + nr &&
-           x.size(0) * top_k <= std::numeric_limits<int>::max();
-  }
-  // Its gate logits' GEMM output (T, N rounded up to 8 columns: cuBLAS is slower on odd widths;
-  // the extra columns are A rows, unused), and the pairs sorted by expert.
-  void allocate_pairs(const at::Tensor& x) {
-    const int64_t tokens = x.size(0);
-    gate_hall = at::empty({tokens, std::min((experts + 7) / 8 * 8, experts + nr)}, x.options().dtype(at::kFloat));
-    perm = at::empty({tokens * top_k}, x.options().dtype(at::kInt));
-    offsets = at::empty({experts + 1}, x.options().dtype(at::kInt));
-    splits = cuda::pair_shrink_splits(tokens, d_in, int(experts), int(top_k));
-    if (splits > 1) part = at::empty({splits, tokens * top_k, rank}, x.options().dtype(at::kFloat));
-  }
-  // Side stream: the gate GEMM, the routing, then the selected experts' shrink grouped by expert
-  // into H (zero elsewhere).
-  void route_pairs(cublasHandle_t blas, Overlap& ov, const at::Tensor& x, const at::Tensor& ext, int64_t col,
-                   cudaStream_t stream) {
-    const int64_t tokens = x.size(0);
-    side_gemm(blas, ov, x, ext.narrow(0, col, gate_hall.size(1)), gate_hall);
-    const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    cuda::route_select(half16(x), gate_hall.data_ptr<float>(), gate_hall.stride(0), mask_p, tokens, int(experts),
-                       /*rank=*/0, int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
-                       weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(cudaMemsetAsync(H.data_ptr(), 0, size_t(H.numel()) * H.element_size(), stream));
-    cuda::sort_pairs(idx.data_ptr<int64_t>(), tokens * top_k, int(experts), perm.data_ptr<int>(),
-                     offsets.data_ptr<int>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const auto* a = static_cast<const char*>(ext.data_ptr()) + (col + experts) * ext.stride(0) * ext.element_size();
-    cuda::pair_shrink(half16(x), x.data_ptr(), x.stride(0), tokens, d_in, a, ext.stride(0), int(experts), int(rank),
-                      int(top_k), perm.data_ptr<int>(), offsets.data_ptr<int>(), idx.data_ptr<int64_t>(),
-                      weight.data_ptr<float>(), s.data_ptr<float>(), H.data_ptr(), H.stride(0), splits,
-                      splits > 1 ? part.data_ptr<float>() : nullptr, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fill_b_all();
   }
   at::Tensor base_gemm(const at::Tensor& x) const {
     return base_bias.has_value() ? at::addmm(*base_bias, x, base_weight.t()) : at::mm(x, base_weight.t());
@@ -627,18 +581,7 @@ struct Member {
   int64_t experts = 0, rank = 0, nr = 0, d_out = 0, d_in = 0, ldb = 0;
   bool b_rows = false, wide = false;
   at::Tensor mask, s, b, b_all, H, delta, logits, weight, idx, out;
-  at::Tensor gate_hall, perm, offsets, part;  // prefill by pairs
-  int splits = 1;
 };
-
-// Prefill routing by pairs instead of one GEMM of x with every member's [gate; A_all] rows: per
-// member a GEMM of x with its gate rows only, the routing, the pairs sorted by expert, and the
-// selected experts' shrink (cuda::pair_shrink: 2 k r of the N r + N columns per token). Opt-in while
-// it is measured: METEORA_PAIR_SHRINK=1 (read at every call).
-bool pair_routing() {
-  const char* v = std::getenv("METEORA_PAIR_SHRINK");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
 
 // The routing side (one GEMM of x with `ext`, every member's [gate; A_all] rows, member i's
 // starting at column cols[i] of its result; then each member's routing with the experts' expand at
@@ -649,13 +592,8 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
                  const std::vector<int64_t>& cols) {
   const int64_t tokens = x.size(0);
   const bool fused = tokens <= kFusedMaxTokens;
-  bool by_pairs = !fused && pair_routing();
-  for (size_t i = 0; i < members.size() && by_pairs; ++i) by_pairs = members[i].pairs_ok(x, ext, cols[i]);
-  at::Tensor hall = by_pairs ? at::Tensor() : at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  for (auto& m : members) {
-    m.allocate(x, fused);
-    if (by_pairs) m.allocate_pairs(x);
-  }
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
+  for (auto& m : members) m.allocate(x, fused);
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();  // while the main stream is current
@@ -663,18 +601,14 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
-    if (by_pairs) {
-      for (size_t i = 0; i < members.size(); ++i) members[i].route_pairs(blas, ov, x, ext, cols[i], ov.side.stream());
+    side_gemm(blas, ov, x, ext, hall);
+    if (fused) {  // every member's routing and expand in one launch
+      std::vector<cuda::RoutePiece> pieces;
+      for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
+      cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      side_gemm(blas, ov, x, ext, hall);
-      if (fused) {  // every member's routing and expand in one launch
-        std::vector<cuda::RoutePiece> pieces;
-        for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
-        cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
-        for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
-      }
+      for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
     }
   }
   if (fused) {  // every member's delta added by one kernel after the join
