@@ -202,6 +202,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   return {logits, weight, idx};
 }
 
+// route's backward for fp16 / bf16: dz in fp32, then the two GEMMs on tensor cores with dz rounded to
+// x's dtype (fp32 accumulation, as every other fp16 / bf16 backward GEMM here). The fp32 GEMMs of
+// route_backward_aten first copied x (and G) to fp32: at T = 4096, d_in = 14336 that is 235 MB
+// written and read again, and the GEMMs ran without tensor cores.
+std::tuple<at::Tensor, at::Tensor> route_backward_cuda(
+    const std::optional<at::Tensor>& grad_logits, const std::optional<at::Tensor>& grad_weight,
+    const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& expert_weight,
+    const at::Tensor& expert_idx, double temperature) {
+  if (!is_half16(x) || gate_weight.scalar_type() != x.scalar_type()) {
+    return route_backward_aten(grad_logits, grad_weight, x, gate_weight, expert_weight, expert_idx, temperature);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor grad_z = route_grad_logits(grad_logits, grad_weight, x, gate_weight.size(0), expert_weight,
+                                              expert_idx, temperature, at::kFloat)
+                                .to(x.scalar_type());
+  return {at::mm(grad_z, gate_weight), at::mm(grad_z.t(), x)};
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_experts_cuda(
     const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& scaling, const at::Tensor& expert_idx, const at::Tensor& expert_weight,
@@ -819,7 +837,7 @@ TORCH_LIBRARY_IMPL(meteora, CUDA, m) {
   m.impl("linear", &linear_cuda);
   m.impl("linear_group", &linear_group_cuda);
   m.impl("route", &route_cuda);
-  m.impl("route_backward", &route_backward_aten);
+  m.impl("route_backward", &route_backward_cuda);
   m.impl("lora_experts", &lora_experts_cuda);
   m.impl("lora_experts_backward", &lora_experts_backward_cuda);
 }
