@@ -146,12 +146,18 @@ class Example:
     token_tasks: list[int] | None = None  # a label per token instead (composite rows; -1: none)
 
 
+def fit(prompt: list, response: list, max_length: int, eos) -> tuple[list, list]:
+    """The response's first max_length // 2 items + ``eos``, and the prompt left-truncated so that
+    both fit in max_length (the cut of ``encode`` and ``encode_composite``)."""
+    response = response[: max_length // 2] + [eos]
+    return prompt[max(0, len(prompt) + len(response) - max_length):], response
+
+
 def encode(tokenizer, row: dict, task: int, max_length: int) -> Example:
     """Prompt (left-truncated to fit) + response + EOS."""
     prompt = tokenizer(format_prompt(tokenizer, row["prompt"]), add_special_tokens=False).input_ids
-    response = tokenizer(row["response"], add_special_tokens=False).input_ids[: max_length // 2]
-    response = response + [tokenizer.eos_token_id]
-    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
+    response = tokenizer(row["response"], add_special_tokens=False).input_ids
+    prompt, response = fit(prompt, response, max_length, tokenizer.eos_token_id)
     return Example(prompt + response, [-100] * len(prompt) + response, task)
 
 
@@ -159,6 +165,18 @@ def encode_composite(tokenizer, row: dict, labels: dict[str, int], max_length: i
     """A composite row (``data.build_composite``): every token of sub-question i and of answer line
     i is labelled with task i's adapter; the instruction, the few-shot prefix and the template are
     not labelled. Prompt left-truncated to fit, response + EOS as in ``encode``."""
+    prompt, response = composite_tokens(tokenizer, row, labels)
+    return composite_example(*fit(prompt, response, max_length, (tokenizer.eos_token_id, -1)), group)
+
+
+def composite_example(prompt: list[tuple[int, int]], response: list[tuple[int, int]], group: int) -> Example:
+    ids = [t for t, _ in prompt + response]
+    return Example(ids, [-100] * len(prompt) + [t for t, _ in response], group,
+                   [task for _, task in prompt + response])
+
+
+def composite_tokens(tokenizer, row: dict, labels: dict[str, int]) -> tuple[list, list]:
+    """A composite row's prompt and response tokens, each as (token id, task label or -1)."""
     formatted = format_prompt(tokenizer, row["prompt"])
     text = formatted + row["response"]
     questions, answers = data_mod.composite_lines(row["questions"], row["answers"])
@@ -177,11 +195,7 @@ def encode_composite(tokenizer, row: dict, labels: dict[str, int], max_length: i
     for token, (start, _end) in zip(enc.input_ids, enc.offset_mapping):
         task = next((label for a, b, label in spans if a <= start < b), -1)
         (response if start >= len(formatted) else prompt).append((token, task))
-    response = response[: max_length // 2] + [(tokenizer.eos_token_id, -1)]
-    prompt = prompt[max(0, len(prompt) + len(response) - max_length):]
-    ids = [t for t, _ in prompt + response]
-    return Example(ids, [-100] * len(prompt) + [t for t, _ in response], group,
-                   [task for _, task in prompt + response])
+    return prompt, response
 
 
 def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length: int, seed: int) -> list[Example]:
@@ -198,13 +212,11 @@ def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length:
         picked = rng.sample(list(tasks), rng.randint(2, min(5, len(tasks))))
         for n, shots in [(n, shots) for n in range(len(picked), 1, -1) for shots in (1, 0)]:
             row = data_mod.build_composite(picked[:n], samples=1, seed=seed * 7919 + i, split="train", shots=shots)[0]
-            whole = encode_composite(tokenizer, row, labels, 1 << 30, group=len(tasks))
-            answer = sum(label != -100 for label in whole.labels) - 1  # the response without its EOS
-            if len(whole.input_ids) <= max_length and answer <= max_length // 2:  # what encode_composite keeps
-                out.append(whole)
-                break
-        else:
-            out.append(encode_composite(tokenizer, row, labels, max_length, group=len(tasks)))  # two questions, cut
+            prompt, response = composite_tokens(tokenizer, row, labels)
+            kept_prompt, kept_response = fit(prompt, response, max_length, (tokenizer.eos_token_id, -1))
+            if len(kept_prompt) == len(prompt) and len(kept_response) == len(response) + 1:
+                break  # nothing cut
+        out.append(composite_example(kept_prompt, kept_response, group=len(tasks)))  # else two questions, cut
     return out
 
 
