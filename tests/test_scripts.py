@@ -192,6 +192,32 @@ def test_concat_k_layouts_compute_the_same_linear(monkeypatch):
     assert ((h != 0).any(2).sum(1) == 2).all()  # top-2 of 4 experts per token
 
 
+def test_ab_layer_wide_variant_keeps_the_weights():
+    """benchmarks/ab_layer.py --wide-gate-up: gate / up (d_out > d_in) get [W0 | B_all] (W0 and B as
+    views of one buffer, the same values), the others stay as they are, and the copies' groups list
+    the copies."""
+    from types import SimpleNamespace
+
+    from benchmarks.ab_layer import wide_gate_up
+
+    gen = torch.Generator().manual_seed(1)
+
+    def lin(name, d_in, d_out):
+        w0, b = torch.randn(d_out, d_in, generator=gen), torch.randn(3, d_out, 2, generator=gen)
+        return SimpleNamespace(name=name, d_in=d_in, d_out=d_out, w0=w0, b=b, w0_ours=w0, b_ours=b, stacked=(w0,))
+
+    gate, up, down = lin("gate_proj", 6, 10), lin("up_proj", 6, 10), lin("down_proj", 10, 6)
+    gate.group = up.group = [gate, up]
+    copies = wide_gate_up([gate, up, down])
+    for old, new in zip((gate, up), copies[:2]):
+        assert new is not old and new.stacked is None and new.group == copies[:2]
+        assert torch.equal(new.w0_ours, old.w0) and torch.equal(new.b_ours, old.b)
+        assert new.b_ours.untyped_storage().data_ptr() == new.w0_ours.untyped_storage().data_ptr()
+        assert new.w0_ours.stride(0) >= 6 + 3 * 2
+    assert copies[2].w0_ours is down.w0 and copies[2].stacked == (down.w0,)
+    assert gate.group == [gate, up]  # the originals keep theirs
+
+
 def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):
     """benchmarks/e2e.py's paired prefill: one graph per system (captured with that system's
     linears in place), replays alternated base / meteora, then meteora / base, and the ratio is

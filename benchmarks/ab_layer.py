@@ -1,0 +1,118 @@
+"""Two variants of ours' LLaMA-3-8B layer (moe_fwd's layer: q/k/v and gate/up as groups, the default
+stacked layout), each captured in a CUDA graph and replayed in alternation with the base linears'
+graph in one process: the ratio the layer targets name, for A and B side by side, without the clock
+drift between separate runs.
+
+    python benchmarks/ab_layer.py --env METEORA_SOME_TOGGLE       # A: VAR=0, B: VAR=1
+    python benchmarks/ab_layer.py --wide-gate-up                  # B: gate / up as [W0 | B_all]
+
+--env names an environment variable that an experimental build of the op reads at each call (the
+graphs are captured with it at 0 and at 1); --wide-gate-up gives B the same weights with gate_proj and
+up_proj in the [W0 | B_all] layout (MeteoRALinear.wide_columns; unstacked). Prints, per routing and
+T, each variant's time and its median per-round ratio to base, B / A per round (median and range),
+and whether B's outputs equal A's bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.moe_fwd import (  # noqa: E402
+    LLAMA3_8B, Linear, capture, event_ms, make_inputs, pack_groups, parse_shapes, run_base, run_ours_layer,
+    stack_layout)
+from meteora.layer import column_layout  # noqa: E402
+
+
+def wide_gate_up(linears):
+    """Copies of the linears with gate / up (d_out > d_in) as [W0 | B_all], unstacked."""
+    out = []
+    for lin in linears:
+        m = copy.copy(lin)
+        if lin.d_out > lin.d_in:
+            m.w0_ours, m.b_ours = column_layout(lin.w0, lin.b, True)
+            m.stacked = None
+        out.append(m)
+    by_name = {m.name: m for m in out}
+    for m in out:
+        if getattr(m, "group", None):
+            m.group = [by_name[g.name] for g in m.group]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--env", help="environment variable the op reads: A with it at 0, B at 1")
+    which.add_argument("--wide-gate-up", action="store_true", help="B: gate / up as [W0 | B_all]")
+    ap.add_argument("--tokens", default="128,1024,4096")
+    ap.add_argument("--routing", default="uniform,concentrated")
+    ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ab_layer: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = parse_shapes(LLAMA3_8B)
+    hot = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
+    var = args.env
+
+    def setting(value: str) -> None:
+        if var:
+            os.environ[var] = value
+
+    def burst(graph):
+        def run():
+            for _ in range(10):
+                graph.replay()
+        return run
+
+    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else 'default layout'}, "
+          f"B: {f'{var}=1' if var else 'gate / up as [W0 | B_all]'}")
+    for routing in args.routing.split(","):
+        unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
+        linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None) for n, di, do in shapes]
+        pack_groups(linears)
+        stack_layout(linears)
+        variant_b = wide_gate_up(linears) if args.wide_gate_up else linears
+        with torch.no_grad():
+            for tokens in [int(t) for t in args.tokens.split(",")]:
+                xs = make_inputs(linears, tokens, routing, torch.bfloat16, gen, hot)
+                graphs = {"base": capture(lambda: [run_base(lin, xs[lin.d_in], 2) for lin in linears])}
+                setting("0")
+                out_a = run_ours_layer(linears, xs, 2)
+                graphs["A"] = capture(lambda: run_ours_layer(linears, xs, 2))
+                setting("1")
+                out_b = run_ours_layer(variant_b, xs, 2)
+                graphs["B"] = capture(lambda: run_ours_layer(variant_b, xs, 2))
+                setting("0")
+                same = all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+                torch.cuda.synchronize()
+                times = {name: [] for name in graphs}
+                order = list(graphs.items())
+                for i in range(args.rounds):
+                    for name, graph in (order if i % 2 == 0 else order[::-1]):
+                        times[name].append(event_ms(burst(graph)) / 10 * 1e3)
+
+                def ratio(num, den):
+                    r = sorted(n / d for n, d in zip(times[num], times[den]))
+                    return r[len(r) // 2], r[0], r[-1]
+
+                ra, rb, rab = ratio("A", "base"), ratio("B", "base"), ratio("B", "A")
+                print(f"{routing:12} T={tokens:5}: base {statistics.median(times['base']):8.1f} us  "
+                      f"A {statistics.median(times['A']):8.1f} x{ra[0]:.3f}  B {statistics.median(times['B']):8.1f} "
+                      f"x{rb[0]:.3f}  B/A {rab[0]:.3f} [{rab[1]:.3f}-{rab[2]:.3f}]  B's outputs = A's: {same}",
+                      flush=True)
+                del xs, graphs
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
