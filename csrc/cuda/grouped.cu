@@ -990,35 +990,66 @@ __global__ void __launch_bounds__(kThreads) copy_rows_kernel(uint16_t* __restric
   }
 }
 
-// Prefill-sized T: one warp per token routes it and writes logits, weight, idx and the row
-// H[t] (N r, x's dtype; rows ldh apart) = w s hall at the selected experts, 0 elsewhere: the left
-// operand of the expand GEMM (out += H B_all^T, or the columns after x in [x | H] [W0 | B_all]^T).
+// Prefill-sized T: a block of kSelectTokens tokens of one piece (blockIdx.y); one warp per token
+// routes it (logits, weight, idx, and each selected expert's coefficient w s in shared memory), then
+// the whole block writes the tokens' rows H[t] (N r, x's dtype; rows ldh apart) = w s hall at the
+// selected experts, 0 elsewhere, reading hall only where the coefficient is not 0: the left operand
+// of the expand GEMM (out += H B_all^T, or the columns after x in [x | H] [W0 | B_all]^T). With
+// rank % 8 == 0 each thread writes 16 bytes, 8 values of one expert.
+constexpr int kSelectTokens = kThreads / 32;
+struct SelectPieces {
+  SelectPiece piece[kMaxSelectPieces];
+  bool vec[kMaxSelectPieces];
+};
+
 template <typename h_t>
-__global__ void __launch_bounds__(kThreads) route_select_kernel(
-    const float* __restrict__ hall, int64_t ld, const bool* __restrict__ mask, int64_t tokens, int experts,
-    int rank, int top_k, float temperature, const float* __restrict__ scaling, float* __restrict__ logits,
-    float* __restrict__ weight, int64_t* __restrict__ idx, h_t* __restrict__ H, int64_t ldh) {
-  const int lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  if (t >= tokens) return;
-  const float* row = hall + t * ld;
-  int e[kMaxTopK];
-  float w[kMaxTopK];
-  warp_topk_softmax(row, mask, experts, top_k, temperature, e, w);
-  if (lane == 0)
-    for (int j = 0; j < top_k; ++j) {
-      weight[t * top_k + j] = w[j];
-      idx[t * top_k + j] = e[j];
+__global__ void __launch_bounds__(kThreads) route_select_kernel(const SelectPieces pieces, int64_t tokens) {
+  __shared__ float s_coef[kSelectTokens][kMaxExperts];
+  const SelectPiece& q = pieces.piece[blockIdx.y];
+  const int experts = q.experts, rank = q.rank, top_k = q.top_k, nr = experts * rank;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t0 = int64_t(blockIdx.x) * kSelectTokens;
+  const int rows = int(tokens - t0 < kSelectTokens ? tokens - t0 : kSelectTokens);
+  for (int c = threadIdx.x; c < kSelectTokens * kMaxExperts; c += kThreads) (&s_coef[0][0])[c] = 0.f;
+  __syncthreads();
+  if (warp < rows) {
+    const int64_t t = t0 + warp;
+    const float* row = q.hall + t * q.ld;
+    int e[kMaxTopK];
+    float w[kMaxTopK];
+    warp_topk_softmax(row, q.mask, experts, top_k, q.temperature, e, w);
+    if (lane == 0)
+      for (int j = 0; j < top_k; ++j) {
+        q.weight[t * top_k + j] = w[j];
+        q.idx[t * top_k + j] = e[j];
+        s_coef[warp][e[j]] += w[j] * q.scaling[e[j]];
+      }
+    for (int c = lane; c < experts; c += 32) q.logits[t * experts + c] = row[c];
+  }
+  __syncthreads();
+  h_t* H = static_cast<h_t*>(q.H);
+  if (pieces.vec[blockIdx.y]) {
+    const int chunks = nr / 8;
+    for (int c = threadIdx.x; c < rows * chunks; c += kThreads) {
+      const int u = c / chunks, col = (c % chunks) * 8;
+      const int64_t t = t0 + u;
+      const float coef = s_coef[u][col / rank];
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      if (coef != 0.f) {
+        const float* src = q.hall + t * q.ld + experts + col;
+        h_t* v = reinterpret_cast<h_t*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = from_f<h_t>(coef * src[k]);
+      }
+      *reinterpret_cast<uint4*>(H + t * q.ldh + col) = raw;
     }
-  for (int q = lane; q < experts; q += 32) logits[t * experts + q] = row[q];
-  const int nr = experts * rank;
-#pragma unroll 4
-  for (int q = lane; q < nr; q += 32) {  // unrolled: four loads of hall in flight per lane
-    const int eq = q / rank;
-    float v = 0.f;
-    for (int j = 0; j < top_k; ++j)
-      if (e[j] == eq) v += w[j] * scaling[eq] * row[experts + q];
-    H[t * ldh + q] = from_f<h_t>(v);
+  } else {
+    for (int c = threadIdx.x; c < rows * nr; c += kThreads) {
+      const int u = c / nr, col = c % nr;
+      const int64_t t = t0 + u;
+      const float coef = s_coef[u][col / rank];
+      H[t * q.ldh + col] = from_f<h_t>(coef != 0.f ? coef * q.hall[t * q.ld + experts + col] : 0.f);
+    }
   }
 }
 
@@ -1254,16 +1285,22 @@ void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t row
       : copy_rows_kernel<false><<<blocks_for(count, kThreads), kThreads, 0, stream>>>(d, ldd, s, lds, rows, cols);
 }
 
-void route_select(Half16 dt, const float* hall, int64_t ld, const bool* mask, int64_t tokens, int experts, int rank,
-                  int top_k, float temperature, const float* scaling, float* logits, float* weight, int64_t* idx,
-                  void* H, int64_t ldh, cudaStream_t stream) {
+void route_select(Half16 dt, const SelectPiece* pieces, int n, int64_t tokens, cudaStream_t stream) {
   if (tokens == 0) return;
-  dispatch_half(dt, [&](auto tag) {
-    using h_t = decltype(tag);
-    route_select_kernel<h_t><<<blocks_for(tokens, kThreads / 32), kThreads, 0, stream>>>(
-        hall, ld, mask, tokens, experts, rank, top_k, temperature, scaling, logits, weight, idx,
-        static_cast<h_t*>(H), ldh);
-  });
+  for (int j = 0; j < n; j += kMaxSelectPieces) {
+    SelectPieces launch{};
+    const int count = n - j < kMaxSelectPieces ? n - j : kMaxSelectPieces;
+    for (int p = 0; p < count; ++p) {
+      const SelectPiece& q = pieces[j + p];
+      launch.piece[p] = q;
+      launch.vec[p] = q.rank % 8 == 0 && q.ldh % 8 == 0 && aligned16(q.H);
+    }
+    dispatch_half(dt, [&](auto tag) {
+      using h_t = decltype(tag);
+      route_select_kernel<h_t><<<dim3(blocks_for(tokens, kSelectTokens), unsigned(count)), kThreads, 0, stream>>>(
+          launch, tokens);
+    });
+  }
 }
 
 }  // namespace meteora::cuda

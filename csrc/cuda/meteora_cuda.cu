@@ -577,14 +577,15 @@ struct Member {
     }
     return p;
   }
-  // Larger T, side stream: the routing from hall's columns [col, col + N + N r) and the selection H.
-  void route(const at::Tensor& x, const at::Tensor& hall, int64_t col, cudaStream_t stream) {
-    const float* h = hall.data_ptr<float>() + col;
-    const bool* mask_p = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    cuda::route_select(half16(x), h, hall.stride(0), mask_p, x.size(0), int(experts), int(rank), int(top_k),
-                       float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(), weight.data_ptr<float>(),
-                       idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Larger T: the routing from hall's columns [col, col + N + N r) and the selection H, as one piece
+  // of a route_select launch (every member's in one).
+  cuda::SelectPiece select_piece(const at::Tensor& hall, int64_t col) {
+    return {hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+            int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
+            weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0)};
+  }
+  // B_all for a layout that does not keep B's columns (on the current stream).
+  void copy_b() {
     if (!b_rows) b_all.view({d_out, experts, rank}).copy_(b.permute({1, 0, 2}));
   }
   at::Tensor base_gemm(const at::Tensor& x) const {
@@ -625,8 +626,12 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
       for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
       cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      for (size_t i = 0; i < members.size(); ++i) members[i].route(x, hall, cols[i], ov.side.stream());
+    } else {  // every member's routing and selection in one launch
+      std::vector<cuda::SelectPiece> pieces;
+      for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
+      cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (auto& m : members) m.copy_b();
     }
   }
   if (fused) {  // every member's delta added by one kernel after the join
@@ -673,7 +678,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     side_gemm(blas, ov, x, ext, hall);
-    m.route(x, hall, 0, ov.side.stream());
+    const cuda::SelectPiece piece = m.select_piece(hall, 0);
+    cuda::route_select(half16(x), &piece, 1, tokens, ov.side.stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    m.copy_b();
   }
   if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
     cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
