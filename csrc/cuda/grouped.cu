@@ -998,14 +998,14 @@ __global__ void __launch_bounds__(kThreads) copy_rows_kernel(uint16_t* __restric
 // rank % 8 == 0 each thread writes 16 bytes, 8 values of one expert.
 constexpr int kSelectTokens = kThreads / 32;
 struct SelectPieces {
-  SelectPiece piece[kMaxSelectPieces];
-  bool vec[kMaxSelectPieces];
+  RoutePiece piece[kMaxRoutePieces];
+  bool vec[kMaxRoutePieces];
 };
 
 template <typename h_t>
 __global__ void __launch_bounds__(kThreads) route_select_kernel(const SelectPieces pieces, int64_t tokens) {
   __shared__ float s_coef[kSelectTokens][kMaxExperts];
-  const SelectPiece& q = pieces.piece[blockIdx.y];
+  const RoutePiece& q = pieces.piece[blockIdx.y];
   const int experts = q.experts, rank = q.rank, top_k = q.top_k, nr = experts * rank;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t0 = int64_t(blockIdx.x) * kSelectTokens;
@@ -1285,13 +1285,13 @@ void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t row
       : copy_rows_kernel<false><<<blocks_for(count, kThreads), kThreads, 0, stream>>>(d, ldd, s, lds, rows, cols);
 }
 
-void route_select(Half16 dt, const SelectPiece* pieces, int n, int64_t tokens, cudaStream_t stream) {
+void route_select(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream) {
   if (tokens == 0) return;
-  for (int j = 0; j < n; j += kMaxSelectPieces) {
+  for (int j = 0; j < n; j += kMaxRoutePieces) {
     SelectPieces launch{};
-    const int count = n - j < kMaxSelectPieces ? n - j : kMaxSelectPieces;
+    const int count = n - j < kMaxRoutePieces ? n - j : kMaxRoutePieces;
     for (int p = 0; p < count; ++p) {
-      const SelectPiece& q = pieces[j + p];
+      const RoutePiece& q = pieces[j + p];
       launch.piece[p] = q;
       launch.vec[p] = q.rank % 8 == 0 && q.ldh % 8 == 0 && aligned16(q.H);
     }

@@ -90,6 +90,8 @@ struct RoutePiece {
   const float* base = nullptr;
   const void* bias = nullptr;
   void* out = nullptr;
+  void* H = nullptr;  // route_select's output
+  int64_t ldh = 0;
 };
 constexpr int kMaxRoutePieces = 4;  // per launch
 void route_expand(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream);
@@ -103,23 +105,9 @@ void add_delta(Half16 dt, const DeltaPiece* pieces, int n, cudaStream_t stream);
 // dst[t, :cols] = src[t, :cols] for rows of 2-byte elements, ldd / lds elements apart.
 void copy_rows(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,
                cudaStream_t stream);
-// route_select (larger T): for up to kMaxSelectPieces linears per launch (a LinearGroup's members,
-// one hall row each), route every token and write its row H (T, N r), rows ldh apart, in x's dtype
-// = w s hall at the selected experts, 0 elsewhere (plus logits, weight and idx as route_expand).
-struct SelectPiece {
-  const float* hall;  // this linear's first column of hall; rows ld apart
-  int64_t ld;
-  const bool* mask;   // (N) or nullptr
-  int experts, rank, top_k;
-  float temperature;
-  const float* scaling;
-  float* logits;
-  float* weight;
-  int64_t* idx;
-  void* H;
-  int64_t ldh;
-};
-constexpr int kMaxSelectPieces = 4;  // per launch
-void route_select(Half16 dt, const SelectPiece* pieces, int n, int64_t tokens, cudaStream_t stream);
+// route_select (larger T): for the same pieces (a LinearGroup's members, kMaxRoutePieces a launch),
+// routes every token and writes the piece's row H (T, N r), rows ldh apart, in x's dtype = w s hall
+// at the selected experts, 0 elsewhere (plus logits, weight and idx; lora_b, delta and out unused).
+void route_select(Half16 dt, const RoutePiece* pieces, int n, int64_t tokens, cudaStream_t stream);
 
 }  // namespace meteora::cuda

@@ -579,10 +579,13 @@ struct Member {
   }
   // Larger T: the routing from hall's columns [col, col + N + N r) and the selection H, as one piece
   // of a route_select launch (every member's in one).
-  cuda::SelectPiece select_piece(const at::Tensor& hall, int64_t col) {
-    return {hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-            int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), logits.data_ptr<float>(),
-            weight.data_ptr<float>(), idx.data_ptr<int64_t>(), H.data_ptr(), H.stride(0)};
+  cuda::RoutePiece select_piece(const at::Tensor& hall, int64_t col) {
+    cuda::RoutePiece p{hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                       int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), nullptr, 0, 0,
+                       d_out, nullptr, logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>()};
+    p.H = H.data_ptr();
+    p.ldh = H.stride(0);
+    return p;
   }
   // B_all for a layout that does not keep B's columns (on the current stream).
   void copy_b() {
@@ -627,7 +630,7 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
       cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {  // every member's routing and selection in one launch
-      std::vector<cuda::SelectPiece> pieces;
+      std::vector<cuda::RoutePiece> pieces;
       for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
       cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -678,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     side_gemm(blas, ov, x, ext, hall);
-    const cuda::SelectPiece piece = m.select_piece(hall, 0);
+    const cuda::RoutePiece piece = m.select_piece(hall, 0);
     cuda::route_select(half16(x), &piece, 1, tokens, ov.side.stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     m.copy_b();
