@@ -218,6 +218,35 @@ def test_ab_layer_wide_variant_keeps_the_weights():
     assert gate.group == [gate, up]  # the originals keep theirs
 
 
+def test_profile_kernels_draws_timelines_from_a_log(tmp_path):
+    """benchmarks/profile_kernels.py --from-log: the timelines --layer prints are read back (header,
+    rows), kernels that ran at once get separate lanes, LOG:TEXT and --match filter the labels, and
+    the picture is written (no GPU needed)."""
+    from benchmarks import profile_kernels as pk
+
+    log = tmp_path / "t.log"
+    log.write_text(
+        "noise\n"
+        "== layer base T=16 (uniform): 2 kernels, 9.0 us first start to last end; busy per stream 7: 9.0 us\n"
+        "       0.0      4.0     4.0  s7   nvjet_sm90_tst_h_bz_TNT\n"
+        "       4.5      9.0     4.5  s7   nvjet_sm90_tst_h_bz_TNT\n"
+        "== layer ours T=16 (uniform): 3 kernels, 12.0 us first start to last end; busy per stream 7: 10.0 us\n"
+        "       0.0      6.0     6.0  s7   nvjet_sm90_tss_h_bz_TNN\n"
+        "       1.0      5.0     4.0  s143 void meteora::cuda::(anonymous namespace)::route_select_kernel<bf16>(...)\n"
+        "       6.0     12.0     6.0  s143 nvjet_sm90_tst_h_badd_TNT\n")
+    timelines = pk.parse_timelines(log.read_text())
+    assert [label for label, _ in timelines] == ["layer base T=16 (uniform)", "layer ours T=16 (uniform)"]
+    rows = timelines[1][1]
+    assert rows[1] == (1.0, 4.0, 143, "void meteora::cuda::(anonymous namespace)::route_select_kernel<bf16>(...)")
+    assert pk.lanes_of(rows) == [0, 1, 0] and pk.lanes_of(timelines[0][1]) == [0, 0]
+    assert [pk.kernel_kind(r[3]).split()[0] for r in rows] == ["cuBLAS", "meteora", "cuBLAS"]
+    assert "beta = 1" in pk.kernel_kind(rows[2][3])
+    png = tmp_path / "out" / "t.png"
+    assert pk.main(["--from-log", f"{log}:ours", "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000 and not list(png.parent.glob("*.tmp.png"))
+    assert pk.main(["--from-log", str(log), "--match", "T=4096", "--plot", str(png)]) == 2
+
+
 def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):
     """benchmarks/e2e.py's paired prefill: one graph per system (captured with that system's
     linears in place), replays alternated base / meteora, then meteora / base, and the ratio is
