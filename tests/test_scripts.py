@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import py_compile
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -245,6 +248,37 @@ def test_profile_kernels_draws_timelines_from_a_log(tmp_path):
     assert pk.main(["--from-log", f"{log}:ours", "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000 and not list(png.parent.glob("*.tmp.png"))
     assert pk.main(["--from-log", str(log), "--match", "T=4096", "--plot", str(png)]) == 2
+
+
+def _cutlass_source() -> Path | None:
+    """CUTLASS's sources from the nvidia-cutlass wheel (make install puts it in .venv), if there."""
+    spec = importlib.util.find_spec("cutlass_library")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(root) / "source" / "include" / "cutlass" / "cutlass.h").exists():
+            return Path(root) / "source"
+    return None
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    return found if Path(found).exists() else None
+
+
+@pytest.mark.skipif(_nvcc() is None or _cutlass_source() is None, reason="needs nvcc and CUTLASS's headers")
+def test_fused_expand_prototype_compiles(tmp_path):
+    """benchmarks/fused_expand/fused_expand.cu (the experts' expand inside a CUTLASS Hopper GEMM: a
+    standalone measurement, run on the GPU box by scripts/gpu_fused_expand.sh) compiles for sm_90a."""
+    source = _cutlass_source()
+    cmd = [_nvcc(), "-std=c++17", "-O3", "-DNDEBUG", "-arch=sm_90a", "--expt-relaxed-constexpr",
+           f"-I{source / 'include'}", f"-I{source / 'tools' / 'util' / 'include'}"]
+    nvidia = importlib.util.find_spec("nvidia")  # cuBLAS's headers from the pip packages, where the toolkit lacks them
+    for root in (nvidia.submodule_search_locations or []) if nvidia else []:
+        cmd += [f"-I{inc}" for inc in sorted(Path(root).glob("cu*/include")) if (inc / "cublas_v2.h").exists()]
+    cmd += ["-c", str(ROOT / "benchmarks" / "fused_expand" / "fused_expand.cu"), "-o", str(tmp_path / "fused_expand.o")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "fused_expand.o").stat().st_size > 0
+    assert "C7510" not in done.stderr  # wgmma serialized across a function call: the build lost the fusion's point
 
 
 def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):

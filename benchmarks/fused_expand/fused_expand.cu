@@ -1,0 +1,388 @@
+// The experts' expand inside the base GEMM, on Hopper (sm_90a), as a standalone measurement:
+//
+//   out = x W0^T + H B_all^T        x (T, d_in), W0 (d_out, d_in), H (T, N r), B_all (d_out, N r)
+//
+// one CUTLASS warp-specialized TMA GEMM whose producer warp loads the k-tiles of (x, W0) and then
+// those of (H, B_all) from a second pair of TMA descriptors into the same shared-memory pipeline: one
+// accumulator, one epilogue, no copy of x beside H and no second pass over out. Against, in the same
+// run: cuBLAS's base GEMM alone, today's prefill form (the base GEMM, then out += H B_all^T with
+// beta = 1), CUTLASS's plain base GEMM (the same kernel with K = d_in only), and an fp32 reference of
+// [x | H] [W0 | B_all]^T (cuBLAS on concatenated copies) for the error of both forms.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -I$CUTLASS/include \
+//        -I$CUTLASS/tools/util/include fused_expand.cu -lcublas -o fused_expand
+//   ./fused_expand [T ...]          (default 1024 4096; benchmarks/fused_expand/run.sh does both)
+//
+// Not part of the library: it decides whether the fusion is worth building into meteora.linear.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+using namespace cute;
+
+#define CHECK_CUDA(x)                                                                           \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+#define CHECK_CUBLAS(x)                                                          \
+  do {                                                                           \
+    cublasStatus_t s_ = (x);                                                     \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                           \
+      std::fprintf(stderr, "%s:%d: %s: status %d\n", __FILE__, __LINE__, #x, int(s_)); \
+      std::exit(1);                                                              \
+    }                                                                            \
+  } while (0)
+
+using Element = cutlass::bfloat16_t;
+using Accumulator = float;
+using LayoutA = cutlass::layout::RowMajor;     // x, H: (T, K) rows
+using LayoutB = cutlass::layout::ColumnMajor;  // W0, B_all: (d_out, K) rows, i.e. K-major B
+using LayoutD = cutlass::layout::RowMajor;     // out (T, d_out)
+constexpr int kAlign = 8;                      // 16 bytes of bf16
+using TileShape = Shape<_128, _256, _64>;
+using ClusterShape = Shape<_1, _2, _1>;
+
+using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, void, LayoutD, kAlign, Element,
+    LayoutD, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
+    Accumulator, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+    cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+
+// The mainloop with a second segment of K: k-tiles [0, k1_tiles) come from (A, B), the rest from
+// (A2, B2), through the same pipeline; the consumer (Base::mma) sees one run of k-tiles. K1 must be
+// a multiple of the tile's K; the last tile of K2 may be partial (TMA fills zeros past the edge).
+template <class Base>
+struct TwoSegmentMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::ElementB;
+  using typename Base::StrideA;
+  using typename Base::StrideB;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::TensorStorage;
+  using typename Base::SmemLayoutA;
+  using typename Base::SmemLayoutB;
+  using typename Base::GmemTiledCopyA;
+  using typename Base::GmemTiledCopyB;
+  using typename Base::DispatchPolicy;
+
+  struct Arguments {
+    ElementA const* ptr_A;
+    StrideA dA;
+    ElementB const* ptr_B;
+    StrideB dB;
+    ElementA const* ptr_A2;
+    StrideA dA2;
+    ElementB const* ptr_B2;
+    StrideB dB2;
+    int k1;  // K of (A, B); the problem's K is k1 + K2
+  };
+  struct Params : Base::Params {
+    typename Base::Params::TMA_A tma_load_a2;
+    typename Base::Params::TMA_B tma_load_b2;
+    int k1 = 0;
+  };
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args,
+                                                  void* workspace) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    typename Base::Arguments first{args.ptr_A, args.dA, args.ptr_B, args.dB};
+    typename Base::Arguments second{args.ptr_A2, args.dA2, args.ptr_B2, args.dB2};
+    Params p;
+    static_cast<typename Base::Params&>(p) =
+        Base::to_underlying_arguments(make_shape(M, N, args.k1, L), first, workspace);
+    auto q = Base::to_underlying_arguments(make_shape(M, N, K - args.k1, L), second, workspace);
+    p.tma_load_a2 = q.tma_load_a;
+    p.tma_load_b2 = q.tma_load_b;
+    p.k1 = args.k1;
+    return p;
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    auto [M, N, K, L] = append<4>(problem_shape, 1);
+    constexpr int kTileK = size<2>(TileShape{});
+    return args.k1 % kTileK == 0 && args.k1 > 0 && K > args.k1 &&
+           Base::can_implement(make_shape(M, N, args.k1, L), typename Base::Arguments{}) &&
+           Base::can_implement(make_shape(M, N, K - args.k1, L), typename Base::Arguments{});
+  }
+
+  CUTLASS_DEVICE
+  static void prefetch_tma_descriptors(Params const& p) {
+    Base::prefetch_tma_descriptors(p);
+    cute::prefetch_tma_descriptor(p.tma_load_a2.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_load_b2.get_tma_descriptor());
+  }
+
+  // (A, B) tiled over the first segment (the kernel takes its k iterator from A's) and (A2, B2) over
+  // the second.
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
+    using X = Underscore;
+    auto [M, N, K, L] = problem_shape_MNKL;
+    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k1, L));
+    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k1, L));
+    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, K - p.k1, L));
+    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, K - p.k1, L));
+    return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
+                            local_tile(mB, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}),
+                            local_tile(mA2, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
+                            local_tile(mB2, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}));
+  }
+
+  // The producer: Base::load's loop, each k-tile from the segment it falls in.
+  template <class... Tensors, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<Tensors...> const& load_inputs, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                           uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+    if (!cute::elect_one_sync()) return;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+    constexpr uint32_t cluster_x = get<0>(typename DispatchPolicy::ClusterShape());
+    uint2 local = {block_rank_in_cluster % cluster_x, block_rank_in_cluster / cluster_x};
+    auto [m, n, k_unused, l] = blk_coord;
+    auto tma_a = p.tma_load_a.get_slice(local.y);
+    auto tma_b = p.tma_load_b.get_slice(local.x);
+    auto tma_a2 = p.tma_load_a2.get_slice(local.y);
+    auto tma_b2 = p.tma_load_b2.get_slice(local.x);
+    Tensor tAgA = tma_a.partition_S(get<0>(load_inputs)(_, _, m, _, l));
+    Tensor tBgB = tma_b.partition_S(get<1>(load_inputs)(_, _, n, _, l));
+    Tensor tAgA2 = tma_a2.partition_S(get<2>(load_inputs)(_, _, m, _, l));
+    Tensor tBgB2 = tma_b2.partition_S(get<3>(load_inputs)(_, _, n, _, l));
+    Tensor tAsA = tma_a.partition_D(sA);
+    Tensor tBsB = tma_b.partition_D(sB);
+    uint16_t mcast_a = 0, mcast_b = 0;
+    if constexpr (cute::is_same_v<GmemTiledCopyA, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};
+      for (int j = 0; j < size<1>(block_layout); ++j) mcast_a |= uint16_t(1) << block_layout(local.x, j, Int<0>{});
+    }
+    if constexpr (cute::is_same_v<GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+      auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};
+      for (int i = 0; i < size<0>(block_layout); ++i) mcast_b |= uint16_t(1) << block_layout(i, local.y, Int<0>{});
+    }
+    constexpr int kTileK = size<2>(TileShape{});
+    const int k1_tiles = p.k1 / kTileK;
+    int k = int(get<0>(*k_tile_iter));  // the first k-tile of this work unit (0: no split-K here)
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count, ++k) {
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int stage = smem_pipe_write.index();
+      if (k < k1_tiles) {
+        copy(p.tma_load_a.with(*barrier, mcast_a), tAgA(_, _, _, k), tAsA(_, _, _, stage));
+        copy(p.tma_load_b.with(*barrier, mcast_b), tBgB(_, _, _, k), tBsB(_, _, _, stage));
+      } else {
+        copy(p.tma_load_a2.with(*barrier, mcast_a), tAgA2(_, _, _, k - k1_tiles), tAsA(_, _, _, stage));
+        copy(p.tma_load_b2.with(*barrier, mcast_b), tBgB2(_, _, _, k - k1_tiles), tBsB(_, _, _, stage));
+      }
+      ++smem_pipe_write;
+    }
+  }
+};
+
+using ProblemShape = Shape<int, int, int, int>;
+using FusedKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, TwoSegmentMainloop<Mainloop>, Epilogue>;
+using Fused = cutlass::gemm::device::GemmUniversalAdapter<FusedKernel>;
+using PlainKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+using Plain = cutlass::gemm::device::GemmUniversalAdapter<PlainKernel>;
+using StrideA = typename Mainloop::StrideA;
+using StrideB = typename Mainloop::StrideB;
+using StrideD = typename Epilogue::StrideD;
+
+__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float scale, int zero_every) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned h = unsigned(i) * 2654435761u ^ seed * 2246822519u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    float v = (float(h & 0xffffff) / float(0xffffff) - 0.5f) * 2.f * scale;
+    // H: a token keeps k r = 16 of N r = 224 values, as route_select leaves it (top-2 of 28, r = 8)
+    if (zero_every > 0 && ((i / 8) % zero_every) != ((i / 224) % zero_every)) v = 0.f;
+    p[i] = __float2bfloat16(v);
+  }
+}
+
+// dst rows [a | b]: a (rows, ca), b (rows, cb), bf16, dst (rows, ca + cb)
+__global__ void concat(__nv_bfloat16* dst, const __nv_bfloat16* a, const __nv_bfloat16* b, size_t rows, int ca, int cb) {
+  const size_t n = rows * size_t(ca + cb);
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t r = i / (ca + cb);
+    const int c = int(i % (ca + cb));
+    dst[i] = c < ca ? a[r * ca + c] : b[r * cb + (c - ca)];
+  }
+}
+
+__global__ void max_err(const __nv_bfloat16* out, const float* ref, size_t n, float* result) {
+  float m = 0.f;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    m = fmaxf(m, fabsf(__bfloat162float(out[i]) - ref[i]));
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x % 32 == 0) atomicMax(reinterpret_cast<int*>(result), __float_as_int(m));  // m >= 0
+}
+
+template <class Fn>
+float time_us(Fn&& fn, int iters = 20, int repeats = 7) {
+  cudaEvent_t a, b;
+  CHECK_CUDA(cudaEventCreate(&a));
+  CHECK_CUDA(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<float> t;
+  for (int r = 0; r < repeats; ++r) {
+    CHECK_CUDA(cudaEventRecord(a));
+    for (int i = 0; i < iters; ++i) fn();
+    CHECK_CUDA(cudaEventRecord(b));
+    CHECK_CUDA(cudaEventSynchronize(b));
+    float ms = 0.f;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1000.f / iters);
+  }
+  std::sort(t.begin(), t.end());
+  CHECK_CUDA(cudaEventDestroy(a));
+  CHECK_CUDA(cudaEventDestroy(b));
+  return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  std::vector<int> tokens_list;
+  for (int i = 1; i < argc; ++i) tokens_list.push_back(std::atoi(argv[i]));
+  if (tokens_list.empty()) tokens_list = {1024, 4096};
+  struct Shape_ {
+    const char* name;
+    int d_in, d_out;
+  };
+  const Shape_ shapes[] = {{"q/o", 4096, 4096}, {"k/v", 4096, 1024}, {"gate/up", 4096, 14336}, {"down", 14336, 4096}};
+  const int nr = 28 * 8;
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s, %d SMs; N r = %d; times in us (median of 7 x 20 calls)\n", prop.name, prop.multiProcessorCount, nr);
+  std::printf("%-8s %5s | %9s %9s %6s | %9s %9s %6s | %9s %9s\n", "linear", "T", "cuBLAS", "+expand", "ratio",
+              "CUTLASS", "fused", "ratio", "err cur", "err fused");
+  cublasHandle_t blas;
+  CHECK_CUBLAS(cublasCreate(&blas));
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = 0;
+  hw.sm_count = prop.multiProcessorCount;
+  int failures = 0;
+  for (int T : tokens_list) {
+    for (const auto& s : shapes) {
+      const int K1 = s.d_in, N = s.d_out, K = K1 + nr;
+      __nv_bfloat16 *x, *w0, *h, *b, *out_cur, *out_fused, *out_plain, *xcat, *wcat;
+      float *ref, *err;
+      CHECK_CUDA(cudaMalloc(&x, size_t(T) * K1 * 2));
+      CHECK_CUDA(cudaMalloc(&w0, size_t(N) * K1 * 2));
+      CHECK_CUDA(cudaMalloc(&h, size_t(T) * nr * 2));
+      CHECK_CUDA(cudaMalloc(&b, size_t(N) * nr * 2));
+      CHECK_CUDA(cudaMalloc(&out_cur, size_t(T) * N * 2));
+      CHECK_CUDA(cudaMalloc(&out_fused, size_t(T) * N * 2));
+      CHECK_CUDA(cudaMalloc(&out_plain, size_t(T) * N * 2));
+      CHECK_CUDA(cudaMalloc(&xcat, size_t(T) * K * 2));
+      CHECK_CUDA(cudaMalloc(&wcat, size_t(N) * K * 2));
+      CHECK_CUDA(cudaMalloc(&ref, size_t(T) * N * 4));
+      CHECK_CUDA(cudaMalloc(&err, 2 * sizeof(float)));
+      fill<<<1024, 256>>>(x, size_t(T) * K1, 1, 1.f, 0);
+      fill<<<1024, 256>>>(w0, size_t(N) * K1, 2, 1.f / 64, 0);
+      fill<<<1024, 256>>>(h, size_t(T) * nr, 3, 1.f, 14);
+      fill<<<1024, 256>>>(b, size_t(N) * nr, 4, 0.3f, 0);
+      concat<<<1024, 256>>>(xcat, x, h, T, K1, nr);
+      concat<<<1024, 256>>>(wcat, w0, b, N, K1, nr);
+      CHECK_CUDA(cudaGetLastError());
+      const float one = 1.f, zero = 0.f;
+      // column-major view: out^T (N x T) = W^T (K x N)^T x^T (K x T)
+      auto base = [&] {
+        CHECK_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K1, &one, w0, CUDA_R_16BF, K1, x, CUDA_R_16BF, K1,
+                                  &zero, out_cur, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      auto current = [&] {
+        base();
+        CHECK_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, nr, &one, b, CUDA_R_16BF, nr, h, CUDA_R_16BF, nr,
+                                  &one, out_cur, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      CHECK_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, wcat, CUDA_R_16BF, K, xcat, CUDA_R_16BF, K,
+                                &zero, ref, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+
+      Fused fused;
+      typename Fused::Arguments fargs{
+          cutlass::gemm::GemmUniversalMode::kGemm,
+          {T, N, K, 1},
+          {reinterpret_cast<Element const*>(x), cutlass::make_cute_packed_stride(StrideA{}, make_shape(T, K1, 1)),
+           reinterpret_cast<Element const*>(w0), cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K1, 1)),
+           reinterpret_cast<Element const*>(h), cutlass::make_cute_packed_stride(StrideA{}, make_shape(T, nr, 1)),
+           reinterpret_cast<Element const*>(b), cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, nr, 1)), K1},
+          {{1.f, 0.f}, nullptr, StrideD{}, reinterpret_cast<Element*>(out_fused),
+           cutlass::make_cute_packed_stride(StrideD{}, make_shape(T, N, 1))},
+          hw};
+      Plain plain;
+      typename Plain::Arguments pargs{
+          cutlass::gemm::GemmUniversalMode::kGemm,
+          {T, N, K1, 1},
+          {reinterpret_cast<Element const*>(x), cutlass::make_cute_packed_stride(StrideA{}, make_shape(T, K1, 1)),
+           reinterpret_cast<Element const*>(w0), cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K1, 1))},
+          {{1.f, 0.f}, nullptr, StrideD{}, reinterpret_cast<Element*>(out_plain),
+           cutlass::make_cute_packed_stride(StrideD{}, make_shape(T, N, 1))},
+          hw};
+      void *fws = nullptr, *pws = nullptr;
+      CHECK_CUDA(cudaMalloc(&fws, std::max<size_t>(Fused::get_workspace_size(fargs), 16)));
+      CHECK_CUDA(cudaMalloc(&pws, std::max<size_t>(Plain::get_workspace_size(pargs), 16)));
+      if (fused.can_implement(fargs) != cutlass::Status::kSuccess || fused.initialize(fargs, fws) != cutlass::Status::kSuccess ||
+          plain.can_implement(pargs) != cutlass::Status::kSuccess || plain.initialize(pargs, pws) != cutlass::Status::kSuccess) {
+        std::printf("%-8s %5d | CUTLASS cannot run this shape\n", s.name, T);
+        ++failures;
+        continue;
+      }
+      auto run_fused = [&] {
+        if (fused.run() != cutlass::Status::kSuccess) {
+          std::fprintf(stderr, "fused run failed\n");
+          std::exit(1);
+        }
+      };
+      auto run_plain = [&] {
+        if (plain.run() != cutlass::Status::kSuccess) {
+          std::fprintf(stderr, "plain run failed\n");
+          std::exit(1);
+        }
+      };
+      const float t_base = time_us(base), t_cur = time_us(current), t_plain = time_us(run_plain),
+                  t_fused = time_us(run_fused);
+      current();
+      run_fused();
+      CHECK_CUDA(cudaMemset(err, 0, 2 * sizeof(float)));
+      max_err<<<1024, 256>>>(out_cur, ref, size_t(T) * N, err);
+      max_err<<<1024, 256>>>(out_fused, ref, size_t(T) * N, err + 1);
+      float e[2];
+      CHECK_CUDA(cudaMemcpy(e, err, sizeof(e), cudaMemcpyDeviceToHost));
+      std::printf("%-8s %5d | %9.1f %9.1f %6.3f | %9.1f %9.1f %6.3f | %9.4f %9.4f\n", s.name, T, t_base, t_cur,
+                  t_cur / t_base, t_plain, t_fused, t_fused / t_base, e[0], e[1]);
+      if (!(e[1] <= 2.f * e[0] + 1e-3f)) ++failures;  // the fused form rounds once: no worse than today's
+      for (void* p : {(void*)x, (void*)w0, (void*)h, (void*)b, (void*)out_cur, (void*)out_fused, (void*)out_plain,
+                      (void*)xcat, (void*)wcat, (void*)ref, (void*)err, fws, pws})
+        CHECK_CUDA(cudaFree(p));
+    }
+  }
+  CHECK_CUBLAS(cublasDestroy(blas));
+  std::printf("%s\n", failures ? "FAILED (a shape could not run, or the fused error exceeds twice today's)" : "ok");
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU box (device tool): build benchmarks/fused_expand/fused_expand.cu against CUTLASS's headers
+# and run it (its arguments: token counts, default 1024 4096). The box cannot pip install: the headers
+# come from the nvidia-cutlass wheel that scripts/prepare_carry.sh puts under .whl/cutlass (carry it),
+# or from CUTLASS_DIR (a folder with include/ and tools/util/include/). Output under $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+if [ -z "${CUTLASS_DIR:-}" ]; then
+  wheel=$(ls .whl/cutlass/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  [ -n "$wheel" ] || { echo "gpu_fused_expand: no .whl/cutlass/nvidia_cutlass-*.whl (scripts/prepare_carry.sh) and no CUTLASS_DIR" >&2; exit 2; }
+  rm -rf /tmp/cutlass_wheel && python3 -m zipfile -e "$wheel" /tmp/cutlass_wheel
+  CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
+fi
+t0=$(date +%s)
+"${NVCC:-${CUDA_HOME:-/usr/local/cuda}/bin/nvcc}" -std=c++17 -O3 -DNDEBUG -arch=sm_90a --expt-relaxed-constexpr \
+  -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include" benchmarks/fused_expand/fused_expand.cu -lcublas \
+  -o /tmp/fused_expand > "$OUT/fused_expand_build.log" 2>&1 || { tail -30 "$OUT/fused_expand_build.log"; exit 1; }
+echo "fused_expand built in $(( $(date +%s) - t0 )) s"
+/tmp/fused_expand "$@" 2>&1 | tee "$OUT/fused_expand.txt"
