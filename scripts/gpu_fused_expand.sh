@@ -17,4 +17,5 @@ t0=$(date +%s)
   -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include" benchmarks/fused_expand/fused_expand.cu -lcublas \
   -o /tmp/fused_expand > "$OUT/fused_expand_build.log" 2>&1 || { tail -30 "$OUT/fused_expand_build.log"; exit 1; }
 echo "fused_expand built in $(( $(date +%s) - t0 )) s"
-/tmp/fused_expand "$@" 2>&1 | tee "$OUT/fused_expand.txt"
+# under a timeout: a TMA / barrier mistake in the mainloop would hang
+timeout "${FUSED_TIMEOUT:-180}" /tmp/fused_expand "$@" 2>&1 | tee "$OUT/fused_expand.txt"
