@@ -12,9 +12,16 @@ if [ -z "${CUTLASS_DIR:-}" ]; then
   rm -rf /tmp/cutlass_wheel && python3 -m zipfile -e "$wheel" /tmp/cutlass_wheel
   CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
 fi
+# cuBLAS: the toolkit's, else the one pip installed beside torch (nvidia/cu*/{include,lib})
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+BLAS=(-lcublas)
+if [ ! -f "$CUDA_HOME/include/cublas_v2.h" ]; then
+  inc=$(python3 -c "import glob, nvidia, os; print(next(iter(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], 'cu*', 'include')))), ''))")
+  [ -n "$inc" ] && BLAS=(-I"$inc" -L"$(dirname "$inc")/lib" -l:"$(cd "$(dirname "$inc")/lib" && ls libcublas.so.* | head -1)" -Xlinker -rpath="$(dirname "$inc")/lib")
+fi
 t0=$(date +%s)
-"${NVCC:-${CUDA_HOME:-/usr/local/cuda}/bin/nvcc}" -std=c++17 -O3 -DNDEBUG -arch=sm_90a --expt-relaxed-constexpr \
-  -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include" benchmarks/fused_expand/fused_expand.cu -lcublas \
+"${NVCC:-$CUDA_HOME/bin/nvcc}" -std=c++17 -O3 -DNDEBUG -arch=sm_90a --expt-relaxed-constexpr \
+  -I"$CUTLASS_DIR/include" -I"$CUTLASS_DIR/tools/util/include" benchmarks/fused_expand/fused_expand.cu "${BLAS[@]}" \
   -o /tmp/fused_expand > "$OUT/fused_expand_build.log" 2>&1 || { tail -30 "$OUT/fused_expand_build.log"; exit 1; }
 echo "fused_expand built in $(( $(date +%s) - t0 )) s"
 # under a timeout: a TMA / barrier mistake in the mainloop would hang
