@@ -59,8 +59,9 @@ using LayoutB = cutlass::layout::ColumnMajor;  // W0, B_all: (d_out, K) rows, i.
 using LayoutD = cutlass::layout::RowMajor;     // out (T, d_out)
 constexpr int kAlign = 8;                      // 16 bytes of bf16
 // The mainloop with a second segment of K: k-tiles [0, k1_tiles) come from (A, B), the rest from
-// (A2, B2), through the same pipeline; the consumer (Base::mma) sees one run of k-tiles. K1 must be
-// a multiple of the tile's K; the last tile of K2 may be partial (TMA fills zeros past the edge).
+// (A2, B2), through the same pipeline; the consumer (Base::mma) sees one run of k-tiles. The last
+// tile of either segment may be partial (TMA fills zeros past each tensor's edge), so the problem's K
+// is K1 rounded up to the tile's K, plus K2.
 template <class Base>
 struct TwoSegmentMainloop : Base {
   using TileShape = typename Base::TileShape;
@@ -86,8 +87,13 @@ struct TwoSegmentMainloop : Base {
     StrideA dA2;
     ElementB const* ptr_B2;
     StrideB dB2;
-    int k1;  // K of (A, B); the problem's K is k1 + K2
+    int k1;  // K of (A, B); the problem's K is k1 rounded up to the tile's K, plus K2
   };
+  // K1 rounded up to a whole k-tile: where the second segment's k-tiles start.
+  CUTLASS_HOST_DEVICE static int padded(int k1) {
+    constexpr int kTileK = size<2>(TileShape{});
+    return (k1 + kTileK - 1) / kTileK * kTileK;
+  }
   struct Params : Base::Params {
     typename Base::Params::TMA_A tma_load_a2;
     typename Base::Params::TMA_B tma_load_b2;
@@ -98,12 +104,13 @@ struct TwoSegmentMainloop : Base {
   static constexpr Params to_underlying_arguments(ProblemShape const& problem_shape, Arguments const& args,
                                                   void* workspace) {
     auto [M, N, K, L] = append<4>(problem_shape, 1);
+    const int k2 = K - padded(args.k1);
     typename Base::Arguments first{args.ptr_A, args.dA, args.ptr_B, args.dB};
     typename Base::Arguments second{args.ptr_A2, args.dA2, args.ptr_B2, args.dB2};
     Params p;
     static_cast<typename Base::Params&>(p) =
         Base::to_underlying_arguments(make_shape(M, N, args.k1, L), first, workspace);
-    auto q = Base::to_underlying_arguments(make_shape(M, N, K - args.k1, L), second, workspace);
+    auto q = Base::to_underlying_arguments(make_shape(M, N, k2, L), second, workspace);
     p.tma_load_a2 = q.tma_load_a;
     p.tma_load_b2 = q.tma_load_b;
     p.k1 = args.k1;
@@ -113,10 +120,9 @@ struct TwoSegmentMainloop : Base {
   template <class ProblemShape>
   static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
     auto [M, N, K, L] = append<4>(problem_shape, 1);
-    constexpr int kTileK = size<2>(TileShape{});
-    return args.k1 % kTileK == 0 && args.k1 > 0 && K > args.k1 &&
+    return args.k1 > 0 && K > padded(args.k1) &&
            Base::can_implement(make_shape(M, N, args.k1, L), typename Base::Arguments{}) &&
-           Base::can_implement(make_shape(M, N, K - args.k1, L), typename Base::Arguments{});
+           Base::can_implement(make_shape(M, N, K - padded(args.k1), L), typename Base::Arguments{});
   }
 
   CUTLASS_DEVICE
@@ -134,8 +140,8 @@ struct TwoSegmentMainloop : Base {
     auto [M, N, K, L] = problem_shape_MNKL;
     Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k1, L));
     Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k1, L));
-    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, K - p.k1, L));
-    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, K - p.k1, L));
+    Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, K - padded(p.k1), L));
+    Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, K - padded(p.k1), L));
     return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
                             local_tile(mB, TileShape{}, make_coord(_, _, _), Step<X, _1, _1>{}),
                             local_tile(mA2, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
@@ -173,8 +179,7 @@ struct TwoSegmentMainloop : Base {
       auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};
       for (int i = 0; i < size<0>(block_layout); ++i) mcast_b |= uint16_t(1) << block_layout(i, local.y, Int<0>{});
     }
-    constexpr int kTileK = size<2>(TileShape{});
-    const int k1_tiles = p.k1 / kTileK;
+    const int k1_tiles = padded(p.k1) / int(size<2>(TileShape{}));
     int k = int(get<0>(*k_tile_iter));  // the first k-tile of this work unit (0: no split-K here)
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count, ++k) {
@@ -284,7 +289,7 @@ Measured run_cutlass(int T, int N, int K1, int nr, const __nv_bfloat16* x, const
   using StrideA = typename C::StrideA;
   using StrideB = typename C::StrideB;
   using StrideD = typename C::StrideD;
-  const int K = K1 + nr;
+  const int K = TwoSegmentMainloop<typename C::Mainloop>::padded(K1) + nr;
   typename C::Fused fused;
   typename C::Fused::Arguments fargs{
       cutlass::gemm::GemmUniversalMode::kGemm,
@@ -335,7 +340,10 @@ int main(int argc, char** argv) {
     const char* name;
     int d_in, d_out;
   };
-  const Shape_ shapes[] = {{"q/o", 4096, 4096}, {"k/v", 4096, 1024}, {"gate/up", 4096, 14336}, {"down", 14336, 4096}};
+  // LLaMA-3-8B's linears, and one whose d_in is not a multiple of the tile's K (a partial k-tile in
+  // each segment)
+  const Shape_ shapes[] = {{"q/o", 4096, 4096}, {"k/v", 4096, 1024}, {"gate/up", 4096, 14336}, {"down", 14336, 4096},
+                           {"odd", 1000, 1032}};
   const int nr = 28 * 8;
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -353,7 +361,7 @@ int main(int argc, char** argv) {
   int failures = 0;
   for (int T : tokens_list) {
     for (const auto& s : shapes) {
-      const int K1 = s.d_in, N = s.d_out, K = K1 + nr;
+      const int K1 = s.d_in, N = s.d_out, K = K1 + nr;  // the reference's K
       __nv_bfloat16 *x, *w0, *h, *b, *out_cur, *out_fused, *out_plain, *xcat, *wcat;
       float *ref, *err;
       CHECK_CUDA(cudaMalloc(&x, size_t(T) * K1 * 2));
