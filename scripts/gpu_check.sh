@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU box (device tool): build the extension against the torch there, run the CUDA tests,
-# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark and (E2E=1) the
-# whole-model benchmark. Logs go to $OUT.
+# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark, (FUSED=1) the
+# fused-expand prototype and (E2E=1) the whole-model benchmark. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIRE_EXTENSION=1
@@ -37,6 +37,9 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   python3 benchmarks/moe_fwd.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-60}
+fi
+if [ "${FUSED:-0}" = 1 ]; then  # the fused-expand prototype (benchmarks/fused_expand; carry .whl/cutlass)
+  OUT="$OUT" bash scripts/gpu_fused_expand.sh ${FUSED_ARGS:-1024 4096} 2>&1 | tail -${FUSED_TAIL:-20}
 fi
 if [ "${E2E:-0}" = 1 ]; then
   python3 benchmarks/e2e.py --out "$OUT/e2e" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | tail -${E2E_TAIL:-20}
