@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_fwd import (  # noqa: E402
     LLAMA3_8B, Linear, capture, make_inputs, pack_groups, parse_shapes, run_base, run_ours, run_ours_layer, stack_layout)
+from meteora._files import atomic_write  # noqa: E402
 
 
 DEFAULT_SHAPES = "q:4096x4096,gate:4096x14336,down:14336x4096"
@@ -40,7 +41,8 @@ def kernel_rows(prof) -> list[tuple[float, float, int, str]]:
 
 
 def timeline(label: str, graph: torch.cuda.CUDAGraph):
-    """One replay of ``graph`` as a kernel timeline (the profiler returned for a Chrome trace)."""
+    """One replay of ``graph`` as a kernel timeline, printed; returns (the profiler, for a Chrome
+    trace, and the timeline's rows), or None when the profiler saw no kernel."""
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
@@ -59,7 +61,7 @@ def timeline(label: str, graph: torch.cuda.CUDAGraph):
           + ", ".join(f"{s}: {b:.1f} us" for s, b in busy.items()))
     for start, dur, stream, name in rows:
         print(f"  {start - t0:8.1f} {start - t0 + dur:8.1f} {dur:7.1f}  s{stream:<3} {name[:90]}")
-    return prof
+    return prof, rows
 
 
 _HEADER = re.compile(r"^== (?P<label>.+?): \d+ kernels")
@@ -111,12 +113,12 @@ def plot_timelines(timelines, path: Path) -> None:
 
     colours = {"cuBLAS GEMM (beta = 0)": "#4c72b0", "cuBLAS GEMM adding to its output (beta = 1)": "#dd8452",
                "meteora kernel (routing / selection / expand)": "#55a868", "split-K reduce, memset": "#8c8c8c"}
-    lanes = [lanes_of(sorted(rows)) for _, rows in timelines]
+    timelines = [(label, sorted(rows)) for label, rows in timelines]
+    lanes = [lanes_of(rows) for _, rows in timelines]
     heights = [max(lane, default=0) + 1 for lane in lanes]
     fig, axes = plt.subplots(len(timelines), 1, figsize=(12, 1.2 + 0.45 * sum(heights) + 0.35 * len(heights)),
                              sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})
     for ax, (label, rows), lane_of in zip(axes[:, 0], timelines, lanes):
-        rows = sorted(rows)
         t0 = rows[0][0] if rows else 0.0
         for (start, dur, _, name), lane in zip(rows, lane_of):
             ax.barh(lane, dur, left=start - t0, height=0.7, color=colours[kernel_kind(name)], edgecolor="white",
@@ -130,10 +132,8 @@ def plot_timelines(timelines, path: Path) -> None:
     fig.legend(handles, list(colours), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def layer_timelines(args) -> None:
@@ -155,10 +155,12 @@ def layer_timelines(args) -> None:
             for label, fn in (("base", lambda: [run_base(l, xs[l.d_in], args.top_k) for l in linears]),
                               ("ours", lambda: run_ours_layer(linears, xs, args.top_k))):
                 name = f"layer {label} T={tokens} ({args.routing})"
-                prof = timeline(name, capture(fn))
-                if prof is not None:
-                    drawn.append((name, kernel_rows(prof)))
-                if trace and prof is not None:
+                seen = timeline(name, capture(fn))
+                if seen is None:
+                    continue
+                prof, rows = seen
+                drawn.append((name, rows))
+                if trace:
                     prof.export_chrome_trace(str(trace / f"layer_{label}_T{tokens}.json"))
     if args.plot and drawn:
         plot_timelines(drawn, Path(args.plot))

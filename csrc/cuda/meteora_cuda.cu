@@ -578,11 +578,9 @@ struct Member {
     return p;
   }
   // Larger T: the routing from hall's columns [col, col + N + N r) and the selection H, as one piece
-  // of a route_select launch (every member's in one).
+  // of a route_select launch (every member's in one): route_piece's routing fields, and H.
   cuda::RoutePiece select_piece(const at::Tensor& hall, int64_t col) {
-    cuda::RoutePiece p{hall.data_ptr<float>() + col, hall.stride(0), mask.defined() ? mask.data_ptr<bool>() : nullptr,
-                       int(experts), int(rank), int(top_k), float(temperature), s.data_ptr<float>(), nullptr, 0, 0,
-                       d_out, nullptr, logits.data_ptr<float>(), weight.data_ptr<float>(), idx.data_ptr<int64_t>()};
+    cuda::RoutePiece p = route_piece(hall, col);
     p.H = H.data_ptr();
     p.ldh = H.stride(0);
     return p;
@@ -624,16 +622,15 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     // fp16 / bf16 products are exact in fp32: the logits are the reference's fp32 logits.
     side_gemm(blas, ov, x, ext, hall);
-    if (fused) {  // every member's routing and expand in one launch
-      std::vector<cuda::RoutePiece> pieces;
-      for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].route_piece(hall, cols[i]));
-      cuda::route_expand(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {  // every member's routing and selection in one launch
-      std::vector<cuda::RoutePiece> pieces;
-      for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
-      cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // every member's routing, then its expand (decode) or its selection H (prefill), in one launch
+    std::vector<cuda::RoutePiece> pieces;
+    for (size_t i = 0; i < members.size(); ++i) {
+      pieces.push_back(fused ? members[i].route_piece(hall, cols[i]) : members[i].select_piece(hall, cols[i]));
+    }
+    (fused ? cuda::route_expand : cuda::route_select)(half16(x), pieces.data(), int(pieces.size()), tokens,
+                                                      ov.side.stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!fused) {
       for (auto& m : members) m.copy_b();
     }
   }
