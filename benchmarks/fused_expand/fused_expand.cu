@@ -8,12 +8,12 @@
 // run: cuBLAS's base GEMM alone, today's prefill form (the base GEMM, then out += H B_all^T with
 // beta = 1), CUTLASS's plain base GEMM (the same kernel without the second segment), and an fp32
 // reference of [x | H] [W0 | B_all]^T (cuBLAS on concatenated copies) for the error of both forms.
-// Two tile configurations (128 x 256 x 64 with a 1 x 2 cluster, 128 x 128 x 64 with 2 x 1), each
-// timed; the table shows both and the better.
+// A sweep of tile shapes, clusters, cooperative / ping-pong kernels and swizzles (`Configs`,
+// `kSwizzles`); the table shows the fastest plain and fused configuration per shape, -v every one.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a --expt-relaxed-constexpr -I$CUTLASS/include \
+//   nvcc -std=c++17 -O3 -DNDEBUG -arch=sm_90a --expt-relaxed-constexpr -I$CUTLASS/include \
 //        -I$CUTLASS/tools/util/include fused_expand.cu -lcublas -o fused_expand
-//   ./fused_expand [T ...]          (default 1024 4096; benchmarks/fused_expand/run.sh does both)
+//   ./fused_expand [-v] [T ...]     (default 1024 4096; scripts/gpu_fused_expand.sh builds and runs it)
 //
 // Not part of the library: it decides whether the fusion is worth building into meteora.linear.
 #include <cublas_v2.h>
@@ -23,6 +23,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cute/tensor.hpp"
@@ -132,14 +135,15 @@ struct TwoSegmentMainloop : Base {
     cute::prefetch_tma_descriptor(p.tma_load_b2.get_tma_descriptor());
   }
 
-  // (A, B) tiled over the first segment (the kernel takes its k iterator from A's) and (A2, B2) over
-  // the second.
+  // (A, B) and (A2, B2), each tiled over its own segment's coordinates. The kernels take the k-tile
+  // iterator (the cooperative one) or also the k-tile count (the ping-pong one) from A's tiling, so A's
+  // and B's coordinate tensors span the whole K; load() reads them only below the first segment's end.
   template <class ProblemShape_MNKL>
   CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
     using X = Underscore;
     auto [M, N, K, L] = problem_shape_MNKL;
-    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, p.k1, L));
-    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, p.k1, L));
+    Tensor mA = p.tma_load_a.get_tma_tensor(make_shape(M, K, L));
+    Tensor mB = p.tma_load_b.get_tma_tensor(make_shape(N, K, L));
     Tensor mA2 = p.tma_load_a2.get_tma_tensor(make_shape(M, K - padded(p.k1), L));
     Tensor mB2 = p.tma_load_b2.get_tma_tensor(make_shape(N, K - padded(p.k1), L));
     return cute::make_tuple(local_tile(mA, TileShape{}, make_coord(_, _, _), Step<_1, X, _1>{}),
@@ -200,18 +204,22 @@ struct TwoSegmentMainloop : Base {
 
 using ProblemShape = Shape<int, int, int, int>;
 
-// One tile configuration: CUTLASS's plain GEMM and the two-segment one.
-template <class Tile, class Cluster>
+// One tile configuration: CUTLASS's plain GEMM and the two-segment one, with the cooperative kernel
+// (two consumer warpgroups share each tile) or the ping-pong one (each warpgroup its own tile).
+template <class Tile, class Cluster, bool kPingpong = false>
 struct Config {
+  using EpilogueSchedule = std::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+  using KernelSchedule = std::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                            cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster, cutlass::epilogue::collective::EpilogueTileAuto,
-      Accumulator, Accumulator, void, LayoutD, kAlign, Element, LayoutD, kAlign,
-      cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      Accumulator, Accumulator, void, LayoutD, kAlign, Element, LayoutD, kAlign, EpilogueSchedule>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA, kAlign, Element, LayoutB, kAlign,
       Accumulator, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      KernelSchedule>::CollectiveOp;
   using Fused = cutlass::gemm::device::GemmUniversalAdapter<
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, TwoSegmentMainloop<Mainloop>, Epilogue>>;
   using Plain = cutlass::gemm::device::GemmUniversalAdapter<
@@ -219,9 +227,18 @@ struct Config {
   using StrideA = typename Mainloop::StrideA;
   using StrideB = typename Mainloop::StrideB;
   using StrideD = typename Epilogue::StrideD;
+  static constexpr int kTileM = size<0>(Tile{}), kTileN = size<1>(Tile{});
+  static constexpr int kClusterM = size<0>(Cluster{}), kClusterN = size<1>(Cluster{});
+  static constexpr bool kPingpongSchedule = kPingpong;
 };
-using Config128x256 = Config<Shape<_128, _256, _64>, Shape<_1, _2, _1>>;
-using Config128x128 = Config<Shape<_128, _128, _64>, Shape<_2, _1, _1>>;
+// The configurations swept (each with every swizzle of kSwizzles): cuBLAS's Hopper kernels beat
+// CUTLASS's first two by up to 18% on the plain base GEMM (2026-12-02, results/h200_fused_expand).
+using Configs = std::tuple<Config<Shape<_128, _256, _64>, Shape<_1, _2, _1>>, Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>>,
+                           Config<Shape<_256, _128, _64>, Shape<_2, _1, _1>>, Config<Shape<_256, _128, _64>, Shape<_1, _2, _1>>,
+                           Config<Shape<_128, _128, _64>, Shape<_2, _1, _1>>,
+                           Config<Shape<_128, _128, _64>, Shape<_1, _2, _1>, true>,
+                           Config<Shape<_64, _256, _64>, Shape<_1, _2, _1>, true>>;
+constexpr int kSwizzles[] = {1, 2, 4, 8};
 
 __global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float scale, int zero_every) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -285,7 +302,7 @@ struct Measured {
 template <class C>
 Measured run_cutlass(int T, int N, int K1, int nr, const __nv_bfloat16* x, const __nv_bfloat16* w0,
                      const __nv_bfloat16* h, const __nv_bfloat16* b, __nv_bfloat16* out_plain,
-                     __nv_bfloat16* out_fused, const cutlass::KernelHardwareInfo& hw) {
+                     __nv_bfloat16* out_fused, const cutlass::KernelHardwareInfo& hw, int swizzle) {
   using StrideA = typename C::StrideA;
   using StrideB = typename C::StrideB;
   using StrideD = typename C::StrideD;
@@ -300,7 +317,8 @@ Measured run_cutlass(int T, int N, int K1, int nr, const __nv_bfloat16* x, const
        reinterpret_cast<Element const*>(b), cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, nr, 1)), K1},
       {{1.f, 0.f}, nullptr, StrideD{}, reinterpret_cast<Element*>(out_fused),
        cutlass::make_cute_packed_stride(StrideD{}, make_shape(T, N, 1))},
-      hw};
+      hw,
+      {swizzle}};
   typename C::Plain plain;
   typename C::Plain::Arguments pargs{
       cutlass::gemm::GemmUniversalMode::kGemm,
@@ -309,7 +327,8 @@ Measured run_cutlass(int T, int N, int K1, int nr, const __nv_bfloat16* x, const
        reinterpret_cast<Element const*>(w0), cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K1, 1))},
       {{1.f, 0.f}, nullptr, StrideD{}, reinterpret_cast<Element*>(out_plain),
        cutlass::make_cute_packed_stride(StrideD{}, make_shape(T, N, 1))},
-      hw};
+      hw,
+      {swizzle}};
   Measured m;
   void *fws = nullptr, *pws = nullptr;
   CHECK_CUDA(cudaMalloc(&fws, std::max<size_t>(C::Fused::get_workspace_size(fargs), 16)));
@@ -332,9 +351,37 @@ Measured run_cutlass(int T, int N, int K1, int nr, const __nv_bfloat16* x, const
   return m;
 }
 
+struct Best {
+  float us = 1e30f;
+  char name[64] = "-";
+  void offer(float t, const char* n) {
+    if (t < us) {
+      us = t;
+      std::snprintf(name, sizeof(name), "%s", n);
+    }
+  }
+};
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+template <class Fn, class... Cs>
+void for_each_config_in(Fn&& fn, std::tuple<Cs...>*) {
+  (fn(Tag<Cs>{}), ...);
+}
+template <class Fn>
+void for_each_config(Fn&& fn) {
+  for_each_config_in(fn, static_cast<Configs*>(nullptr));
+}
+
 int main(int argc, char** argv) {
   std::vector<int> tokens_list;
-  for (int i = 1; i < argc; ++i) tokens_list.push_back(std::atoi(argv[i]));
+  bool verbose = false;  // -v: a line per configuration and swizzle
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "-v") verbose = true;
+    else tokens_list.push_back(std::atoi(argv[i]));
+  }
   if (tokens_list.empty()) tokens_list = {1024, 4096};
   struct Shape_ {
     const char* name;
@@ -348,11 +395,12 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("%s, %d SMs; N r = %d; times in us (median of 7 x 20 calls)\n", prop.name, prop.multiProcessorCount, nr);
-  std::printf("%-8s %5s | %9s %9s %6s | %9s %9s %6s | %7s %7s %7s %7s | %9s %9s\n", "linear", "T", "cuBLAS",
-              "+expand", "ratio", "CUTLASS", "fused", "ratio", "256pln", "256fus", "128pln", "128fus", "err cur",
-              "err fused");
-  std::printf("(cuBLAS: base GEMM, then + the beta-1 expand GEMM; CUTLASS: the better of 128x256 and 128x128 tiles for\n"
-              " the plain base GEMM and the fused one; ratios over cuBLAS's base; errors: max |out - fp32 reference|)\n");
+  std::printf("%-8s %5s | %7s %7s %7s %6s | %7s %-22s %7s %-22s %6s %6s | %7s %7s\n", "linear", "T", "cuBLAS",
+              "again", "+expand", "ratio", "plain", "(best CUTLASS)", "fused", "(best CUTLASS)", "plain", "fused",
+              "err cur", "err fus");
+  std::printf("(cuBLAS: the base GEMM before and after the sweep, then base + the beta-1 expand GEMM; plain / fused: the\n"
+              " fastest CUTLASS configuration of the sweep (tile, cluster, cooperative / ping-pong, swizzle); ratios over\n"
+              " cuBLAS's first base time; errors: max |out - fp32 reference|, the fused one over every configuration)\n");
   cublasHandle_t blas;
   CHECK_CUBLAS(cublasCreate(&blas));
   cutlass::KernelHardwareInfo hw;
@@ -398,30 +446,43 @@ int main(int argc, char** argv) {
 
       const float t_base = time_us(base), t_cur = time_us(current);
       // each configuration writes its own output; the error is checked for both
-      const Measured wide = run_cutlass<Config128x256>(T, N, K1, nr, x, w0, h, b, out_plain, out_fused, hw);
-      float e_wide = 0.f;
-      if (wide.ok) {
-        CHECK_CUDA(cudaMemset(err, 0, sizeof(float)));
-        max_err<<<1024, 256>>>(out_fused, ref, size_t(T) * N, err);
-        CHECK_CUDA(cudaMemcpy(&e_wide, err, sizeof(float), cudaMemcpyDeviceToHost));
-      }
-      const Measured square = run_cutlass<Config128x128>(T, N, K1, nr, x, w0, h, b, out_plain, out_fused, hw);
-      if (!wide.ok || !square.ok) {
-        std::printf("%-8s %5d | CUTLASS cannot run this shape (128x256: %d, 128x128: %d)\n", s.name, T, wide.ok, square.ok);
+      current();
+      CHECK_CUDA(cudaMemset(err, 0, sizeof(float)));
+      max_err<<<1024, 256>>>(out_cur, ref, size_t(T) * N, err);
+      float e_cur = 0.f;
+      CHECK_CUDA(cudaMemcpy(&e_cur, err, sizeof(float), cudaMemcpyDeviceToHost));
+      // every configuration and swizzle: the plain and the fused GEMM, the fused one's error checked
+      Best best_plain, best_fused;
+      float e_fused = 0.f;
+      int ran = 0;
+      for_each_config([&](auto tag) {
+        using C = typename decltype(tag)::type;
+        for (int sw : kSwizzles) {
+          const Measured m = run_cutlass<C>(T, N, K1, nr, x, w0, h, b, out_plain, out_fused, hw, sw);
+          if (!m.ok) continue;
+          ++ran;
+          CHECK_CUDA(cudaMemset(err, 0, sizeof(float)));
+          max_err<<<1024, 256>>>(out_fused, ref, size_t(T) * N, err);
+          float e = 0.f;
+          CHECK_CUDA(cudaMemcpy(&e, err, sizeof(float), cudaMemcpyDeviceToHost));
+          e_fused = std::max(e_fused, e);
+          char name[64];
+          std::snprintf(name, sizeof(name), "%dx%d %dx%d %s sw%d", C::kTileM, C::kTileN, C::kClusterM, C::kClusterN,
+                        C::kPingpongSchedule ? "pp" : "co", sw);
+          best_plain.offer(m.plain_us, name);
+          best_fused.offer(m.fused_us, name);
+          if (verbose) std::printf("    %-8s %5d  %-22s plain %8.1f  fused %8.1f  err %.4f\n", s.name, T, name, m.plain_us, m.fused_us, e);
+        }
+      });
+      const float t_base2 = time_us(base);  // cuBLAS again: the clocks' drift over the sweep
+      if (ran == 0) {
+        std::printf("%-8s %5d | CUTLASS cannot run this shape\n", s.name, T);
         ++failures;
       } else {
-        current();
-        CHECK_CUDA(cudaMemset(err, 0, 2 * sizeof(float)));
-        max_err<<<1024, 256>>>(out_cur, ref, size_t(T) * N, err);
-        max_err<<<1024, 256>>>(out_fused, ref, size_t(T) * N, err + 1);  // 128x128's output
-        float e[2];
-        CHECK_CUDA(cudaMemcpy(e, err, sizeof(e), cudaMemcpyDeviceToHost));
-        const float e_fused = std::max(e[1], e_wide);
-        const float plain_us = std::min(wide.plain_us, square.plain_us), fused_us = std::min(wide.fused_us, square.fused_us);
-        std::printf("%-8s %5d | %9.1f %9.1f %6.3f | %9.1f %9.1f %6.3f | %7.1f %7.1f %7.1f %7.1f | %9.4f %9.4f\n",
-                    s.name, T, t_base, t_cur, t_cur / t_base, plain_us, fused_us, fused_us / t_base, wide.plain_us,
-                    wide.fused_us, square.plain_us, square.fused_us, e[0], e_fused);
-        if (!(e_fused <= 2.f * e[0] + 1e-3f)) ++failures;  // the fused form rounds once: no worse than today's
+        std::printf("%-8s %5d | %7.1f %7.1f %7.1f %6.3f | %7.1f %-22s %7.1f %-22s %6.3f %6.3f | %7.4f %7.4f\n", s.name, T,
+                    t_base, t_base2, t_cur, t_cur / t_base, best_plain.us, best_plain.name, best_fused.us, best_fused.name,
+                    best_plain.us / t_base, best_fused.us / t_base, e_cur, e_fused);
+        if (!(e_fused <= 2.f * e_cur + 1e-3f)) ++failures;  // the fused form rounds once: no worse than today's
       }
       for (void* p : {(void*)x, (void*)w0, (void*)h, (void*)b, (void*)out_cur, (void*)out_fused, (void*)out_plain,
                       (void*)xcat, (void*)wcat, (void*)ref, (void*)err})
