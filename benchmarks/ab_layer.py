@@ -10,7 +10,9 @@ drift between separate runs.
 graphs are captured with it at 0 and at 1); --wide-gate-up gives B the same weights with gate_proj and
 up_proj in the [W0 | B_all] layout (MeteoRALinear.wide_columns; unstacked). Prints, per routing and
 T, each variant's time and its median per-round ratio to base, B / A per round (median and range),
-and whether B's outputs equal A's bit for bit.
+whether B's outputs equal A's bit for bit, and (with nvidia-smi) each one's median SM clock while
+it replayed: the bursts are short, so a variant that draws more power may show its cost only end
+to end (benchmarks/e2e.py logs the clock too).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_clock import ClockLog  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
     LLAMA3_8B, Linear, capture, event_ms, make_inputs, pack_groups, parse_shapes, run_base, run_ours_layer,
     stack_layout)
@@ -97,9 +100,12 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 times = {name: [] for name in graphs}
                 order = list(graphs.items())
-                for i in range(args.rounds):
-                    for name, graph in (order if i % 2 == 0 else order[::-1]):
-                        times[name].append(event_ms(burst(graph)) / 10 * 1e3)
+                with ClockLog(period_ms=20) as clocks:  # each variant's SM clock and power while it replays
+                    for i in range(args.rounds):
+                        for name, graph in (order if i % 2 == 0 else order[::-1]):
+                            with clocks.window(name):
+                                times[name].append(event_ms(burst(graph)) / 10 * 1e3)
+                c = clocks.summary()
 
                 def ratio(num, den):
                     r = sorted(n / d for n, d in zip(times[num], times[den]))
@@ -108,7 +114,9 @@ def main(argv=None) -> int:
                 ra, rb, rab = ratio("A", "base"), ratio("B", "base"), ratio("B", "A")
                 print(f"{routing:12} T={tokens:5}: base {statistics.median(times['base']):8.1f} us  "
                       f"A {statistics.median(times['A']):8.1f} x{ra[0]:.3f}  B {statistics.median(times['B']):8.1f} "
-                      f"x{rb[0]:.3f}  B/A {rab[0]:.3f} [{rab[1]:.3f}-{rab[2]:.3f}]  B's outputs = A's: {same}",
+                      f"x{rb[0]:.3f}  B/A {rab[0]:.3f} [{rab[1]:.3f}-{rab[2]:.3f}]  B's outputs = A's: {same}"
+                      + ("  SM MHz base / A / B " + " / ".join(f"{c[n]['clock_mhz']:.0f}" for n in ("base", "A", "B"))
+                         if all(n in c for n in ("base", "A", "B")) else ""),
                       flush=True)
                 del xs, graphs
     return 0

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.gpu_clock import ClockLog, attribute  # noqa: E402
 from benchmarks.moe_fwd import alternate, capture as graph_of, stacked_linears  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
 from meteora.layer import group_linears  # noqa: E402
@@ -304,11 +305,13 @@ def prefill(model: Llama, batch: int, tokens: int, gen: torch.Generator, repeats
 
 
 @torch.no_grad()
-def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: torch.Generator, rounds: int) -> dict:
+def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: torch.Generator, rounds: int,
+                   clocks: ClockLog | None = None) -> dict:
     """Base and meteora prefill graphs replayed in alternation, ``rounds`` times each: the GPU's
     clock drift over a run (the same GEMM moved by up to 13% between runs minutes apart on the
     H200) then falls on both sides alike. Returns both medians and the median of the per-round
-    ratios meteora tokens/s / base tokens/s."""
+    ratios meteora tokens/s / base tokens/s; with ``clocks``, each system's median SM clock and
+    power over its replays too (``clock``: {system: {clock_mhz, power_w, samples}})."""
     device = model.embed_tokens.weight.device
     ids = torch.randint(0, model.cfg.vocab, (batch, tokens), generator=gen, device=device)
     positions = torch.arange(tokens, device=device)
@@ -317,12 +320,23 @@ def paired_prefill(model: Llama, layers: dict, batch: int, tokens: int, gen: tor
         set_system(layers, system)
         graphs[system] = graph_of(lambda: model(ids, positions))
     set_system(layers, "meteora")
-    t_base, t_meteora = alternate(graphs["base"].replay, graphs["meteora"].replay, rounds, lambda fn: timed(fn, 1))
+    log = clocks if clocks is not None else ClockLog()
+    first = len(log.windows)
+
+    def labelled(system):
+        def replay():
+            with log.window(system):
+                graphs[system].replay()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+        return replay
+
+    t_base, t_meteora = alternate(labelled("base"), labelled("meteora"), rounds, lambda fn: timed(fn, 1))
     del graphs
     ratios = sorted(b / m for b, m in zip(t_base, t_meteora))
     return dict(batch=batch, tokens=tokens, rounds=rounds, base_s=statistics.median_high(t_base),
                 meteora_s=statistics.median_high(t_meteora), ratio=ratios[len(ratios) // 2], ratio_low=ratios[0],
-                ratio_high=ratios[-1])
+                ratio_high=ratios[-1], clock=attribute(log.samples, log.windows[first:]))
 
 
 @torch.no_grad()
@@ -521,12 +535,23 @@ def main(argv=None) -> int:
             merge_first_adapter(layers, -1.0)
     if args.paired_rounds and "base" in systems and "meteora" in systems:
         results["paired_prefill"] = []
-        for batch, tokens in shapes:
-            r = paired_prefill(model, layers, batch, tokens, gen, args.paired_rounds)
-            results["paired_prefill"].append(r)
-            print(f"  paired prefill {batch}x{tokens}: meteora / base tokens/s {r['ratio']:.3f} (rounds "
-                  f"{r['ratio_low']:.3f}-{r['ratio_high']:.3f}, {args.paired_rounds} alternations)", flush=True)
-            torch.cuda.empty_cache()
+        # the SM clock and power of each system's replays; nvidia-smi names the GPU by PCI address
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        smi_id = None
+        if torch.cuda.device_count() > 1 and isinstance(getattr(props, "pci_bus_id", None), int):
+            smi_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        with ClockLog(device=smi_id) as clocks:
+            for batch, tokens in shapes:
+                r = paired_prefill(model, layers, batch, tokens, gen, args.paired_rounds, clocks)
+                results["paired_prefill"].append(r)
+                c = r["clock"]
+                clock = (f"; SM clock base {c['base']['clock_mhz']:.0f} / meteora {c['meteora']['clock_mhz']:.0f} MHz, "
+                         f"power {c['base']['power_w']:.0f} / {c['meteora']['power_w']:.0f} W"
+                         if "base" in c and "meteora" in c else "")
+                print(f"  paired prefill {batch}x{tokens}: meteora / base tokens/s {r['ratio']:.3f} (rounds "
+                      f"{r['ratio_low']:.3f}-{r['ratio_high']:.3f}, {args.paired_rounds} alternations){clock}",
+                      flush=True)
+                torch.cuda.empty_cache()
     write_outputs(results, Path(args.out))
     return 0
 
@@ -562,6 +587,11 @@ def verdicts(results: dict, rows: list[dict]) -> list[str]:
         lines.append(f"- prefill {r['batch']}x{r['tokens']}, base and meteora alternated {r['rounds']} times: "
                      f"{r['ratio']:.3f}x (rounds {r['ratio_low']:.3f}-{r['ratio_high']:.3f}; target >= 0.9): "
                      f"{'met' if r['ratio'] >= 0.90 else 'NOT met'}")
+        c = r.get("clock", {})
+        if "base" in c and "meteora" in c:
+            lines.append(f"  (median SM clock over the replays: base {c['base']['clock_mhz']:.0f} MHz at "
+                         f"{c['base']['power_w']:.0f} W, meteora {c['meteora']['clock_mhz']:.0f} MHz at "
+                         f"{c['meteora']['power_w']:.0f} W)")
     if results.get("meteora_static_gb") is not None:
         lines.append(f"- kept allocated by meteora once set up and first called: {results['meteora_static_gb']:.3f} GB")
     over = max((r["peak_over_base_gb"] for r in ours if r["peak_over_base_gb"] is not None), default=None)

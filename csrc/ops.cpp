@@ -50,17 +50,43 @@ TORCH_LIBRARY_IMPL(meteora, Autograd, m) {
   m.impl("linear_group", torch::autograd::autogradNotImplementedFallback());
 }
 
-// The Python module only loads this library (its static initialisers register the ops).
+#ifdef METEORA_WITH_CUDA
+namespace meteora {
+int64_t fused_expand_launches();  // csrc/cuda/meteora_cuda.cu
+}
+#endif
+
+namespace {
+PyObject* fused_expand_launches(PyObject*, PyObject*) {
+#ifdef METEORA_WITH_CUDA
+  return PyLong_FromLongLong(meteora::fused_expand_launches());
+#else
+  return PyLong_FromLongLong(0);
+#endif
+}
+PyMethodDef module_methods[] = {
+    {"fused_expand_launches", fused_expand_launches, METH_NOARGS,
+     "How many fused prefill GEMMs (the experts' expand inside the base GEMM) this process has launched."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// The Python module loads this library (its static initialisers register the ops) and tells what
+// the build has.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "meteora kernels; the ops live in torch.ops.meteora", -1,
-                                   nullptr};
+                                   module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr) {
 #ifdef METEORA_WITH_CUDA
     PyModule_AddIntConstant(module, "WITH_CUDA", 1);
 #else
     PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+#ifdef METEORA_WITH_FUSED_EXPAND
+    PyModule_AddIntConstant(module, "WITH_FUSED_EXPAND", 1);
+#else
+    PyModule_AddIntConstant(module, "WITH_FUSED_EXPAND", 0);
 #endif
   }
   return module;

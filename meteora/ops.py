@@ -23,9 +23,12 @@ try:
 
     HAS_EXTENSION = True
     WITH_CUDA = bool(_C.WITH_CUDA)
+    # the Hopper prefill GEMM with the experts' expand inside (csrc/sm90; built for sm_90a with CUTLASS)
+    WITH_FUSED_EXPAND = bool(getattr(_C, "WITH_FUSED_EXPAND", 0))
 except ImportError as err:  # pragma: no cover - depends on how the package was installed
     HAS_EXTENSION = False
     WITH_CUDA = False
+    WITH_FUSED_EXPAND = False
     log.warning(
         "meteora: compiled kernels not available (%s); using the plain-PyTorch reference. "
         "Build them with `pip install --no-build-isolation .`",
@@ -39,6 +42,16 @@ def kernel_available(device: torch.device | str) -> bool:
     """Whether compiled meteora kernels exist for tensors on ``device``."""
     device_type = torch.device(device).type
     return HAS_EXTENSION and (device_type == "cpu" or (device_type == "cuda" and WITH_CUDA))
+
+
+def fused_expand_launches() -> int:
+    """How many fused prefill GEMMs this process has launched (0 without them).
+
+    The fused GEMM (the experts' expand inside the base GEMM, sm_90 builds with CUTLASS) is opt-in:
+    ``METEORA_FUSED_EXPAND=1`` runs it for every prefill-sized call (T > 32) of linears without
+    bias whose B is kept as columns (the default layout), ``=N`` from N tokens. Off by default: on
+    the H200 it loses 2-4% of whole-model prefill speed (docs/performance.md)."""
+    return int(_C.fused_expand_launches()) if HAS_EXTENSION else 0
 
 
 def _use_kernel(impl: str, device: torch.device) -> bool:

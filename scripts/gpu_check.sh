@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU box (device tool): build the extension against the torch there, run the CUDA tests,
-# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark, (FUSED=1) the
+# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark, (AB_ARGS) ab_layer.py, (FUSED=1) the
 # fused-expand prototype and (E2E=1) the whole-model benchmark. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -9,14 +9,20 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIR
 # The image's default CXX (/opt/gcc) ships libstdc++ headers newer than the libstdc++ that torch
 # loads; code built with it crashed in std::ostream (seen 2026-11-23). Use the system compiler.
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+# CUTLASS's headers for the fused prefill GEMM (csrc/sm90) and the prototype: the nvidia-cutlass wheel
+# that scripts/prepare_carry.sh puts under .whl/cutlass (carry it); without it the build leaves them out.
+if [ -z "${CUTLASS_DIR:-}" ] && ls .whl/cutlass/nvidia_cutlass-*.whl > /dev/null 2>&1; then
+  rm -rf /tmp/cutlass_wheel && python3 -m zipfile -e "$(ls .whl/cutlass/nvidia_cutlass-*.whl | head -1)" /tmp/cutlass_wheel
+  export CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
+fi
 if [ "${BUILD:-1}" = 1 ]; then
   rm -rf build
   t0=$(date +%s)
   python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - t0 )) s"
+  echo "build: $(( $(date +%s) - t0 )) s; fused prefill expand built: $(python3 -c 'import meteora.ops as o; print(o.WITH_FUSED_EXPAND)' 2>&1 | tail -1)"
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_model.py -k "${TEST_FILTER:-not slow}" 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_model.py -k "${TEST_FILTER:-not slow}" 2>&1 | tee "$OUT/pytest.log" | tail -25
 fi
 # The sanitizer subset (SANITIZE_FILTER overrides it): 58 tests, one of them 25 fuzz cases. Under racecheck it no longer
 # fits one call (2026-12-02: the first 47 tests in ~400 s, then test_linear_group_matches_float64[300-...] alone
@@ -37,6 +43,9 @@ if [ "${SANITIZE:-1}" = 1 ]; then
 fi
 if [ "${BENCH:-0}" = 1 ]; then
   python3 benchmarks/moe_fwd.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-60}
+fi
+if [ -n "${AB_ARGS:-}" ]; then  # benchmarks/ab_layer.py, e.g. AB_ARGS="--env METEORA_FUSED_EXPAND"
+  python3 benchmarks/ab_layer.py ${AB_ARGS} 2>&1 | tee "$OUT/ab_layer.log" | tail -20
 fi
 if [ "${FUSED:-0}" = 1 ]; then  # the fused-expand prototype (benchmarks/fused_expand; carry .whl/cutlass)
   OUT="$OUT" bash scripts/gpu_fused_expand.sh ${FUSED_ARGS:-1024 4096} 2>&1 | tail -${FUSED_TAIL:-20}

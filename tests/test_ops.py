@@ -341,6 +341,78 @@ def test_linear_group_many_members(device, tokens):
         verify_linear(result, x, *m, what=f"member {i} of 11, seed {seed}")
 
 
+@pytest.mark.parametrize("device", DEVICES[1:])  # CUDA only; "cuda" in its id, for -k filters
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [33, 300, 2048])
+def test_linear_fused_expand(device, dtype, tokens, monkeypatch):
+    """The Hopper prefill GEMM with the experts' expand inside (opt-in; METEORA_FUSED_EXPAND=1: at
+    every prefill size, =N: from N tokens), against float64 at the op's own selection: lone linears (stacked, B as columns of
+    its own) and a group of three stacked members (N = 3 with k = N, 28 and 5, mixed ranks), d_in
+    not a multiple of the 64-wide k-tile, d_out and T not multiples of the output tiles, N = 1,
+    x in rows wider than d_in. Where the build has it and the GPU is sm_90, it counts one fused
+    launch per member, and none with =0, a bias, B as an (N, d_out, r) tensor, or x's rows not
+    16 bytes apart (those run the cuBLAS path, checked the same)."""
+    _skip_unless_available("kernel", device)
+    seed = fresh_seed()
+    fused = ops.WITH_FUSED_EXPAND and torch.cuda.get_device_capability() == (9, 0)
+    d_in = 8 * (5 + seed % 130)  # 40 ... 1072
+    monkeypatch.setenv("METEORA_FUSED_EXPAND", "1")
+
+    def lone(experts, top_k, d_out, layout, bias=False, x_extra=0, env="1", what=""):
+        inp = make_inputs(tokens, experts, top_k, dtype, "cuda", seed, ranks=[8] * experts, d_in=d_in, d_out=d_out)
+        x = inp["x"]
+        if x_extra:
+            wide_x = torch.zeros(tokens, d_in + x_extra, device="cuda", dtype=dtype)
+            wide_x[:, :d_in] = x
+            x = wide_x[:, :d_in]
+        gate, lora_a, lora_b, w0 = inp["gate_weight"], inp["lora_a"], inp["lora_b"], inp["weight"]
+        if layout == "stacked":
+            [(gate, lora_a)], [w0] = packed_group([(gate, lora_a)], [w0])
+        if layout != "rows":
+            w0, lora_b = column_layout(w0, lora_b, False)
+        b = torch.randn(d_out, device="cuda", dtype=dtype) if bias else None
+        monkeypatch.setenv("METEORA_FUSED_EXPAND", env)
+        before = ops.fused_expand_launches()
+        result = ops.linear(x, w0, b, gate, lora_a, lora_b, inp["scaling"], None, top_k, 0.9)
+        torch.cuda.synchronize()
+        launched = ops.fused_expand_launches() - before
+        verify_linear(result, x, w0, b, gate, lora_a, lora_b, inp["scaling"], None, top_k, 0.9,
+                      what=f"{what} d_in {d_in} seed {seed}")
+        return launched
+
+    expect = int(fused)
+    assert lone(28, 2, 1032, "stacked", what="stacked, 28 experts") == expect
+    assert lone(1, 1, 40, "cols", what="B as columns, N = 1") == expect
+    assert lone(3, 3, 72, "stacked", x_extra=8, what="x in rows of d_in + 8, k = N") == expect
+    assert lone(28, 2, 1032, "stacked", env="0", what="METEORA_FUSED_EXPAND=0") == 0
+    assert lone(3, 2, 72, "stacked", env=str(tokens), what="from T tokens") == expect
+    assert lone(3, 2, 72, "stacked", env=str(tokens + 1), what="from T + 1 tokens") == 0
+    with pytest.raises(RuntimeError, match="METEORA_FUSED_EXPAND must be"):
+        lone(3, 2, 72, "stacked", env="yes")
+    assert lone(3, 2, 72, "stacked", bias=True, what="with a bias") == 0
+    assert lone(3, 2, 72, "rows", what="B as (N, d_out, r)") == 0
+    assert lone(3, 2, 72, "stacked", x_extra=3, what="x in rows of d_in + 3") == 0
+
+    monkeypatch.setenv("METEORA_FUSED_EXPAND", "1")
+    x = make_inputs(tokens, 1, 1, dtype, "cuda", seed, d_in=d_in)["x"]
+    members = []
+    for i, (d_out, experts, top_k, ranks) in enumerate([(40, 3, 3, [4, 8, 2]), (24, 28, 2, None), (72, 5, 5, [1, 3, 8, 8, 2])]):
+        inp = make_inputs(tokens, experts, top_k, dtype, "cuda", seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
+        members.append(ops.LinearArgs(inp["weight"], None, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], None, top_k, 0.5 + i * 0.3))
+    views, bases = packed_group([(m.gate_weight, m.lora_a) for m in members], [m.base_weight for m in members])
+    group = []
+    for m, (g, a), w in zip(members, views, bases):
+        w0, b = column_layout(w, m.lora_b, False)
+        group.append(m._replace(gate_weight=g, lora_a=a, base_weight=w0, lora_b=b))
+    before = ops.fused_expand_launches()
+    results = ops.linear_group(x, group)
+    torch.cuda.synchronize()
+    assert ops.fused_expand_launches() - before == 3 * expect
+    for i, (m, result) in enumerate(zip(group, results)):
+        verify_linear(result, x, *m, what=f"group member {i}, d_in {d_in}, seed {seed}")
+
+
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="extension not built")
 def test_linear_group_bad_lists():
     inp = make_inputs(3, 2, 1, torch.float32, "cpu", 0)

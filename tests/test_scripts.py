@@ -317,6 +317,30 @@ def test_e2e_paired_prefill_alternates_the_systems(monkeypatch):
     ratios = sorted([1.0 / 1.25, 1.1 / 1.0, 1.0 / 1.3, 1.2 / 1.0, 1.0 / 1.15])
     assert r["ratio"] == pytest.approx(ratios[2]) and r["ratio_low"] == pytest.approx(ratios[0])
     assert r["rounds"] == 5 and r["base_s"] == pytest.approx(1.0)
+    assert isinstance(r["clock"], dict)  # empty without nvidia-smi
+
+
+def test_gpu_clock_attributes_samples_to_windows():
+    """benchmarks/gpu_clock.py: nvidia-smi's CSV lines parsed (others skipped) and each sample
+    counted in the labelled window it falls in, none outside every window."""
+    from benchmarks import gpu_clock
+
+    lines = ["2026/12/02 16:30:00.000, 1755, 690.5", "2026/12/02 16:30:00.100, 1695, 699.0",
+             "2026/12/02 16:30:00.200, 1500, 700.0", "2026/12/02 16:30:00.300, 1980, 120.0",
+             "timestamp, clocks.current.sm [MHz], power.draw [W]", "2026/12/02 16:30:00.400, [N/A], 1.0"]
+    samples = [s for s in map(gpu_clock.parse_sample, lines) if s is not None]
+    assert len(samples) == 4
+    t0 = samples[0][0]
+    assert samples[1][0] - t0 == pytest.approx(0.1) and samples[2][1:] == (1500.0, 700.0)
+    windows = [("base", t0 - 0.01, t0 + 0.05), ("ours", t0 + 0.05, t0 + 0.25)]
+    summary = gpu_clock.attribute(samples, windows)
+    assert summary["base"] == dict(clock_mhz=1755.0, power_w=690.5, samples=1)
+    assert summary["ours"] == dict(clock_mhz=pytest.approx(1597.5), power_w=pytest.approx(699.5), samples=2)
+    assert gpu_clock.attribute(samples, []) == {}
+    with gpu_clock.ClockLog() as log:  # without nvidia-smi: nothing recorded, no error
+        with log.window("x"):
+            pass
+    assert [w[0] for w in log.windows] == ["x"]
 
 
 def test_moe_fwd_writes_the_alternated_ratio(tmp_path):

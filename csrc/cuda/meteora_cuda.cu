@@ -13,12 +13,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
 
 #include "aten_impl.h"
 #include "checks.h"
+#include "cuda/fused_expand.h"
 #include "cuda/grouped.h"
 
 namespace meteora {
@@ -603,6 +607,90 @@ struct Member {
   at::Tensor mask, s, b, b_all, H, delta, logits, weight, idx, out;
 };
 
+// Prefill with the fused expand (csrc/cuda/fused_expand.h) is opt-in: METEORA_FUSED_EXPAND=1 runs it
+// at every prefill size (T > 32), =N from N tokens, unset or 0 never (read at each call, so A/B runs
+// can toggle it). H200 (benchmarks/results/h200_fused_expand): the LLaMA-3-8B layer alternated with
+// base, in short bursts, gains 3.8% at T = 4096 and 1.1% at 8192 (loses 13.5% at 1024, where the
+// routing it must wait for costs more than it saves), but the whole model's prefill, which runs the
+// GPU at its 700 W cap, loses 2-4% (0.888 -> 0.868-0.874 at 1 x 4096, 0.885 -> 0.849-0.851 at
+// 8 x 1024): the CUTLASS kernels draw more power, and the cap lowers the clock (median 1695 vs
+// 1755 MHz) for every kernel of the forward.
+std::atomic<int64_t> fused_expand_launches_{0};  // since load: _C.fused_expand_launches()
+
+int64_t fused_expand_min_tokens() {
+  const char* v = std::getenv("METEORA_FUSED_EXPAND");
+  if (v == nullptr || *v == '\0') return std::numeric_limits<int64_t>::max();
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0, "METEORA_FUSED_EXPAND must be 0 (off), 1 (every prefill size) or a token count, got '", v, "'");
+  return n == 0 ? std::numeric_limits<int64_t>::max() : std::max<int64_t>(n, kFusedMaxTokens + 1);
+}
+
+// The fused GEMM's operands for member m (H and B_all allocated, out too).
+cuda::FusedExpandArgs fused_args(const at::Tensor& x, const Member& m, int sm_count) {
+  cuda::FusedExpandArgs a;
+  a.tokens = x.size(0);
+  a.d_out = m.d_out;
+  a.d_in = m.d_in;
+  a.nr = m.nr;
+  a.x = x.data_ptr();
+  a.ldx = x.stride(0);
+  a.w0 = m.base_weight.data_ptr();
+  a.ldw = m.base_weight.stride(0);
+  a.h = m.H.data_ptr();
+  a.ldh = m.H.stride(0);
+  a.b = m.b_all.data_ptr();
+  a.ldb = m.b_all.stride(0);
+  a.out = m.out.data_ptr();
+  a.ldo = m.out.stride(0);
+  a.half = x.scalar_type() == at::kHalf;
+  a.sm_count = sm_count;
+  return a;
+}
+
+// Whether every member can run the fused GEMM: an sm_90 device, no bias, B as columns, unit column
+// strides, the kernel's alignment. Allocates each member's outputs (prefill layout) and `out`.
+bool fused_expand_fits(const at::Tensor& x, std::vector<Member>& members, int sm_count) {
+  if (x.size(0) < fused_expand_min_tokens() || !is_half16(x) || x.stride(1) != 1) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0) return false;
+  for (auto& m : members) {
+    if (m.base_bias.has_value() || m.wide || !m.b_rows || m.base_weight.stride(1) != 1 ||
+        m.base_weight.scalar_type() != x.scalar_type()) {
+      return false;
+    }
+  }
+  for (auto& m : members) {
+    m.allocate(x, false);
+    m.out = at::empty({x.size(0), m.d_out}, x.options());
+    if (!cuda::fused_expand_supported(fused_args(x, m, sm_count))) return false;
+  }
+  return true;
+}
+
+// Prefill with the fused expand, on the current stream: the routing GEMM, every member's selection H,
+// then one GEMM per member, out = x W0^T + H B_all^T.
+void run_fused(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
+               const std::vector<int64_t>& cols, int sm_count) {
+  const int64_t tokens = x.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
+  rows_gemm(at::cuda::getCurrentCUDABlasHandle(), x, ext, hall);
+  std::vector<cuda::RoutePiece> pieces;
+  for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
+  cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (auto& m : members) {
+    const cuda::FusedExpandArgs a = fused_args(x, m, sm_count);
+    const size_t bytes = cuda::fused_expand_workspace(a);
+    const at::Tensor space = at::empty({int64_t(std::max<size_t>(bytes, 1))}, x.options().dtype(at::kByte));
+    TORCH_CHECK(cuda::fused_expand(a, space.data_ptr(), stream), "meteora.linear: the fused prefill GEMM failed (",
+                a.tokens, " x ", a.d_in, " -> ", a.d_out, ", N r = ", a.nr, ")");
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fused_expand_launches_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 // The routing side (one GEMM of x with `ext`, every member's [gate; A_all] rows, member i's
 // starting at column cols[i] of its result; then each member's routing with the experts' expand at
 // decode sizes, or the selection at prefill sizes, then each member's expand GEMM as soon as its
@@ -612,6 +700,11 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
                  const std::vector<int64_t>& cols) {
   const int64_t tokens = x.size(0);
   const bool fused = tokens <= kFusedMaxTokens;
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (!fused && fused_expand_fits(x, members, sm_count)) {
+    run_fused(x, ext, members, cols, sm_count);
+    return;
+  }
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
   for (auto& m : members) m.allocate(x, fused);
   auto main_stream = c10::cuda::getCurrentCUDAStream();
@@ -840,6 +933,8 @@ std::vector<at::Tensor> linear_group_cuda(
 }
 
 }  // namespace
+
+int64_t fused_expand_launches() { return fused_expand_launches_.load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY_IMPL(meteora, CUDA, m) {
   m.impl("linear", &linear_cuda);
