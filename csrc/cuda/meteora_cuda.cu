@@ -651,9 +651,15 @@ cuda::FusedExpandArgs fused_args(const at::Tensor& x, const Member& m, int sm_co
 // Whether every member can run the fused GEMM: an sm_90 device, no bias, B as columns, unit column
 // strides, the kernel's alignment. Allocates each member's outputs (prefill layout) and `out`.
 bool fused_expand_fits(const at::Tensor& x, std::vector<Member>& members, int sm_count) {
-  if (x.size(0) < fused_expand_min_tokens() || !is_half16(x) || x.stride(1) != 1) return false;
+  if (x.size(0) < fused_expand_min_tokens()) return false;
+#ifdef METEORA_WITH_FUSED_EXPAND
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major != 9 || prop->minor != 0) return false;
+  if (prop->major != 9 || prop->minor != 0) {
+    TORCH_WARN_ONCE("meteora: METEORA_FUSED_EXPAND is set, but the fused prefill GEMM runs on sm_90 only (this GPU: sm_",
+                    prop->major, prop->minor, "); running the unfused path");
+    return false;
+  }
+  if (!is_half16(x) || x.stride(1) != 1) return false;
   for (auto& m : members) {
     if (m.base_bias.has_value() || m.wide || !m.b_rows || m.base_weight.stride(1) != 1 ||
         m.base_weight.scalar_type() != x.scalar_type()) {
@@ -666,6 +672,13 @@ bool fused_expand_fits(const at::Tensor& x, std::vector<Member>& members, int sm
     if (!cuda::fused_expand_supported(fused_args(x, m, sm_count))) return false;
   }
   return true;
+#else
+  (void)members;
+  (void)sm_count;
+  TORCH_WARN_ONCE("meteora: METEORA_FUSED_EXPAND is set, but this build has no fused prefill GEMM (it needs 9.x "
+                  "in TORCH_CUDA_ARCH_LIST and CUTLASS's headers at build time); running the unfused path");
+  return false;
+#endif
 }
 
 // Prefill with the fused expand, on the current stream: the routing GEMM, every member's selection H,
