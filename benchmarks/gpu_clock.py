@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import shutil
 import statistics
 import subprocess
@@ -57,39 +58,77 @@ def attribute(samples, windows) -> dict[str, dict]:
 
 
 class ClockLog:
-    def __init__(self, period_ms: int = 50, device: str | int | None = None):
+    """``command`` replaces the nvidia-smi command line (tests); it must print parse_sample's lines."""
+
+    def __init__(self, period_ms: int = 50, device: str | int | None = None, command: list[str] | None = None):
         self.period_ms = period_ms
         self.device = device
+        self.command = command
         self.samples: list[tuple[float, float, float]] = []
         self.windows: list[tuple[str, float, float]] = []
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
-    def __enter__(self) -> "ClockLog":
+    def _command(self) -> list[str] | None:
+        if self.command is not None:
+            return self.command
         exe = shutil.which("nvidia-smi")
         if exe is None:
-            return self
+            return None
         cmd = [exe, "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
                "-lms", str(self.period_ms)]
-        if self.device is not None:
-            cmd += ["-i", str(self.device)]
-        try:
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        except OSError:
+        return cmd + (["-i", str(self.device)] if self.device is not None else [])
+
+    def __enter__(self) -> "ClockLog":
+        cmd = self._command()
+        if cmd is None:
             return self
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        # A pseudo-terminal as its stdout: written to a pipe, nvidia-smi's lines would wait in a 4 KB
+        # buffer (seconds of samples) and the last ones be lost when it is stopped.
+        try:
+            import pty
+
+            master, slave = pty.openpty()
+        except (ImportError, OSError):
+            master, slave = None, subprocess.PIPE
+        try:
+            self._proc = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError:
+            if master is not None:
+                os.close(master)
+                os.close(slave)
+            return self
+        if master is not None:
+            os.close(slave)
+            stream = os.fdopen(master, "rb", buffering=0)
+        else:
+            stream = self._proc.stdout
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._reader.start()
         return self
 
-    def _read(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            sample = parse_sample(line)
-            if sample is not None:
-                self.samples.append(sample)
+    def _read(self, stream) -> None:
+        pending = b""
+        try:
+            while True:
+                try:
+                    chunk = stream.read(4096)
+                except OSError:  # the pseudo-terminal's other end closed
+                    break
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    sample = parse_sample(line.decode(errors="replace"))
+                    if sample is not None:
+                        self.samples.append(sample)
+        finally:
+            stream.close()
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
+            time.sleep(2 * self.period_ms / 1000)  # the samples of the last window
             self._proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)

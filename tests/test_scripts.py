@@ -337,10 +337,35 @@ def test_gpu_clock_attributes_samples_to_windows():
     assert summary["base"] == dict(clock_mhz=1755.0, power_w=690.5, samples=1)
     assert summary["ours"] == dict(clock_mhz=pytest.approx(1597.5), power_w=pytest.approx(699.5), samples=2)
     assert gpu_clock.attribute(samples, []) == {}
-    with gpu_clock.ClockLog() as log:  # without nvidia-smi: nothing recorded, no error
+    with gpu_clock.ClockLog(command=["/nonexistent/nvidia-smi"]) as log:  # cannot start: nothing, no error
         with log.window("x"):
             pass
-    assert [w[0] for w in log.windows] == ["x"]
+    assert [w[0] for w in log.windows] == ["x"] and log.samples == []
+
+
+def test_gpu_clock_reads_lines_as_they_come():
+    """ClockLog reads its sampler through a pseudo-terminal: lines arrive while it runs (a pipe would
+    hold them in the sampler's stdio buffer until it exits) and the ones before the stop are kept."""
+    import sys
+    import time
+
+    from benchmarks import gpu_clock
+
+    script = ("import datetime, sys, time\n"
+              "for i in range(400):\n"
+              "    now = datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]\n"
+              "    print(f'{now}, {1500 + i}, 600.0')\n"
+              "    time.sleep(0.02)\n")
+    with gpu_clock.ClockLog(period_ms=20, command=[sys.executable, "-c", script]) as log:
+        deadline = time.time() + 1.5  # through a pipe the first ~100 lines (2 s) would wait in a buffer
+        while len(log.samples) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(log.samples) >= 3, "no sample before the sampler exited"
+        with log.window("w"):
+            time.sleep(0.3)
+    summary = log.summary()
+    assert summary["w"]["samples"] >= 5 and summary["w"]["power_w"] == 600.0
+    assert log._proc is None
 
 
 def test_moe_fwd_writes_the_alternated_ratio(tmp_path):
