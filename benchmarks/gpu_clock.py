@@ -108,23 +108,14 @@ class ClockLog:
         return self
 
     def _read(self, stream) -> None:
-        pending = b""
-        try:
-            while True:
-                try:
-                    chunk = stream.read(4096)
-                except OSError:  # the pseudo-terminal's other end closed
-                    break
-                if not chunk:
-                    break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
+        with stream:
+            try:
+                for line in stream:
                     sample = parse_sample(line.decode(errors="replace"))
                     if sample is not None:
                         self.samples.append(sample)
-        finally:
-            stream.close()
+            except OSError:  # the pseudo-terminal's other end closed
+                pass
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:

@@ -9,12 +9,9 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIR
 # The image's default CXX (/opt/gcc) ships libstdc++ headers newer than the libstdc++ that torch
 # loads; code built with it crashed in std::ostream (seen 2026-11-23). Use the system compiler.
 export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-# CUTLASS's headers for the fused prefill GEMM (csrc/sm90) and the prototype: the nvidia-cutlass wheel
-# that scripts/prepare_carry.sh puts under .whl/cutlass (carry it); without it the build leaves them out.
-if [ -z "${CUTLASS_DIR:-}" ] && ls .whl/cutlass/nvidia_cutlass-*.whl > /dev/null 2>&1; then
-  rm -rf /tmp/cutlass_wheel && python3 -m zipfile -e "$(ls .whl/cutlass/nvidia_cutlass-*.whl | head -1)" /tmp/cutlass_wheel
-  export CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
-fi
+# CUTLASS's headers for the fused prefill GEMM (csrc/sm90) and the prototype; without them the build
+# leaves the fused GEMM out.
+source scripts/cutlass_dir.sh
 if [ "${BUILD:-1}" = 1 ]; then
   rm -rf build
   t0=$(date +%s)

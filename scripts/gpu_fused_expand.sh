@@ -6,12 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
-if [ -z "${CUTLASS_DIR:-}" ]; then
-  wheel=$(ls .whl/cutlass/nvidia_cutlass-*.whl 2>/dev/null | head -1)
-  [ -n "$wheel" ] || { echo "gpu_fused_expand: no .whl/cutlass/nvidia_cutlass-*.whl (scripts/prepare_carry.sh) and no CUTLASS_DIR" >&2; exit 2; }
-  rm -rf /tmp/cutlass_wheel && python3 -m zipfile -e "$wheel" /tmp/cutlass_wheel
-  CUTLASS_DIR=/tmp/cutlass_wheel/cutlass_library/source
-fi
+source scripts/cutlass_dir.sh
+[ -n "${CUTLASS_DIR:-}" ] || { echo "gpu_fused_expand: no .whl/cutlass/nvidia_cutlass-*.whl (scripts/prepare_carry.sh) and no CUTLASS_DIR" >&2; exit 2; }
 # cuBLAS: the toolkit's, else the one pip installed beside torch (nvidia/cu*/{include,lib})
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 BLAS=(-lcublas)

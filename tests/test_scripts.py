@@ -351,13 +351,15 @@ def test_gpu_clock_reads_lines_as_they_come():
 
     from benchmarks import gpu_clock
 
-    script = ("import datetime, sys, time\n"
+    # buffered as C's stdio buffers nvidia-smi's output: by line on a terminal, in 8 KB blocks on a pipe
+    script = ("import datetime, os, time\n"
+              "out = open(1, 'w', buffering=1 if os.isatty(1) else 8192, closefd=False)\n"
               "for i in range(400):\n"
               "    now = datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3]\n"
-              "    print(f'{now}, {1500 + i}, 600.0')\n"
+              "    print(f'{now}, {1500 + i}, 600.0', file=out)\n"
               "    time.sleep(0.02)\n")
     with gpu_clock.ClockLog(period_ms=20, command=[sys.executable, "-c", script]) as log:
-        deadline = time.time() + 1.5  # through a pipe the first ~100 lines (2 s) would wait in a buffer
+        deadline = time.time() + 1.5  # through a pipe the first ~200 lines (4 s) would wait in a buffer
         while len(log.samples) < 3 and time.time() < deadline:
             time.sleep(0.05)
         assert len(log.samples) >= 3, "no sample before the sampler exited"

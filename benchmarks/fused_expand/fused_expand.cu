@@ -38,21 +38,20 @@
 
 using namespace cute;
 
-#define CHECK_CUDA(x)                                                                           \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
+// A failed CUDA / cuBLAS call: where, what, and the library's word for it; then exit.
+[[noreturn]] void fail(const char* file, int line, const char* call, const char* why) {
+  std::fprintf(stderr, "%s:%d: %s: %s\n", file, line, call, why);
+  std::exit(1);
+}
+#define CHECK_CUDA(x)                                                         \
+  do {                                                                        \
+    const cudaError_t e_ = (x);                                               \
+    if (e_ != cudaSuccess) fail(__FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
   } while (0)
-#define CHECK_CUBLAS(x)                                                          \
-  do {                                                                           \
-    cublasStatus_t s_ = (x);                                                     \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                           \
-      std::fprintf(stderr, "%s:%d: %s: status %d\n", __FILE__, __LINE__, #x, int(s_)); \
-      std::exit(1);                                                              \
-    }                                                                            \
+#define CHECK_CUBLAS(x)                                                                          \
+  do {                                                                                           \
+    const cublasStatus_t s_ = (x);                                                               \
+    if (s_ != CUBLAS_STATUS_SUCCESS) fail(__FILE__, __LINE__, #x, cublasGetStatusString(s_));    \
   } while (0)
 
 using Element = cutlass::bfloat16_t;

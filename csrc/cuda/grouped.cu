@@ -54,10 +54,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int n>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(n)); }
 
-inline bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}
-
 // The experts that the tokens [m0, m0 + rows) selected, in increasing order, and for each token
 // the slot holding each of them (slot[t * 64 + u] = j, or -1). Call with all threads.
 struct TileUnion {

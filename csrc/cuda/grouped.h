@@ -12,6 +12,9 @@ namespace meteora::cuda {
 
 enum class Half16 { kFloat16, kBFloat16 };
 
+// 16-byte aligned (one vector load / store, TMA's global address).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // Top-k + softmax of fp32 logits (T, N), one thread per token.
 void topk(const float* logits, const bool* mask, int64_t tokens, int experts, int top_k,
           float temperature, float* weight, int64_t* idx, cudaStream_t stream);

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -626,6 +625,7 @@ int64_t fused_expand_min_tokens() {
   return n == 0 ? std::numeric_limits<int64_t>::max() : std::max<int64_t>(n, kFusedMaxTokens + 1);
 }
 
+#ifdef METEORA_WITH_FUSED_EXPAND
 // The fused GEMM's operands for member m (H and B_all allocated, out too).
 cuda::FusedExpandArgs fused_args(const at::Tensor& x, const Member& m, int sm_count) {
   cuda::FusedExpandArgs a;
@@ -647,44 +647,47 @@ cuda::FusedExpandArgs fused_args(const at::Tensor& x, const Member& m, int sm_co
   a.sm_count = sm_count;
   return a;
 }
+#endif
 
-// Whether every member can run the fused GEMM: an sm_90 device, no bias, B as columns, unit column
-// strides, the kernel's alignment. Allocates each member's outputs (prefill layout) and `out`.
-bool fused_expand_fits(const at::Tensor& x, std::vector<Member>& members, int sm_count) {
-  if (x.size(0) < fused_expand_min_tokens()) return false;
+// The fused GEMMs' operands, one per member, when every member can run it: an sm_90 device, no bias,
+// B as columns, unit column strides, the kernel's alignment (each member's prefill outputs and `out`
+// allocated); empty otherwise.
+std::vector<cuda::FusedExpandArgs> fused_plan(const at::Tensor& x, std::vector<Member>& members) {
+  if (x.size(0) < fused_expand_min_tokens()) return {};
 #ifdef METEORA_WITH_FUSED_EXPAND
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (prop->major != 9 || prop->minor != 0) {
     TORCH_WARN_ONCE("meteora: METEORA_FUSED_EXPAND is set, but the fused prefill GEMM runs on sm_90 only (this GPU: sm_",
                     prop->major, prop->minor, "); running the unfused path");
-    return false;
+    return {};
   }
-  if (!is_half16(x) || x.stride(1) != 1) return false;
+  if (!is_half16(x) || x.stride(1) != 1) return {};
   for (auto& m : members) {
     if (m.base_bias.has_value() || m.wide || !m.b_rows || m.base_weight.stride(1) != 1 ||
         m.base_weight.scalar_type() != x.scalar_type()) {
-      return false;
+      return {};
     }
   }
+  std::vector<cuda::FusedExpandArgs> plan;
   for (auto& m : members) {
     m.allocate(x, false);
     m.out = at::empty({x.size(0), m.d_out}, x.options());
-    if (!cuda::fused_expand_supported(fused_args(x, m, sm_count))) return false;
+    plan.push_back(fused_args(x, m, prop->multiProcessorCount));
+    if (!cuda::fused_expand_supported(plan.back())) return {};
   }
-  return true;
+  return plan;
 #else
   (void)members;
-  (void)sm_count;
   TORCH_WARN_ONCE("meteora: METEORA_FUSED_EXPAND is set, but this build has no fused prefill GEMM (it needs 9.x "
                   "in TORCH_CUDA_ARCH_LIST and CUTLASS's headers at build time); running the unfused path");
-  return false;
+  return {};
 #endif
 }
 
 // Prefill with the fused expand, on the current stream: the routing GEMM, every member's selection H,
-// then one GEMM per member, out = x W0^T + H B_all^T.
+// then one GEMM per member (plan: fused_plan's), out = x W0^T + H B_all^T.
 void run_fused(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
-               const std::vector<int64_t>& cols, int sm_count) {
+               const std::vector<int64_t>& cols, const std::vector<cuda::FusedExpandArgs>& plan) {
   const int64_t tokens = x.size(0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
@@ -693,10 +696,10 @@ void run_fused(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& 
   for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
   cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (auto& m : members) {
-    const cuda::FusedExpandArgs a = fused_args(x, m, sm_count);
-    const size_t bytes = cuda::fused_expand_workspace(a);
-    const at::Tensor space = at::empty({int64_t(std::max<size_t>(bytes, 1))}, x.options().dtype(at::kByte));
+  size_t bytes = 1;
+  for (const auto& a : plan) bytes = std::max(bytes, cuda::fused_expand_workspace(a));
+  const at::Tensor space = at::empty({int64_t(bytes)}, x.options().dtype(at::kByte));  // the GEMMs run in turn
+  for (const auto& a : plan) {
     TORCH_CHECK(cuda::fused_expand(a, space.data_ptr(), stream), "meteora.linear: the fused prefill GEMM failed (",
                 a.tokens, " x ", a.d_in, " -> ", a.d_out, ", N r = ", a.nr, ")");
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -713,10 +716,12 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
                  const std::vector<int64_t>& cols) {
   const int64_t tokens = x.size(0);
   const bool fused = tokens <= kFusedMaxTokens;
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (!fused && fused_expand_fits(x, members, sm_count)) {
-    run_fused(x, ext, members, cols, sm_count);
-    return;
+  if (!fused) {
+    const std::vector<cuda::FusedExpandArgs> plan = fused_plan(x, members);
+    if (!plan.empty()) {
+      run_fused(x, ext, members, cols, plan);
+      return;
+    }
   }
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
   for (auto& m : members) m.allocate(x, fused);

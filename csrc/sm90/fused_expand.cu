@@ -9,6 +9,8 @@
 
 #include <limits>
 
+#include "cuda/grouped.h"  // aligned16
+
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
@@ -98,8 +100,6 @@ auto dispatch(const FusedExpandArgs& a, Fn&& fn) {
   return tall(a) ? dispatch<Tall>(a, fn) : dispatch<Wide>(a, fn);
 }
 
-bool aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 bool fused_expand_supported(const FusedExpandArgs& a) {
@@ -110,7 +110,7 @@ bool fused_expand_supported(const FusedExpandArgs& a) {
   for (int64_t v : {a.d_in, a.nr, a.d_out, a.ldx, a.ldw, a.ldh, a.ldb, a.ldo}) {
     if (v % kAlign != 0) return false;
   }
-  if (!aligned(a.x) || !aligned(a.w0) || !aligned(a.h) || !aligned(a.b) || !aligned(a.out)) return false;
+  if (!aligned16(a.x) || !aligned16(a.w0) || !aligned16(a.h) || !aligned16(a.b) || !aligned16(a.out)) return false;
   if (a.ldx < a.d_in || a.ldw < a.d_in || a.ldh < a.nr || a.ldb < a.nr || a.ldo < a.d_out) return false;
   return dispatch(a, [&](auto g) { return decltype(g)::supported(a); });
 }
