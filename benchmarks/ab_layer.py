@@ -4,11 +4,13 @@ graph in one process: the ratio the layer targets name, for A and B side by side
 drift between separate runs.
 
     python benchmarks/ab_layer.py --env METEORA_SOME_TOGGLE       # A: VAR=0, B: VAR=1
-    python benchmarks/ab_layer.py --wide-gate-up                  # B: gate / up as [W0 | B_all]
+    python benchmarks/ab_layer.py --wide-gate-up                  # A: B's columns apart, B: the default
 
 --env names an environment variable that an experimental build of the op reads at each call (the
-graphs are captured with it at 0 and at 1); --wide-gate-up gives B the same weights with gate_proj and
-up_proj in the [W0 | B_all] layout (MeteoRALinear.wide_columns; unstacked). Prints, per routing and
+graphs are captured with it at 0 and at 1; both in the library's default layout); with --wide-gate-up,
+A keeps every linear's B columns in a buffer of their own (gate / up stacked too, the layout before
+2026-12-02) and B gives the same weights with gate_proj and up_proj in the [W0 | B_all] layout
+(MeteoRALinear.wide_columns, today's default; unstacked). Prints, per routing and
 T, each variant's time and its median per-round ratio to base, B / A per round (median and range),
 whether B's outputs equal A's bit for bit, and (with nvidia-smi) each one's median SM clock while
 it replayed: the bursts are short, so a variant that draws more power may show its cost only end
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--env", help="environment variable the op reads: A with it at 0, B at 1")
-    which.add_argument("--wide-gate-up", action="store_true", help="B: gate / up as [W0 | B_all]")
+    which.add_argument("--wide-gate-up", action="store_true",
+                       help="A: every B as columns of their own, B: gate / up as [W0 | B_all] (the default)")
     ap.add_argument("--tokens", default="128,1024,4096")
     ap.add_argument("--routing", default="uniform,concentrated")
     ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
@@ -77,11 +80,13 @@ def main(argv=None) -> int:
                 graph.replay()
         return run
 
-    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else 'default layout'}, "
+    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else 'B columns apart, gate / up stacked'}, "
           f"B: {f'{var}=1' if var else 'gate / up as [W0 | B_all]'}")
     for routing in args.routing.split(","):
         unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
-        linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None) for n, di, do in shapes]
+        columns = "narrow" if args.wide_gate_up else "wide"
+        linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None, columns)
+                   for n, di, do in shapes]
         pack_groups(linears)
         stack_layout(linears)
         variant_b = wide_gate_up(linears) if args.wide_gate_up else linears

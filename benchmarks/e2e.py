@@ -200,7 +200,7 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: str = "narrow", groups: bool = True, stack_base: bool | set | None = None) -> dict:
+                expert_columns: str = "wide", groups: bool = True, stack_base: bool | set | None = None) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
     With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does);
     ``stack_base``: MeteoRALinear.stack_base (the base weights in the rows before [gate; A]), for
@@ -427,10 +427,10 @@ def main(argv=None) -> int:
     ap.add_argument("--paired-rounds", type=int, default=10,
                     help="prefill of base and meteora again, alternated this many times each (0: not)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
-                    help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of their "
-                         "own (narrow, the library's default), beside W0's where d_out > d_in (wide), or the "
-                         "(N, d_out, r) tensor (none)")
+    ap.add_argument("--expert-columns", default="wide", choices=["narrow", "wide", "none"],
+                    help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): beside W0's where d_out > d_in "
+                         "(wide, the library's default), columns in a buffer of their own everywhere (narrow), or "
+                         "the (N, d_out, r) tensor (none)")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--separate-base", action="store_true",

@@ -72,7 +72,7 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
 class Linear:
     """One base linear with N rank-r experts and a gate, in every layout the methods need."""
 
-    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns="narrow"):
+    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns="wide"):
         dev = "cuda"
         self.name, self.d_in, self.d_out = name, d_in, d_out
 
@@ -90,9 +90,9 @@ class Linear:
         self.s = torch.full((experts,), 2.0, device=dev)
         self.a_cat = self.a.reshape(experts * rank, d_in)  # dense: one shrink GEMM
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
-        # ours: lora_B as MeteoRALinear keeps it for inference (--expert-columns): "narrow" (the
-        # default) as columns of a buffer of their own (pack_(base=True)), "wide": beside W0's where
-        # d_out > d_in, "none": the (N, d_out, r) tensor
+        # ours: lora_B as MeteoRALinear keeps it for inference (--expert-columns): "wide" (the
+        # default, pack_(base=True)) as columns beside W0's where d_out > d_in, of a buffer of their
+        # own elsewhere; "narrow": of a buffer of their own everywhere; "none": the (N, d_out, r) tensor
         self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
             if columns in ("wide", "narrow") else (self.w0, self.b)
         self.stacked = None  # (w0, gate, a) as views of one buffer [W0; gate; A] (stack_layout)
@@ -191,6 +191,8 @@ def stack_layout(linears, names=None) -> None:
         if id(lin) in done:
             continue
         members = getattr(lin, "group", None) or [lin]
+        if any(not m.w0_ours.is_contiguous() for m in members):  # [W0 | B_all] is never stacked (_stackable)
+            continue
         if names is None:
             d_out, d_in = lin.w0_ours.shape
             if not stacks_by_default(d_in, d_out, len(members) > 1):
@@ -440,10 +442,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reference", default=None, help="checkout of NJUDeepEngine/meteora (for 'authors')")
-    ap.add_argument("--expert-columns", default="narrow", choices=["narrow", "wide", "none"],
-                    help="ours' lora_B layout (MeteoRALinear.expert_columns / wide_columns): columns in a buffer of "
-                         "their own (narrow, the library's default), beside W0's where d_out > d_in (wide), or the "
-                         "(N, d_out, r) tensor (none)")
+    ap.add_argument("--expert-columns", default="wide", choices=["narrow", "wide", "none"],
+                    help="ours' lora_B layout (MeteoRALinear.expert_columns / wide_columns): beside W0's where d_out > d_in "
+                         "(wide, the library's default), columns in a buffer of their own everywhere (narrow), or "
+                         "the (N, d_out, r) tensor (none)")
     ap.add_argument("--paired-rounds", type=int, default=20,
                     help="ours and base again, graphs replayed in alternation this many times each; the median "
                          "per-round ratio is the row's 'paired' column (0: not)")
@@ -481,8 +483,7 @@ def main(argv=None) -> int:
         linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns)
                    for n, di, do in shapes]
         pack_groups(linears)
-        if args.expert_columns != "wide":  # [W0 | B_all] buffers are never stacked (MeteoRALinear._stackable)
-            stack_layout(linears, stacked_linears(args.stacked_linears))
+        stack_layout(linears, stacked_linears(args.stacked_linears))
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)

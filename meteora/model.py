@@ -163,9 +163,10 @@ class MeteoRAModel(nn.Module):
                 mask[self.adapter_index(adapter)] = True
                 layer.forced_mask = mask
 
-    def set_expert_columns(self, enabled: bool = True, wide: bool = False) -> None:
+    def set_expert_columns(self, enabled: bool = True, wide: bool = True) -> None:
         """The CUDA inference layout of every layer's lora_B: as columns of a (d_out, N r) buffer
-        (``enabled``, the default; with ``wide``, beside the base weight's where d_out > d_in), or
+        (``enabled``, the default; with ``wide``, the default too, beside the base weight's where
+        d_out > d_in; ``wide=False``: in a buffer of their own everywhere), or
         (``enabled=False``) as the (N, d_out, r) tensor; see MeteoRALinear.expert_columns and
         wide_columns for the measured trade-off."""
         for layer in self.meteora_layers().values():

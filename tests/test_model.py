@@ -292,8 +292,8 @@ def test_expert_columns_survive_add_adapter(tmp_path):
     adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i)
                 for i, n in enumerate("ab")}
     model = meteora.from_adapters(tiny_model(), adapters, top_k=1).eval()
-    assert all(layer.expert_columns and not layer.wide_columns for layer in model.meteora_layers().values())
-    model.set_expert_columns(wide=True)  # not the default: add_adapter must carry it over
+    assert all(layer.expert_columns and layer.wide_columns for layer in model.meteora_layers().values())
+    model.set_expert_columns(wide=False)  # not the default: add_adapter must carry it over
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         model.force_adapter("a")
@@ -302,7 +302,7 @@ def test_expert_columns_survive_add_adapter(tmp_path):
             assert layer.pack_(base=True)
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         model.add_adapter("c", make_adapter(base, tmp_path / "c", r=8, alpha=8, targets=ALL_LINEARS, seed=7))
-        assert all(layer.expert_columns and layer.wide_columns for layer in model.meteora_layers().values())
+        assert all(layer.expert_columns and not layer.wide_columns for layer in model.meteora_layers().values())
         model.force_adapter("a")
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         for layer in model.meteora_layers().values():
@@ -368,14 +368,16 @@ def test_linear_groups(device, tmp_path, monkeypatch):
         torch.testing.assert_close(k(y), alone(k, y))
         assert len(calls) == 8
 
-        # B as columns: in buffers of their own, the groups still run (and pack B); beside W0's
-        # (gate / up, d_out > d_in), that group's members run on their own.
-        for wide, groups_run in ((False, 4), (True, 2)):
+        # B as columns: in buffers of their own, or beside W0's where d_out > d_in (gate / up, the
+        # default): the groups still run (and pack B, [W0 | B_all] for gate / up).
+        up = layers["model.layers.0.mlp.up_proj"]
+        for wide in (False, True):
             model.set_expert_columns(wide=wide)
             before = len(calls)
             torch.testing.assert_close(model(ids).logits, grouped, rtol=1e-5, atol=1e-5)
-            assert len(calls) - before == groups_run
-            assert q.is_packed(base=True) and (wide or layers["model.layers.0.mlp.up_proj"].is_packed(base=True))
+            assert len(calls) - before == 4
+            assert q.is_packed(base=True) and up.is_packed(base=True)
+            assert (up.lora_B.untyped_storage().data_ptr() == up.base_layer.weight.untyped_storage().data_ptr()) == wide
         model.set_expert_columns(False)
 
     model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=9))

@@ -267,10 +267,10 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     selection), with the members' [gate; A] in one buffer (one routing GEMM on CUDA, from every
     block's columns), in two members' buffers and one's own (one op per member), in buffer order
     other than the list's, with B as columns for one member and [W0 | B_all] for another (wide at
-    prefill: one op per member), biases, masks, mixed N, k and ranks, strided x; with the members'
-    base weights first in that buffer (stacked: at decode sizes one GEMM for the bases and the
-    routing), in list order and in another; and in another order (the member without bias last),
-    B as rows and as columns."""
+    prefill: one op per member) or for every member (one op: one routing GEMM), biases, masks,
+    mixed N, k and ranks, strided x; with the members' base weights first in that buffer (stacked:
+    at decode sizes one GEMM for the bases and the routing), in list order and in another; and in
+    another order (the member without bias last), B as rows and as columns."""
     _skip_unless_available(impl, device)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
@@ -296,13 +296,15 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     for name, (views, base_views) in stacked.items():
         layouts[name] = views
     for name, views in layouts.items():
-        for b_layout in ("rows", "cols", "wide"):
+        for b_layout in ("rows", "cols", "wide", "all wide"):
             group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
             if name in stacked:  # B as columns of its own beside every stacked layout but wide's
                 group = [m._replace(base_weight=w) for m, w in zip(group, stacked[name][1])]
-            if b_layout != "rows":  # member 0's B as columns (beside W0's: wide)
-                w0, b = column_layout(group[0].base_weight, group[0].lora_b, b_layout == "wide")
-                group[0] = group[0]._replace(base_weight=w0, lora_b=b)
+            # member 0's B as columns (beside W0's: wide), or every member's beside its W0's (all
+            # wide: at prefill one routing GEMM, then a GEMM of [x | H] with [W0 | B_all] each)
+            for i in range(len(group) if b_layout == "all wide" else 0 if b_layout == "rows" else 1):
+                w0, b = column_layout(group[i].base_weight, group[i].lora_b, b_layout != "cols")
+                group[i] = group[i]._replace(base_weight=w0, lora_b=b)
             results = ops.linear_group(x, group, impl=impl)
             assert len(results) == len(group)
             for i, (m, result) in enumerate(zip(group, results)):

@@ -773,15 +773,21 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
   }
 }
 
-// Wide prefill: the copy of x beside H on the current stream while the side stream routes, then one
-// GEMM of [x | H] with [W0 | B_all].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Tensor& x, const at::Tensor& ext,
-                                                                    Member& m) {
-  const int64_t tokens = x.size(0), d_in = m.d_in, nr = m.nr, ldb = m.ldb;
+// Wide prefill (every member's B columns after its W0's in the same rows: [W0 | B_all]). The side
+// stream runs the routing GEMM for every member and one route_select launch, which writes member i's
+// selection H_i into the columns right after a copy of x (x_cat_i = [x | H_i], made on the current
+// stream meanwhile); after the join, one GEMM of [x | H_i] with [W0_i | B_all_i] per member gives
+// x W0^T + H B_all^T (+ bias) with one pass over the output (no second, in-place expand GEMM).
+void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
+              const std::vector<int64_t>& cols) {
+  const int64_t tokens = x.size(0), d_in = x.size(1);
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  m.allocate_routing(x);
-  const at::Tensor x_cat = at::empty({tokens, ldb}, x.options());  // [x | H | unused]
-  m.H = x_cat.narrow(1, d_in, nr);
+  std::vector<at::Tensor> x_cat;  // [x | H_i | unused up to ldb]
+  for (auto& m : members) {
+    m.allocate_routing(x);
+    x_cat.push_back(at::empty({tokens, m.ldb}, x.options()));
+    m.H = x_cat.back().narrow(1, d_in, m.nr);
+  }
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
   cublasHandle_t blas = at::cuda::getCurrentCUDABlasHandle();
@@ -789,22 +795,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_wide(const at::Te
   {
     const c10::cuda::CUDAStreamGuard on_side(ov.side);
     side_gemm(blas, ov, x, ext, hall);
-    const cuda::RoutePiece piece = m.select_piece(hall, 0);
-    cuda::route_select(half16(x), &piece, 1, tokens, ov.side.stream());
+    std::vector<cuda::RoutePiece> pieces;
+    for (size_t i = 0; i < members.size(); ++i) pieces.push_back(members[i].select_piece(hall, cols[i]));
+    cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    m.copy_b();
   }
-  if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
-    cuda::copy_rows(x_cat.data_ptr(), ldb, x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    x_cat.narrow(1, 0, d_in).copy_(x);
+  for (auto& xc : x_cat) {
+    if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
+      cuda::copy_rows(xc.data_ptr(), xc.stride(0), x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      xc.narrow(1, 0, d_in).copy_(x);
+    }
   }
   ov.join(main_stream.stream());
-  const at::Tensor xh = x_cat.narrow(1, 0, d_in + nr);
-  const at::Tensor w = m.base_weight.as_strided({m.d_out, d_in + nr}, {ldb, 1}, m.base_weight.storage_offset());
-  m.out = m.base_bias.has_value() ? at::addmm(*m.base_bias, xh, w.t()) : at::mm(xh, w.t());
-  return m.result();
+  for (size_t i = 0; i < members.size(); ++i) {
+    Member& m = members[i];
+    const at::Tensor xh = x_cat[i].narrow(1, 0, d_in + m.nr);
+    const at::Tensor w = m.base_weight.as_strided({m.d_out, d_in + m.nr}, {m.ldb, 1}, m.base_weight.storage_offset());
+    m.out = m.base_bias.has_value() ? at::addmm(*m.base_bias, xh, w.t()) : at::mm(xh, w.t());
+  }
 }
 
 // Whether the members' base weights, in x's dtype, contiguous (bias, if any, too), are consecutive
@@ -874,8 +884,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
   }
   // [gate; A_all], rows up to a multiple of 8: a view of the layer's packed buffer, else a copy.
   const at::Tensor ext = gate_lora_rows(gate_weight, lora_a, 8);
-  if (m.wide && x.size(0) > kFusedMaxTokens) return run_wide(x, ext, m);
+  const bool wide = m.wide && x.size(0) > kFusedMaxTokens;
   std::vector<Member> members{std::move(m)};
+  if (wide) {
+    run_wide(x, ext, members, {0});
+    return members[0].result();
+  }
   if (x.size(0) <= kFusedMaxTokens && gate_lora_adjacent(gate_weight, lora_a) && ext.is_alias_of(gate_weight)) {
     const int64_t d_in = x.size(1), first = gate_weight.storage_offset();
     const int64_t start = stacked_start(x, members, gate_weight, first);
@@ -890,8 +904,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
 }
 
 // meteora.linear_group on CUDA: one routing GEMM for every member when their [gate; A] rows are
-// consecutive blocks (each padded to a multiple of 8 rows) of one buffer; otherwise, or for
-// fp32 / mixed dtypes, T = 0 or wide members at prefill sizes, one meteora.linear per member.
+// consecutive blocks (each padded to a multiple of 8 rows) of one buffer (at prefill sizes with
+// every member wide, or none: run_wide, run_members); otherwise, or for fp32 / mixed dtypes, T = 0
+// or wide and other members together at prefill sizes, one meteora.linear per member.
 std::vector<at::Tensor> linear_group_cuda(
     const at::Tensor& x, at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
     at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling,
@@ -914,8 +929,11 @@ std::vector<at::Tensor> linear_group_cuda(
   for (int64_t i = 0; i < n; ++i) {
     members.emplace_back(x, base_weight[i], base_bias.get(i), gate_weight[i], lora_a[i], lora_b[i], scaling[i],
                          expert_mask.get(i), top_k[i], temperature[i]);
-    if (members.back().wide && x.size(0) > kFusedMaxTokens) return each();
   }
+  int64_t wide = 0;
+  for (const auto& m : members) wide += m.wide;
+  const bool prefill = x.size(0) > kFusedMaxTokens;
+  if (prefill && wide != 0 && wide != n) return each();
   // The members' blocks, in buffer order, must follow each other: [gate_i; A_i; zero rows to 8].
   const int64_t d_in = x.size(1);
   std::vector<int64_t> order(static_cast<size_t>(n));
@@ -941,6 +959,8 @@ std::vector<at::Tensor> linear_group_cuda(
   }
   if (start >= 0) {
     run_stacked(x, rows, members, base_cols, cols);
+  } else if (prefill && wide == n) {
+    run_wide(x, rows, members, cols);
   } else {
     run_members(x, rows, members, cols);
   }
