@@ -5,6 +5,7 @@ drift between separate runs.
 
     python benchmarks/ab_layer.py --env METEORA_SOME_TOGGLE       # A: VAR=0, B: VAR=1
     python benchmarks/ab_layer.py --wide-gate-up                  # A: B's columns apart, B: the default
+    python benchmarks/ab_layer.py --left-gate                     # A: gate / up each its own copy of x
 
 --env names an environment variable that an experimental build of the op reads at each call (the
 graphs are captured with it at 0 and at 1; both in the library's default layout); with --wide-gate-up,
@@ -31,13 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_clock import ClockLog  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
-    LLAMA3_8B, Linear, capture, event_ms, make_inputs, pack_groups, parse_shapes, run_base, run_ours_layer,
-    stack_layout)
+    LLAMA3_8B, Linear, capture, event_ms, left_first, make_inputs, pack_groups, parse_shapes, run_base,
+    run_ours_layer, stack_layout)
 from meteora.layer import column_layout  # noqa: E402
 
 
-def wide_gate_up(linears):
-    """Copies of the linears with gate / up (d_out > d_in) as [W0 | B_all], unstacked."""
+def wide_gate_up(linears, left: bool = True):
+    """Copies of the linears with gate / up (d_out > d_in) as [W0 | B_all], unstacked; with
+    ``left``, the first of the two as [B_all | W0] (the library's layout: one copy of x for both)."""
     out = []
     for lin in linears:
         m = copy.copy(lin)
@@ -46,9 +48,13 @@ def wide_gate_up(linears):
             m.stacked = None
         out.append(m)
     by_name = {m.name: m for m in out}
+    groups = {}
     for m in out:
         if getattr(m, "group", None):
-            m.group = [by_name[g.name] for g in m.group]
+            m.group = groups.setdefault(m.group[0].name, [by_name[g.name] for g in m.group])
+    if left:
+        for members in groups.values():
+            left_first(members)
     return out
 
 
@@ -58,6 +64,9 @@ def main(argv=None) -> int:
     which.add_argument("--env", help="environment variable the op reads: A with it at 0, B at 1")
     which.add_argument("--wide-gate-up", action="store_true",
                        help="A: every B as columns of their own, B: gate / up as [W0 | B_all] (the default)")
+    which.add_argument("--left-gate", action="store_true",
+                       help="A: gate / up as [W0 | B_all], each with its own copy of x; B: gate as [B_all | W0] "
+                            "(the default: one [H_gate | x | H_up] for both)")
     ap.add_argument("--tokens", default="128,1024,4096")
     ap.add_argument("--routing", default="uniform,concentrated")
     ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
@@ -80,16 +89,19 @@ def main(argv=None) -> int:
                 graph.replay()
         return run
 
-    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else 'B columns apart, gate / up stacked'}, "
-          f"B: {f'{var}=1' if var else 'gate / up as [W0 | B_all]'}")
+    layout_a = "gate / up as [W0 | B_all], each its own x" if args.left_gate else "B columns apart, gate / up stacked"
+    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else layout_a}, "
+          f"B: {f'{var}=1' if var else 'the default (gate as [B_all | W0], up as [W0 | B_all])'}")
     for routing in args.routing.split(","):
         unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
-        columns = "narrow" if args.wide_gate_up else "wide"
+        columns = "narrow" if args.wide_gate_up or args.left_gate else "wide"
         linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None, columns)
                    for n, di, do in shapes]
         pack_groups(linears)
         stack_layout(linears)
-        variant_b = wide_gate_up(linears) if args.wide_gate_up else linears
+        variant_b = wide_gate_up(linears) if args.wide_gate_up or args.left_gate else linears
+        if args.left_gate:
+            linears = wide_gate_up(linears, left=False)
         with torch.no_grad():
             for tokens in [int(t) for t in args.tokens.split(",")]:
                 xs = make_inputs(linears, tokens, routing, torch.bfloat16, gen, hot)

@@ -225,6 +225,8 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             layers[(parent, name)] = m
         for group in group_linears(model, groups):
             group.pack_()
+            for m in group.members:  # the first of gate / up keeps B before W0 in a group (MeteoRALinear._left)
+                m.pack_(base=m.expert_columns)
     return layers
 
 

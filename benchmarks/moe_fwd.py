@@ -172,6 +172,16 @@ def pack_groups(linears) -> None:
             m.gate, m.a = gate, a
             m.a_cat = a.reshape(-1, m.d_in)
             m.group = members
+        left_first(members)
+
+
+def left_first(members) -> None:
+    """The first of two adjacent members in the [W0 | B_all] layout gets [B_all | W0] instead, as
+    LinearGroup does (MeteoRALinear._left: gate / up then read one [H_gate | x | H_up])."""
+    for m, nxt in zip(members, members[1:]):
+        if not m.w0_ours.is_contiguous() and not nxt.w0_ours.is_contiguous():
+            m.w0_ours, m.b_ours = column_layout(m.w0, m.b, True, left=True)
+            return
 
 
 def stacked_linears(text: str) -> bool | set[str] | None:

@@ -126,14 +126,17 @@ class MeteoRALinear(nn.Module):
             return True
         w = self._registered(self._modules, "base_layer").weight
         wide = self._wide()
-        key = (b.data_ptr(), w.data_ptr(), g.data_ptr(), wide)
+        left = wide and self._left()
+        key = (b.data_ptr(), w.data_ptr(), g.data_ptr(), wide, left)
         if key != self._b_packed_at:
             n, d_out, r = b.shape
             d_in = w.shape[1]
             packed = b.stride(0) == r and b.stride(2) == 1 and b.stride(1) >= n * r
-            if packed and wide:
+            if packed and wide:  # [W0 | B_all], or [B_all | W0] (left)
                 packed = (w.stride() == (b.stride(1), 1) and w.untyped_storage().data_ptr()
-                          == b.untyped_storage().data_ptr() and b.storage_offset() == w.storage_offset() + d_in)
+                          == b.untyped_storage().data_ptr() and (w.storage_offset() == b.storage_offset() + n * r
+                                                                 if left else
+                                                                 b.storage_offset() == w.storage_offset() + d_in))
             elif packed:  # B's columns in a buffer of their own, W0 contiguous
                 packed = w.is_contiguous() and w.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
             if packed and self._stacks_alone():  # W0 right before [gate; A] (pack_rows' bases)
@@ -156,6 +159,14 @@ class MeteoRALinear(nn.Module):
         w, b = self.base_layer.weight, self.lora_B
         return self.wide_columns and w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
             and type(w.data) is torch.Tensor
+
+    def _left(self) -> bool:
+        """Whether B's columns go right before the base weight's ([B_all | W0]): the first of two
+        adjacent [W0 | B_all]-kind members of a group (gate_proj before up_proj), so that their
+        prefill inputs [H_gate | x] and [x | H_up] are one buffer [H_gate | x | H_up] with one copy
+        of x (csrc/cuda/meteora_cuda.cu run_wide)."""
+        group = self.group
+        return group is not None and group.left_member() is self
 
     @property
     def stack_base(self) -> bool:
@@ -210,7 +221,8 @@ class MeteoRALinear(nn.Module):
         b, w = self.lora_B, self.base_layer.weight
         if type(b.data) is not torch.Tensor:
             return False
-        w.data, b.data = column_layout(w.detach(), b.detach(), self._wide())
+        wide = self._wide()
+        w.data, b.data = column_layout(w.detach(), b.detach(), wide, wide and self._left())
         if self._stacks_alone() and not _stacked([w], g):
             [(g.data, a.data)], [w.data] = pack_rows([(g.detach(), a.detach())], [w.detach()])
         return self.is_packed(base)
@@ -441,6 +453,15 @@ class LinearGroup:
             end += -(-(g.shape[0] + a.shape[0] * a.shape[1]) // 8) * 8 * g.shape[1]
         return True
 
+    def left_member(self) -> MeteoRALinear | None:
+        """The member whose B goes before its W0 ([B_all | W0], MeteoRALinear._left): the first of
+        two adjacent members that keep B beside W0 (gate_proj of gate / up), else None."""
+        wide = [m.expert_columns and m._wide() for m in self.members]
+        for i in range(len(wide) - 1):
+            if wide[i] and wide[i + 1]:
+                return self.members[i]
+        return None
+
     def _drop(self) -> None:
         self._input, self._version, self._waiting = None, None, {}
 
@@ -560,14 +581,21 @@ def pack_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], bases: Sequenc
 
 
 @torch.no_grad()
-def column_layout(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def column_layout(weight: torch.Tensor, lora_b: torch.Tensor, wide: bool,
+                  left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of a base ``weight`` (d_out, d_in) and the experts' ``lora_b`` (N, d_out, r) in the
     layout meteora.linear reads without copies: lora_b as the (d_out, N r) columns of a row-major
     buffer (strides (r, ld, 1)), after ``weight``'s columns in the same rows when ``wide``
-    ([W0 | B_all], ld = d_in + N r up to a multiple of 8; else ``weight`` itself is returned)."""
+    ([W0 | B_all], ld = d_in + N r up to a multiple of 8), before them with ``left`` too
+    ([B_all | W0], W0 from a multiple of 8 columns); else ``weight`` itself is returned."""
     n, d_out, r = lora_b.shape
     d_in = weight.shape[1]
-    if wide:  # [W0 | B_all | zero columns up to a multiple of 8]
+    if wide and left:  # [zero columns | B_all | W0 | zero columns], W0 at a multiple of 8
+        start = -(-(n * r) // 8) * 8
+        buffer = torch.zeros(d_out, -(-(start + d_in) // 8) * 8, dtype=weight.dtype, device=weight.device)
+        buffer[:, start: start + d_in] = weight
+        weight, cols = buffer[:, start: start + d_in], buffer[:, start - n * r: start]
+    elif wide:  # [W0 | B_all | zero columns up to a multiple of 8]
         buffer = torch.zeros(d_out, -(-(d_in + n * r) // 8) * 8, dtype=weight.dtype, device=weight.device)
         buffer[:, :d_in] = weight
         weight, cols = buffer[:, :d_in], buffer[:, d_in: d_in + n * r]

@@ -369,15 +369,20 @@ def test_linear_groups(device, tmp_path, monkeypatch):
         assert len(calls) == 8
 
         # B as columns: in buffers of their own, or beside W0's where d_out > d_in (gate / up, the
-        # default): the groups still run (and pack B, [W0 | B_all] for gate / up).
-        up = layers["model.layers.0.mlp.up_proj"]
+        # default): the groups still run (and pack B: [B_all | W0] for gate, [W0 | B_all] for up).
+        gate, up = layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]
         for wide in (False, True):
             model.set_expert_columns(wide=wide)
             before = len(calls)
             torch.testing.assert_close(model(ids).logits, grouped, rtol=1e-5, atol=1e-5)
             assert len(calls) - before == 4
-            assert q.is_packed(base=True) and up.is_packed(base=True)
-            assert (up.lora_B.untyped_storage().data_ptr() == up.base_layer.weight.untyped_storage().data_ptr()) == wide
+            assert q.is_packed(base=True) and up.is_packed(base=True) and gate.is_packed(base=True)
+            for m in (gate, up):
+                assert (m.lora_B.untyped_storage().data_ptr() == m.base_layer.weight.untyped_storage().data_ptr()) == wide
+            if wide:
+                nr = gate.lora_B.shape[0] * gate.lora_B.shape[2]
+                assert gate.base_layer.weight.storage_offset() == gate.lora_B.storage_offset() + nr
+                assert up.lora_B.storage_offset() == up.base_layer.weight.storage_offset() + up.base_layer.in_features
         model.set_expert_columns(False)
 
     model.add_adapter("d", make_adapter(base, tmp_path / "d", r=4, alpha=8, targets=ALL_LINEARS, seed=9))

@@ -131,26 +131,30 @@ def packed(gate, lora_a):
     return packed_group([(gate, lora_a)])[0]
 
 
-def column_layout(w0, lora_b, wide, aligned=True):
-    """lora_b (N, d_out, r) as the columns of a row-major buffer, after w0's when ``wide`` (the
-    layouts MeteoRALinear.pack_(base=True) keeps), with NaN in the padding columns (never used):
-    rows a multiple of 8 elements apart (16-byte loads), or not."""
+def column_layout(w0, lora_b, wide, aligned=True, left=False):
+    """lora_b (N, d_out, r) as the columns of a row-major buffer, after w0's when ``wide``, before
+    them with ``left`` too ([B_all | W0]; the layouts MeteoRALinear.pack_(base=True) keeps), with NaN
+    in the padding columns (never used): rows a multiple of 8 elements apart (16-byte loads), or
+    not; with ``left``, 3 NaN columns before B_all."""
     n, d_out, r = lora_b.shape
     d_in = w0.shape[1] if wide else 0
     pad = 8 + -(d_in + n * r) % 8 if aligned else 5
+    start = 3 if left else d_in  # B_all's first column
     buffer = torch.full((d_out, d_in + n * r + pad), float("nan"), dtype=w0.dtype, device=w0.device)
-    buffer[:, d_in: d_in + n * r] = lora_b.permute(1, 0, 2).reshape(d_out, n * r)
-    cols = buffer[:, d_in: d_in + n * r].view(d_out, n, r).permute(1, 0, 2)
+    buffer[:, start: start + n * r] = lora_b.permute(1, 0, 2).reshape(d_out, n * r)
+    cols = buffer[:, start: start + n * r].view(d_out, n, r).permute(1, 0, 2)
     if wide:
-        buffer[:, :d_in] = w0
-        w0 = buffer[:, :d_in]
+        w_start = start + n * r if left else 0
+        buffer[:, w_start: w_start + d_in] = w0
+        w0 = buffer[:, w_start: w_start + d_in]
     return w0, cols
 
 
 def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl="kernel", what=""):
     """meteora.linear (inference op) against a float64 evaluation at the op's own selection.
-    pack: None, "rows" ([gate; A] one buffer), "cols" (and B_all's columns), "wide" ([W0 | B_all]);
-    "cols5" / "wide5": their rows not a multiple of 8 elements apart; "stacked": [W0; gate; A] one
+    pack: None, "rows" ([gate; A] one buffer), "cols" (and B_all's columns), "wide" ([W0 | B_all]),
+    "left" ([B_all | W0]); "cols5" / "wide5" / "left5": their rows not a multiple of 8 elements
+    apart; "stacked": [W0; gate; A] one
     buffer, B's columns (MeteoRALinear.pack_(base=True)'s default)."""
     x, gate, lora_a, lora_b, scaling, w0 = (inp[k] for k in ("x", "gate_weight", "lora_a", "lora_b", "scaling", "weight"))
     if pack == "stacked":
@@ -158,7 +162,8 @@ def check_linear(inp, top_k, temperature, mask=None, bias=None, pack=None, impl=
     elif pack:
         gate, lora_a = packed(gate, lora_a)
     if pack and pack != "rows":
-        w0, lora_b = column_layout(w0, lora_b, pack.startswith("wide"), aligned=not pack.endswith("5"))
+        w0, lora_b = column_layout(w0, lora_b, pack.startswith(("wide", "left")), aligned=not pack.endswith("5"),
+                                   left=pack.startswith("left"))
     result = ops.linear(x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, impl=impl)
     verify_linear(result, x, w0, bias, gate, lora_a, lora_b, scaling, mask, top_k, temperature, what)
 
@@ -201,6 +206,7 @@ def test_linear_matches_float64(device, impl, dtype, tokens, experts, top_k):
     bias = (torch.randn(inp["weight"].shape[0], generator=gen)).to(device=device, dtype=dtype)
     for pack, use_mask, use_bias in [(None, False, False), ("rows", True, True), ("cols", False, True),
                                      ("wide", True, False), ("wide5", False, True), ("cols5", True, False),
+                                     ("left", False, True), ("left5", True, False),
                                      ("stacked", True, True), ("stacked", False, False)]:
         check_linear(inp, top_k, 0.8, mask if use_mask else None, bias if use_bias else None, pack, impl,
                      what=f"pack={pack} mask={use_mask} bias={use_bias} seed {seed}")
@@ -267,7 +273,8 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     selection), with the members' [gate; A] in one buffer (one routing GEMM on CUDA, from every
     block's columns), in two members' buffers and one's own (one op per member), in buffer order
     other than the list's, with B as columns for one member and [W0 | B_all] for another (wide at
-    prefill: one op per member) or for every member (one op: one routing GEMM), biases, masks,
+    prefill: one op per member) or for every member (one op: one routing GEMM), [B_all | W0] for
+    the first of them (its [H | x] and the next one's [x | H] one buffer) or the last, biases, masks,
     mixed N, k and ranks, strided x; with the members' base weights first in that buffer (stacked:
     at decode sizes one GEMM for the bases and the routing), in list order and in another; and in
     another order (the member without bias last), B as rows and as columns."""
@@ -296,14 +303,17 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     for name, (views, base_views) in stacked.items():
         layouts[name] = views
     for name, views in layouts.items():
-        for b_layout in ("rows", "cols", "wide", "all wide"):
+        for b_layout in ("rows", "cols", "wide", "all wide", "left pair", "left last"):
             group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
             if name in stacked:  # B as columns of its own beside every stacked layout but wide's
                 group = [m._replace(base_weight=w) for m, w in zip(group, stacked[name][1])]
             # member 0's B as columns (beside W0's: wide), or every member's beside its W0's (all
-            # wide: at prefill one routing GEMM, then a GEMM of [x | H] with [W0 | B_all] each)
-            for i in range(len(group) if b_layout == "all wide" else 0 if b_layout == "rows" else 1):
-                w0, b = column_layout(group[i].base_weight, group[i].lora_b, b_layout != "cols")
+            # wide: at prefill one routing GEMM, then a GEMM of [x | H] with [W0 | B_all] each;
+            # left pair: member 0's before its W0's, so that members 0 and 1 read one
+            # [H_0 | x | H_1]; left last: the last member's before, its [H | x] alone)
+            left = {"left pair": 0, "left last": len(group) - 1}.get(b_layout, -1)
+            for i in range(1 if b_layout in ("cols", "wide") else 0 if b_layout == "rows" else len(group)):
+                w0, b = column_layout(group[i].base_weight, group[i].lora_b, b_layout != "cols", left=i == left)
                 group[i] = group[i]._replace(base_weight=w0, lora_b=b)
             results = ops.linear_group(x, group, impl=impl)
             assert len(results) == len(group)
@@ -620,7 +630,7 @@ def _run_fuzz_case(case, device, seed):
     for name, leaf, ref in zip(("x", "gate", "lora_a", "lora_b"), leaves, ref_leaves):
         assert_close(leaf.grad, ref.grad, dtype, tol=GRAD_TOL, what=f"grad {name} {what}", scaled=True)
     bias = base[0] if tokens and case["masked"] else None
-    layout = [None, "rows", "cols", "wide", "cols5", "wide5", "stacked"][seed % 7]
+    layout = [None, "rows", "cols", "wide", "cols5", "wide5", "stacked", "left"][seed % 8]
     check_linear(inp, top_k, case["temperature"], mask, bias, pack=layout, what=f"{what} layout {layout}")
 
 

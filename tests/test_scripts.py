@@ -196,9 +196,9 @@ def test_concat_k_layouts_compute_the_same_linear(monkeypatch):
 
 
 def test_ab_layer_wide_variant_keeps_the_weights():
-    """benchmarks/ab_layer.py --wide-gate-up: gate / up (d_out > d_in) get [W0 | B_all] (W0 and B as
-    views of one buffer, the same values), the others stay as they are, and the copies' groups list
-    the copies."""
+    """benchmarks/ab_layer.py --wide-gate-up / --left-gate: gate / up (d_out > d_in) get [W0 | B_all]
+    (W0 and B as views of one buffer, the same values), with the first of the two as [B_all | W0]
+    unless left=False, the others stay as they are, and the copies' groups list the copies."""
     from types import SimpleNamespace
 
     from benchmarks.ab_layer import wide_gate_up
@@ -211,13 +211,17 @@ def test_ab_layer_wide_variant_keeps_the_weights():
 
     gate, up, down = lin("gate_proj", 6, 10), lin("up_proj", 6, 10), lin("down_proj", 10, 6)
     gate.group = up.group = [gate, up]
-    copies = wide_gate_up([gate, up, down])
-    for old, new in zip((gate, up), copies[:2]):
-        assert new is not old and new.stacked is None and new.group == copies[:2]
-        assert torch.equal(new.w0_ours, old.w0) and torch.equal(new.b_ours, old.b)
-        assert new.b_ours.untyped_storage().data_ptr() == new.w0_ours.untyped_storage().data_ptr()
-        assert new.w0_ours.stride(0) >= 6 + 3 * 2
-    assert copies[2].w0_ours is down.w0 and copies[2].stacked == (down.w0,)
+    for left in (True, False):
+        copies = wide_gate_up([gate, up, down], left=left)
+        for old, new in zip((gate, up), copies[:2]):
+            assert new is not old and new.stacked is None and new.group == copies[:2]
+            assert torch.equal(new.w0_ours, old.w0) and torch.equal(new.b_ours, old.b)
+            assert new.b_ours.untyped_storage().data_ptr() == new.w0_ours.untyped_storage().data_ptr()
+            assert new.w0_ours.stride(0) >= 6 + 3 * 2
+        g, u = copies[:2]
+        assert (g.w0_ours.storage_offset() == g.b_ours.storage_offset() + 3 * 2) == left  # [B_all | W0]
+        assert u.b_ours.storage_offset() == u.w0_ours.storage_offset() + 6  # [W0 | B_all]
+        assert copies[2].w0_ours is down.w0 and copies[2].stacked == (down.w0,)
     assert gate.group == [gate, up]  # the originals keep theirs
 
 

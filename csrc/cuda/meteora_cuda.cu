@@ -540,8 +540,12 @@ struct Member {
     // the prefill base GEMM and the experts' expand are one GEMM of [x | H] with them.
     b_rows = (rank == 1 || lora_b.stride(2) == 1) && lora_b.stride(1) >= nr && (experts == 1 || lora_b.stride(0) == rank);
     ldb = lora_b.stride(1);
-    wide = b_rows && base_weight.stride(1) == 1 && base_weight.stride(0) == ldb && ldb >= d_in + nr &&
-           lora_b.is_alias_of(base_weight) && lora_b.storage_offset() == base_weight.storage_offset() + d_in;
+    // "left": B's columns right before W0's ([B_all | W0]): the first of a gate / up pair, whose [H | x]
+    // then shares x with the other's [x | H] in one [H_gate | x | H_up] buffer (run_wide).
+    const bool one_buffer = b_rows && base_weight.stride(1) == 1 && base_weight.stride(0) == ldb &&
+                            ldb >= d_in + nr && lora_b.is_alias_of(base_weight);
+    left = one_buffer && base_weight.storage_offset() == lora_b.storage_offset() + nr;
+    wide = left || (one_buffer && lora_b.storage_offset() == base_weight.storage_offset() + d_in);
     b = b_rows ? lora_b : lora_b.contiguous();
   }
   // Outputs and work buffers for T tokens: decode-sized T (fused) routes and expands into delta
@@ -602,7 +606,7 @@ struct Member {
   int64_t top_k;
   double temperature;
   int64_t experts = 0, rank = 0, nr = 0, d_out = 0, d_in = 0, ldb = 0;
-  bool b_rows = false, wide = false;
+  bool b_rows = false, wide = false, left = false;
   at::Tensor mask, s, b, b_all, H, delta, logits, weight, idx, out;
 };
 
@@ -773,20 +777,38 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
   }
 }
 
-// Wide prefill (every member's B columns after its W0's in the same rows: [W0 | B_all]). The side
-// stream runs the routing GEMM for every member and one route_select launch, which writes member i's
-// selection H_i into the columns right after a copy of x (x_cat_i = [x | H_i], made on the current
-// stream meanwhile); after the join, one GEMM of [x | H_i] with [W0_i | B_all_i] per member gives
+// Wide prefill (every member's B columns beside its W0's in the same rows: [W0 | B_all], or
+// [B_all | W0] ("left")). The side stream runs the routing GEMM for every member and one route_select
+// launch, which writes each member's selection H next to a copy of x that the current stream makes
+// meanwhile: [x | H] for [W0 | B_all], [H | x] for [B_all | W0], and one [H_a | x | H_b] for a left
+// member a followed by a member b, so that such a pair (gate / up) copies x once. After the join,
+// one GEMM of [x | H] with [W0 | B_all] (or [H | x] with [B_all | W0]) per member gives
 // x W0^T + H B_all^T (+ bias) with one pass over the output (no second, in-place expand GEMM).
 void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
               const std::vector<int64_t>& cols) {
   const int64_t tokens = x.size(0), d_in = x.size(1);
+  const auto up8 = [](int64_t n) { return (n + 7) / 8 * 8; };
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  std::vector<at::Tensor> x_cat;  // [x | H_i | unused up to ldb]
-  for (auto& m : members) {
+  std::vector<at::Tensor> x_cat;  // each holds x at column x_col[j]
+  std::vector<int64_t> x_col;
+  std::vector<size_t> input(members.size());  // member i's buffer in x_cat
+  for (size_t i = 0; i < members.size(); ++i) {
+    Member& m = members[i];
     m.allocate_routing(x);
-    x_cat.push_back(at::empty({tokens, m.ldb}, x.options()));
-    m.H = x_cat.back().narrow(1, d_in, m.nr);
+    if (i > 0 && members[i - 1].left && !m.left) continue;  // placed with the left member before it
+    const bool pair = m.left && i + 1 < members.size() && !members[i + 1].left;
+    // x at a multiple of 8 columns (16-byte copies); a left member's H right before it, the next
+    // member's (pair) or this one's right after it
+    const int64_t col = m.left ? up8(m.nr) : 0;
+    const int64_t after = m.left ? (pair ? members[i + 1].nr : 0) : m.nr;
+    x_cat.push_back(at::empty({tokens, up8(col + d_in + after)}, x.options()));
+    x_col.push_back(col);
+    m.H = x_cat.back().narrow(1, m.left ? col - m.nr : d_in, m.nr);
+    input[i] = x_cat.size() - 1;
+    if (pair) {
+      members[i + 1].H = x_cat.back().narrow(1, col + d_in, members[i + 1].nr);
+      input[i + 1] = input[i];
+    }
   }
   auto main_stream = c10::cuda::getCurrentCUDAStream();
   Overlap& ov = overlap_for(x.device().index());
@@ -800,20 +822,25 @@ void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& m
     cuda::route_select(half16(x), pieces.data(), int(pieces.size()), tokens, ov.side.stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  for (auto& xc : x_cat) {
-    if (x.stride(1) == 1) {  // x beside H: 16-byte copies (copy_ into the strided columns ran at a quarter speed)
-      cuda::copy_rows(xc.data_ptr(), xc.stride(0), x.data_ptr(), x.stride(0), tokens, d_in, main_stream.stream());
+  for (size_t j = 0; j < x_cat.size(); ++j) {
+    at::Tensor& xc = x_cat[j];
+    if (x.stride(1) == 1) {  // 16-byte copies where aligned (copy_ into the strided columns ran at a quarter speed)
+      cuda::copy_rows(static_cast<char*>(xc.data_ptr()) + x_col[j] * xc.element_size(), xc.stride(0), x.data_ptr(),
+                      x.stride(0), tokens, d_in, main_stream.stream());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      xc.narrow(1, 0, d_in).copy_(x);
+      xc.narrow(1, x_col[j], d_in).copy_(x);
     }
   }
   ov.join(main_stream.stream());
   for (size_t i = 0; i < members.size(); ++i) {
     Member& m = members[i];
-    const at::Tensor xh = x_cat[i].narrow(1, 0, d_in + m.nr);
-    const at::Tensor w = m.base_weight.as_strided({m.d_out, d_in + m.nr}, {m.ldb, 1}, m.base_weight.storage_offset());
-    m.out = m.base_bias.has_value() ? at::addmm(*m.base_bias, xh, w.t()) : at::mm(xh, w.t());
+    const at::Tensor& xc = x_cat[input[i]];
+    const int64_t k = d_in + m.nr, a_col = m.left ? x_col[input[i]] - m.nr : x_col[input[i]];
+    const at::Tensor a = xc.narrow(1, a_col, k);
+    const at::Tensor w = m.base_weight.as_strided(
+        {m.d_out, k}, {m.ldb, 1}, m.left ? m.b.storage_offset() : m.base_weight.storage_offset());
+    m.out = m.base_bias.has_value() ? at::addmm(*m.base_bias, a, w.t()) : at::mm(a, w.t());
   }
 }
 
