@@ -384,8 +384,8 @@ class LinearGroup:
     base GEMMs. The others' calls on that same tensor (``is``, and unchanged: same version where
     the tensor counts versions) take their results; a call on anything else, or outside that path
     (autograd, dropout, the CPU, torch.compile tracing, B's columns beside W0's in some members but
-    not all), is the member's own
-    forward. Results wait at most until the group's next call on another input.
+    not all), is the member's own forward. Results wait at most until the group's next call on
+    another input.
     """
 
     # On the CPU, linear_group runs each member's op in turn: the group's bookkeeping costs more
