@@ -6,6 +6,7 @@ drift between separate runs.
     python benchmarks/ab_layer.py --env METEORA_SOME_TOGGLE       # A: VAR=0, B: VAR=1
     python benchmarks/ab_layer.py --wide-gate-up                  # A: B's columns apart, B: the default
     python benchmarks/ab_layer.py --left-gate                     # A: gate / up each its own copy of x
+    python benchmarks/ab_layer.py --wide-linears o_proj           # B: o_proj as [W0 | B_all] too
 
 --env names an environment variable that an experimental build of the op reads at each call (the
 graphs are captured with it at 0 and at 1; both in the library's default layout); with --wide-gate-up,
@@ -37,13 +38,14 @@ from benchmarks.moe_fwd import (  # noqa: E402
 from meteora.layer import column_layout  # noqa: E402
 
 
-def wide_gate_up(linears, left: bool = True):
-    """Copies of the linears with gate / up (d_out > d_in) as [W0 | B_all], unstacked; with
-    ``left``, the first of the two as [B_all | W0] (the library's layout: one copy of x for both)."""
+def wide_gate_up(linears, left: bool = True, names=frozenset()):
+    """Copies of the linears with gate / up (d_out > d_in) and those in ``names`` as [W0 | B_all],
+    unstacked (a group unstacks whole); with ``left``, the first of two adjacent such members of a
+    group as [B_all | W0] (the library's layout: one copy of x for both)."""
     out = []
     for lin in linears:
         m = copy.copy(lin)
-        if lin.d_out > lin.d_in:
+        if lin.d_out > lin.d_in or lin.name in names:
             m.w0_ours, m.b_ours = column_layout(lin.w0, lin.b, True)
             m.stacked = None
         out.append(m)
@@ -52,8 +54,11 @@ def wide_gate_up(linears, left: bool = True):
     for m in out:
         if getattr(m, "group", None):
             m.group = groups.setdefault(m.group[0].name, [by_name[g.name] for g in m.group])
-    if left:
-        for members in groups.values():
+    for members in groups.values():
+        if any(m.stacked is None for m in members):
+            for m in members:
+                m.stacked = None
+        if left:
             left_first(members)
     return out
 
@@ -64,6 +69,8 @@ def main(argv=None) -> int:
     which.add_argument("--env", help="environment variable the op reads: A with it at 0, B at 1")
     which.add_argument("--wide-gate-up", action="store_true",
                        help="A: every B as columns of their own, B: gate / up as [W0 | B_all] (the default)")
+    which.add_argument("--wide-linears", help="B: these linears (comma list) as [W0 | B_all] too, whatever their "
+                       "shape (MeteoRALinear.wide_columns = 'always'); A: the default")
     which.add_argument("--left-gate", action="store_true",
                        help="A: gate / up as [W0 | B_all], each with its own copy of x; B: gate as [B_all | W0] "
                             "(the default: one [H_gate | x | H_up] for both)")
@@ -89,9 +96,14 @@ def main(argv=None) -> int:
                 graph.replay()
         return run
 
-    layout_a = "gate / up as [W0 | B_all], each its own x" if args.left_gate else "B columns apart, gate / up stacked"
-    print(f"{torch.cuda.get_device_name()}; A: {f'{var}=0' if var else layout_a}, "
-          f"B: {f'{var}=1' if var else 'the default (gate as [B_all | W0], up as [W0 | B_all])'}")
+    if var:
+        layout_a, layout_b = f"{var}=0", f"{var}=1"
+    elif args.wide_linears:
+        layout_a, layout_b = "the default", f"the default, {args.wide_linears} as [W0 | B_all] too"
+    else:
+        layout_a = "gate / up as [W0 | B_all], each its own x" if args.left_gate else "B columns apart, gate / up stacked"
+        layout_b = "the default (gate as [B_all | W0], up as [W0 | B_all])"
+    print(f"{torch.cuda.get_device_name()}; A: {layout_a}, B: {layout_b}")
     for routing in args.routing.split(","):
         unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
         columns = "narrow" if args.wide_gate_up or args.left_gate else "wide"
@@ -100,6 +112,8 @@ def main(argv=None) -> int:
         pack_groups(linears)
         stack_layout(linears)
         variant_b = wide_gate_up(linears) if args.wide_gate_up or args.left_gate else linears
+        if args.wide_linears:
+            variant_b = wide_gate_up(linears, names=set(args.wide_linears.split(",")))
         if args.left_gate:
             linears = wide_gate_up(linears, left=False)
         with torch.no_grad():

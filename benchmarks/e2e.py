@@ -200,12 +200,14 @@ class GatherBmmLinear(nn.Module):
 
 
 def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Generator,
-                expert_columns: str = "wide", groups: bool = True, stack_base: bool | set | None = None) -> dict:
+                expert_columns: str = "wide", groups: bool = True, stack_base: bool | set | None = None,
+                wide_linears: frozenset = frozenset()) -> dict:
     """Put a MeteoRALinear with random experts in place of every adapted linear; returns them.
     With ``groups``, q/k/v and gate/up run as one op each (LinearGroup, as MeteoRAModel does);
     ``stack_base``: MeteoRALinear.stack_base (the base weights in the rows before [gate; A]), for
     every linear, or for those named in a set (q_proj, ..., down_proj; a group stacks only if all
-    of its members do); None: the library's default."""
+    of its members do); None: the library's default. ``wide_linears``: linears (q_proj, ...) whose B
+    goes beside W0 whatever their shape (MeteoRALinear.wide_columns = "always")."""
     layers = {}
     with torch.no_grad():
         for parent, name, lin in list(linears(model)):
@@ -218,7 +220,7 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             m.gate.weight.copy_(torch.randn(experts, d_in, generator=gen, device="cuda") * d_in**-0.5)
             m.requires_grad_(False)
             m.expert_columns = expert_columns in ("wide", "narrow")
-            m.wide_columns = expert_columns == "wide"
+            m.wide_columns = "always" if name in wide_linears else expert_columns == "wide"
             m.stack_base = name in stack_base if isinstance(stack_base, set) else stack_base  # None: default
             m.pack_(base=m.expert_columns)
             setattr(parent, name, m)
@@ -433,6 +435,9 @@ def main(argv=None) -> int:
                     help="lora_B's layout (MeteoRALinear.expert_columns / wide_columns): beside W0's where d_out > d_in "
                          "(wide, the library's default), columns in a buffer of their own everywhere (narrow), or "
                          "the (N, d_out, r) tensor (none)")
+    ap.add_argument("--wide-linears", default="",
+                    help="comma list of linears (q_proj, ..., down_proj) whose B goes beside W0 whatever their shape "
+                         "(MeteoRALinear.wide_columns = 'always'; default: gate_proj / up_proj only, d_out > d_in)")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--separate-base", action="store_true",
@@ -497,8 +502,10 @@ def main(argv=None) -> int:
     if args.trace_memory:
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="all")
     stacked = False if args.separate_base else stacked_linears(args.stacked_linears)
+    wide = frozenset(n for n in args.wide_linears.split(",") if n)
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
-                         stack_base=stacked)
+                         stack_base=stacked, wide_linears=wide)
+    results["wide_linears"] = sorted(wide)
     results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in

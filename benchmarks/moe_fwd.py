@@ -72,7 +72,8 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int]]:
 class Linear:
     """One base linear with N rank-r experts and a gate, in every layout the methods need."""
 
-    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns="wide"):
+    def __init__(self, name, d_in, d_out, experts, rank, dtype, gen, hot: torch.Tensor | None, columns="wide",
+                 always_wide=False):
         dev = "cuda"
         self.name, self.d_in, self.d_out = name, d_in, d_out
 
@@ -92,8 +93,9 @@ class Linear:
         self.b_cat = self.b.permute(1, 0, 2).reshape(d_out, experts * rank).contiguous()
         # ours: lora_B as MeteoRALinear keeps it for inference (--expert-columns): "wide" (the
         # default, pack_(base=True)) as columns beside W0's where d_out > d_in, of a buffer of their
-        # own elsewhere; "narrow": of a buffer of their own everywhere; "none": the (N, d_out, r) tensor
-        self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and d_out > d_in) \
+        # own elsewhere (``always_wide``: beside W0's whatever the shape, --wide-linears); "narrow": of a
+        # buffer of their own everywhere; "none": the (N, d_out, r) tensor
+        self.w0_ours, self.b_ours = column_layout(self.w0, self.b, columns == "wide" and (d_out > d_in or always_wide)) \
             if columns in ("wide", "narrow") else (self.w0, self.b)
         self.stacked = None  # (w0, gate, a) as views of one buffer [W0; gate; A] (stack_layout)
         self.authors = None
@@ -452,6 +454,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--reference", default=None, help="checkout of NJUDeepEngine/meteora (for 'authors')")
+    ap.add_argument("--wide-linears", default="",
+                    help="comma list of shape names whose B goes beside W0 whatever their shape (MeteoRALinear."
+                         "wide_columns = 'always'; default: those with d_out > d_in)")
     ap.add_argument("--expert-columns", default="wide", choices=["narrow", "wide", "none"],
                     help="ours' lora_B layout (MeteoRALinear.expert_columns / wide_columns): beside W0's where d_out > d_in "
                          "(wide, the library's default), columns in a buffer of their own everywhere (narrow), or "
@@ -487,11 +492,13 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     hot_dirs = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
     results = dict(device=device, torch=torch.__version__, hardware=hw, experts=args.experts, rank=args.rank,
-                   top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, expert_columns=args.expert_columns, rows=[])
+                   top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, expert_columns=args.expert_columns,
+                   wide_linears=args.wide_linears, rows=[])
     for routing in args.routing.split(","):
         hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
-        linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns)
-                   for n, di, do in shapes]
+        wide = {n for n in args.wide_linears.split(",") if n}
+        linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns,
+                          n in wide) for n, di, do in shapes]
         pack_groups(linears)
         stack_layout(linears, stacked_linears(args.stacked_linears))
         if authors_fn is not None:

@@ -74,7 +74,8 @@ class MeteoRALinear(nn.Module):
         # H100, each alternated 30 times with the base model in one call (results/h100_wide_group):
         # prefill 0.882 / 0.899x the base model's tokens/s (1 x 4096 / 8 x 1024) against 0.869 / 0.878
         # with B's columns apart, decode 0.957 / 0.921x against 0.930 / 0.898 (batch 1 / 16).
-        self.wide_columns = True
+        # "always": beside W0's whatever the shape (for measurements: o_proj, q / k / v).
+        self.wide_columns: bool | str = True
         # Inference layout of the base weight (CUDA; pack_(base=True), LinearGroup.pack_): True keeps
         # it in the rows right before [gate; A] (a group's base weights all before its members'
         # [gate; A] blocks), so that at decode sizes (T <= 32) the op runs the base GEMMs and the
@@ -155,10 +156,12 @@ class MeteoRALinear(nn.Module):
 
     def _wide(self) -> bool:
         """Whether lora_B's columns go beside the base weight's: the prefill GEMM is then one GEMM of
-        [x | H] with [W0 | B_all], which pays (one copy of x) where d_out > d_in."""
+        [x | H] with [W0 | B_all], which pays (one copy of x) where d_out > d_in (``wide_columns``
+        True), or for every shape (``wide_columns == "always"``)."""
         w, b = self.base_layer.weight, self.lora_B
-        return self.wide_columns and w.shape[0] > w.shape[1] and w.dtype == b.dtype and w.device == b.device \
-            and type(w.data) is torch.Tensor
+        rule = self.wide_columns
+        return bool(rule) and (rule == "always" or w.shape[0] > w.shape[1]) and w.dtype == b.dtype \
+            and w.device == b.device and type(w.data) is torch.Tensor
 
     def _left(self) -> bool:
         """Whether B's columns go right before the base weight's ([B_all | W0]): the first of two

@@ -163,12 +163,14 @@ class MeteoRAModel(nn.Module):
                 mask[self.adapter_index(adapter)] = True
                 layer.forced_mask = mask
 
-    def set_expert_columns(self, enabled: bool = True, wide: bool = True) -> None:
+    def set_expert_columns(self, enabled: bool = True, wide: bool | str = True) -> None:
         """The CUDA inference layout of every layer's lora_B: as columns of a (d_out, N r) buffer
         (``enabled``, the default; with ``wide``, the default too, beside the base weight's where
-        d_out > d_in; ``wide=False``: in a buffer of their own everywhere), or
-        (``enabled=False``) as the (N, d_out, r) tensor; see MeteoRALinear.expert_columns and
-        wide_columns for the measured trade-off."""
+        d_out > d_in; ``wide="always"``: beside it in every linear; ``wide=False``: in a buffer of
+        their own everywhere), or (``enabled=False``) as the (N, d_out, r) tensor; see
+        MeteoRALinear.expert_columns and wide_columns for the measured trade-off."""
+        if wide not in (True, False, "always"):
+            raise ValueError(f"meteora: set_expert_columns(wide=...) takes True, False or 'always', got {wide!r}")
         for layer in self.meteora_layers().values():
             layer.expert_columns = enabled
             layer.wide_columns = wide

@@ -273,6 +273,19 @@ def test_inference_op_matches_training_path(device, tmp_path):
     torch.testing.assert_close(model(ids).logits, training, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "ckpt")  # shared storage is copied apart for safetensors
 
+    # "always": B beside W0 in every linear (q / k / v too: q keeps B before W0, k reads q's buffer)
+    model.set_expert_columns(wide="always")
+    for layer in model.meteora_layers().values():
+        assert layer.pack_(base=True) and layer.is_packed(base=True)
+        w, b = layer.base_layer.weight, layer.lora_B
+        assert w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    q = model.meteora_layers()["model.layers.0.self_attn.q_proj"]
+    assert q.base_layer.weight.storage_offset() == q.lora_B.storage_offset() + q.lora_B.shape[0] * q.lora_B.shape[2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="wide"):
+        model.set_expert_columns(wide="sometimes")
+
     # Narrow columns: B's columns in a buffer of their own everywhere, W0 out of [W0 | B_all] again.
     model.set_expert_columns(wide=False)
     assert not up.is_packed(base=True)

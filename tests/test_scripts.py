@@ -223,6 +223,9 @@ def test_ab_layer_wide_variant_keeps_the_weights():
         assert u.b_ours.storage_offset() == u.w0_ours.storage_offset() + 6  # [W0 | B_all]
         assert copies[2].w0_ours is down.w0 and copies[2].stacked == (down.w0,)
     assert gate.group == [gate, up]  # the originals keep theirs
+    d = wide_gate_up([gate, up, down], names={"down_proj"})[2]  # --wide-linears: any shape
+    assert d.stacked is None and d.b_ours.storage_offset() == d.w0_ours.storage_offset() + 10
+    assert torch.equal(d.w0_ours, down.w0) and torch.equal(d.b_ours, down.b)
 
 
 def test_profile_kernels_draws_timelines_from_a_log(tmp_path):
