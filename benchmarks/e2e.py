@@ -222,13 +222,15 @@ def add_meteora(model: Llama, experts: int, rank: int, top_k: int, gen: torch.Ge
             m.expert_columns = expert_columns in ("wide", "narrow")
             m.wide_columns = "always" if name in wide_linears else expert_columns == "wide"
             m.stack_base = name in stack_base if isinstance(stack_base, set) else stack_base  # None: default
-            m.pack_(base=m.expert_columns)
             setattr(parent, name, m)
             layers[(parent, name)] = m
+        # The inference layout, as the first CUDA forward would make it: each group's [gate; A] rows
+        # (and stacked base weights) in one buffer, then every linear's B columns (in a group, the
+        # first of gate / up keeps B before W0: MeteoRALinear._left), lone linears' rows too.
         for group in group_linears(model, groups):
             group.pack_()
-            for m in group.members:  # the first of gate / up keeps B before W0 in a group (MeteoRALinear._left)
-                m.pack_(base=m.expert_columns)
+        for m in layers.values():
+            m.pack_(base=m.expert_columns)
     return layers
 
 
