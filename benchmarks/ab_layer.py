@@ -63,6 +63,26 @@ def wide_gate_up(linears, left: bool = True, names=frozenset()):
     return out
 
 
+def given_inputs(linears, xs) -> dict:
+    """{first member's name: (x_cat, x_col)} for each group with a [B_all | W0] / [W0 | B_all] pair:
+    its x copied once into the middle of a buffer with room for both H (LinearGroup.input_columns)."""
+    out = {}
+    for lin in linears:
+        group = getattr(lin, "group", None)
+        if not group or group[0].name in out:
+            continue
+        for m, nxt in zip(group, group[1:]):
+            if not m.w0_ours.is_contiguous() and m.w0_ours.storage_offset() > m.b_ours.storage_offset():  # [B_all | W0]
+                nr = [v.b.shape[0] * v.b.shape[2] for v in (m, nxt)]
+                x_col = -(-nr[0] // 8) * 8
+                x = xs[lin.d_in]
+                x_cat = torch.empty(x.shape[0], -(-(x_col + lin.d_in + nr[1]) // 8) * 8, dtype=x.dtype, device=x.device)
+                x_cat[:, x_col: x_col + lin.d_in] = x
+                out[group[0].name] = (x_cat, x_col)
+                break
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
@@ -71,6 +91,9 @@ def main(argv=None) -> int:
                        help="A: every B as columns of their own, B: gate / up as [W0 | B_all] (the default)")
     which.add_argument("--wide-linears", help="B: these linears (comma list) as [W0 | B_all] too, whatever their "
                        "shape (MeteoRALinear.wide_columns = 'always'); A: the default")
+    which.add_argument("--x-in-place", action="store_true",
+                       help="B: gate / up's x given inside their [H_gate | x | H_up] buffer (linear_group_in, as "
+                            "MeteoRAModel.set_norm_into_group feeds it): no copy of x; A: the default")
     which.add_argument("--left-gate", action="store_true",
                        help="A: gate / up as [W0 | B_all], each with its own copy of x; B: gate as [B_all | W0] "
                             "(the default: one [H_gate | x | H_up] for both)")
@@ -100,6 +123,8 @@ def main(argv=None) -> int:
         layout_a, layout_b = f"{var}=0", f"{var}=1"
     elif args.wide_linears:
         layout_a, layout_b = "the default", f"the default, {args.wide_linears} as [W0 | B_all] too"
+    elif args.x_in_place:
+        layout_a, layout_b = "the default", "gate / up's x given in [H_gate | x | H_up]"
     else:
         layout_a = "gate / up as [W0 | B_all], each its own x" if args.left_gate else "B columns apart, gate / up stacked"
         layout_b = "the default (gate as [B_all | W0], up as [W0 | B_all])"
@@ -119,13 +144,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for tokens in [int(t) for t in args.tokens.split(",")]:
                 xs = make_inputs(linears, tokens, routing, torch.bfloat16, gen, hot)
+                x_cats = given_inputs(linears, xs) if args.x_in_place else None
                 graphs = {"base": capture(lambda: [run_base(lin, xs[lin.d_in], 2) for lin in linears])}
                 setting("0")
                 out_a = run_ours_layer(linears, xs, 2)
                 graphs["A"] = capture(lambda: run_ours_layer(linears, xs, 2))
                 setting("1")
-                out_b = run_ours_layer(variant_b, xs, 2)
-                graphs["B"] = capture(lambda: run_ours_layer(variant_b, xs, 2))
+                out_b = run_ours_layer(variant_b, xs, 2, x_cats=x_cats)
+                graphs["B"] = capture(lambda: run_ours_layer(variant_b, xs, 2, x_cats=x_cats))
                 setting("0")
                 same = all(torch.equal(a, b) for a, b in zip(out_a, out_b))
                 torch.cuda.synchronize()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_clock import ClockLog, attribute  # noqa: E402
 from benchmarks.moe_fwd import alternate, capture as graph_of, stacked_linears  # noqa: E402
 from meteora import MeteoRALinear  # noqa: E402
-from meteora.layer import group_linears  # noqa: E402
+from meteora.layer import NormIntoGroup, group_linears  # noqa: E402
 from meteora._files import atomic_write  # noqa: E402
 
 SYSTEMS = ("base", "merged", "gather_bmm", "meteora")
@@ -440,6 +440,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wide-linears", default="",
                     help="comma list of linears (q_proj, ..., down_proj) whose B goes beside W0 whatever their shape "
                          "(MeteoRALinear.wide_columns = 'always'; default: gate_proj / up_proj only, d_out > d_in)")
+    ap.add_argument("--norm-into-group", action="store_true",
+                    help="each block's post-attention RMSNorm writes into gate / up's [H_gate | x | H_up] buffer "
+                         "(MeteoRAModel.set_norm_into_group; opt-in): no copy of x")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--separate-base", action="store_true",
@@ -508,6 +511,9 @@ def main(argv=None) -> int:
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
                          stack_base=stacked, wide_linears=wide)
     results["wide_linears"] = sorted(wide)
+    if args.norm_into_group:  # as MeteoRAModel.set_norm_into_group does for Hugging Face models
+        results["norm_into_group"] = sum(NormIntoGroup.install(blk.post_attention_layernorm, blk.mlp.gate_proj)
+                                         for blk in model.layers)
     results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout
     # adds to them: the [gate; A] buffer's rows up to a multiple of 8 (B's columns beside W0's in

@@ -217,10 +217,12 @@ def stack_layout(linears, names=None) -> None:
             done.add(id(m))
 
 
-def run_ours_layer(lin_list, xs, k, routings=None, stacked=True):
+def run_ours_layer(lin_list, xs, k, routings=None, stacked=True, x_cats=None):
     """ours over lin_list: one meteora.linear_group per group whose members are all in lin_list,
     one meteora.linear per other linear; outputs in lin_list's order (routings, if a list, gets
-    each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one."""
+    each linear's (weight, idx)). ``stacked``: the layout of stack_layout where there is one.
+    ``x_cats``: {first member's name: (x_cat, x_col)}, that group's x given inside x_cat
+    (meteora.linear_group_in, as MeteoRAModel.set_norm_into_group feeds gate / up)."""
     def parts(m):
         return m.stacked if stacked and m.stacked is not None else (m.w0_ours, m.gate, m.a)
 
@@ -231,7 +233,10 @@ def run_ours_layer(lin_list, xs, k, routings=None, stacked=True):
         group = getattr(lin, "group", None)
         if group and all(any(m is l for l in lin_list) for m in group):
             args = [ops.LinearArgs(*parts(m)[:1], None, *parts(m)[1:], m.b_ours, m.s, None, k, 1.0) for m in group]
-            for m, (out, logits, w, idx) in zip(group, ops.linear_group(xs[lin.d_in], args, impl="kernel")):
+            given = (x_cats or {}).get(group[0].name)
+            outs = ops.linear_group_in(*given, lin.d_in, args, impl="kernel") if given else \
+                ops.linear_group(xs[lin.d_in], args, impl="kernel")
+            for m, (out, logits, w, idx) in zip(group, outs):
                 results[id(m)] = (out, Routing(logits, w, idx))
         else:
             w0, gate, a = parts(lin)

@@ -121,6 +121,14 @@ inline int64_t check_group_lists(at::TensorList base_weight, const c10::List<std
   return int64_t(n);
 }
 
+// x_cat[:, x_col : x_col + d_in] for meteora.linear_group_in, checked.
+inline at::Tensor group_input(const at::Tensor& x_cat, int64_t x_col, int64_t d_in) {
+  TORCH_CHECK(x_cat.dim() == 2 && x_col >= 0 && d_in >= 1 && x_col + d_in <= x_cat.size(1),
+              "meteora.linear_group_in: x = x_cat[:, ", x_col, " : ", x_col + d_in, "] must lie in x_cat of shape ",
+              x_cat.sizes());
+  return x_cat.narrow(1, x_col, d_in);
+}
+
 // meteora.linear_group as one meteora.linear per member (each device's own kernel, through the
 // dispatcher): [out_0, gate_logits_0, expert_weight_0, expert_idx_0, out_1, ...].
 inline std::vector<at::Tensor> linear_group_each(
@@ -145,6 +153,16 @@ inline std::vector<at::Tensor> linear_group_each(
     outs.insert(outs.end(), {out, logits, weight, idx});
   }
   return outs;
+}
+
+// meteora.linear_group_in without the column trick: linear_group_each on the view.
+inline std::vector<at::Tensor> linear_group_in_each(
+    const at::Tensor& x_cat, int64_t x_col, int64_t d_in, at::TensorList base_weight,
+    const c10::List<std::optional<at::Tensor>>& base_bias, at::TensorList gate_weight, at::TensorList lora_a,
+    at::TensorList lora_b, at::TensorList scaling, const c10::List<std::optional<at::Tensor>>& expert_mask,
+    at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  return linear_group_each(group_input(x_cat, x_col, d_in), base_weight, base_bias, gate_weight, lora_a, lora_b,
+                           scaling, expert_mask, top_k, temperature);
 }
 
 }  // namespace meteora

@@ -41,6 +41,13 @@ TORCH_LIBRARY(meteora, m) {
   m.def("linear_group(Tensor x, Tensor[] base_weight, Tensor?[] base_bias, Tensor[] gate_weight,"
         " Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling, Tensor?[] expert_mask, int[] top_k,"
         " float[] temperature) -> Tensor[]");
+  // meteora.linear_group on x = x_cat[:, x_col : x_col + d_in], free to write x_cat's other columns:
+  // on CUDA, at prefill sizes, a pair of members kept as [B_all | W0] and [W0 | B_all] (gate / up)
+  // writes its selections H there, so that [H | x] and [x | H] are read where x already is, no copy
+  // (x_cat wide enough: columns x_col - N r ... x_col + d_in + N r; else as linear_group on x).
+  m.def("linear_group_in(Tensor(a!) x_cat, int x_col, int d_in, Tensor[] base_weight, Tensor?[] base_bias,"
+        " Tensor[] gate_weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling, Tensor?[] expert_mask,"
+        " int[] top_k, float[] temperature) -> Tensor[]");
 }
 
 // meteora.linear and linear_group have no backward: its outputs carry a grad_fn that says so if one is asked for
@@ -48,6 +55,7 @@ TORCH_LIBRARY(meteora, m) {
 TORCH_LIBRARY_IMPL(meteora, Autograd, m) {
   m.impl("linear", torch::autograd::autogradNotImplementedFallback());
   m.impl("linear_group", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_group_in", torch::autograd::autogradNotImplementedFallback());
 }
 
 #ifdef METEORA_WITH_CUDA

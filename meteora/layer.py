@@ -407,6 +407,9 @@ class LinearGroup:
         self._input: torch.Tensor | None = None
         self._version: int | None = None
         self._waiting: dict[int, tuple[torch.Tensor, Routing]] = {}
+        # (x_cat, x_col, x): the next input, written by a NormIntoGroup into x_cat's columns
+        # x_col ... x_col + d_in (x, shaped as the norm returned it), the rest free for the op
+        self._given: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"LinearGroup({len(self.members)} members)"
@@ -465,6 +468,18 @@ class LinearGroup:
                 return self.members[i]
         return None
 
+    def input_columns(self, d_in: int) -> tuple[int, int] | None:
+        """(x_col, width): where in a (T, width) buffer the group's input x may be written so that
+        ``ops.linear_group_in`` reads it in place, with room for the [B_all | W0] member's H before
+        it and the next member's after it (both N r columns); None without such a pair."""
+        left = self.left_member()
+        if left is None:
+            return None
+        right = self.members[self.members.index(left) + 1]
+        nr_left, nr_right = (m.lora_B.shape[0] * m.lora_B.shape[2] for m in (left, right))
+        x_col = -(-nr_left // 8) * 8
+        return x_col, -(-(x_col + d_in + nr_right) // 8) * 8
+
     def _drop(self) -> None:
         self._input, self._version, self._waiting = None, None, {}
 
@@ -478,6 +493,7 @@ class LinearGroup:
             if not self._waiting:
                 self._drop()
             return done
+        given, self._given = self._given, None
         x2 = x.reshape(-1, x.shape[-1])
         # Members whose B columns go beside W0's ([W0 | B_all]: gate / up by default) and members
         # whose B columns do not run one op together only if they are all of one kind.
@@ -488,7 +504,11 @@ class LinearGroup:
         for m in self.members:
             if m.expert_columns:
                 m.pack_(True)  # B's columns, in a buffer of their own (nothing to do once packed)
-        results = ops.linear_group(x2, [m._op_args() for m in self.members])
+        args = [m._op_args() for m in self.members]
+        if given is not None and given[2] is x:  # x lies in given's buffer, with room for H on either side
+            results = ops.linear_group_in(given[0], given[1], x2.shape[1], args)
+        else:
+            results = ops.linear_group(x2, args)
         mine = None
         self._drop()
         for m, (out, logits, weight, idx) in zip(self.members, results):
@@ -498,6 +518,67 @@ class LinearGroup:
                 self._waiting[id(m)] = (out, Routing(logits, weight, idx))
         self._input, self._version = x, _version(x)
         return mine
+
+
+class NormIntoGroup:
+    """The forward of an RMSNorm whose output feeds a LinearGroup with a [B_all | W0] / [W0 | B_all]
+    pair (gate / up; ``member`` is one of the group's linears, whose ``group`` is read at each call),
+    installed as the norm's ``forward`` (``install``; its parameters and state_dict keys stay as
+    they are): at prefill
+    sizes (T > 32, fp16 / bf16, no autograd, on CUDA or with LinearGroup.on_cpu) it writes its
+    output into the middle of a (T, width) buffer (``LinearGroup.input_columns``) and hands the
+    group that buffer, whose op (``ops.linear_group_in``) then writes each member's selection H
+    beside x instead of copying x. The same arithmetic as Hugging Face's LlamaRMSNorm (x in fp32,
+    times rsqrt(mean(x^2) + eps), cast back, times the weight), so the same bits; anywhere else, and
+    for norms other than an RMSNorm of that form, it is the norm's own forward.
+    ``MeteoRAModel.set_norm_into_group`` installs it (opt-in)."""
+
+    # RMSNorm classes computed as above: Hugging Face's LLaMA-family ones, benchmarks/e2e.py's own
+    RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "RMSNorm")
+
+    def __init__(self, norm: nn.Module, member: MeteoRALinear) -> None:
+        self.norm, self.member = norm, member
+
+    @staticmethod
+    def install(norm: nn.Module, member: MeteoRALinear | None) -> bool:
+        """Give ``norm`` this forward for ``member``'s group (None: its own forward again). Returns
+        whether it is installed."""
+        if isinstance(norm.__dict__.get("forward"), NormIntoGroup):
+            del norm.forward
+        if member is None or NormIntoGroup.epsilon(norm) is None:
+            return False
+        norm.forward = NormIntoGroup(norm, member)
+        return True
+
+    @staticmethod
+    def epsilon(norm: nn.Module) -> float | None:
+        """The eps of an RMSNorm that NormIntoGroup can compute, else None."""
+        if type(norm).__name__ not in NormIntoGroup.RMS_NORMS or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            return None
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        return float(eps) if isinstance(eps, (int, float)) else None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        norm, group = self.norm, self.member.group
+        d = h.shape[-1]
+        tokens = h.numel() // d if d else 0
+        weight = norm.weight
+        eps = self.epsilon(norm)
+        columns = None if group is None else group.input_columns(d)
+        if (columns is None or eps is None or tokens <= 32 or torch.compiler.is_compiling()
+                or not (h.is_cuda or LinearGroup.on_cpu) or h.dtype not in (torch.float16, torch.bfloat16)
+                or weight.dtype != h.dtype or weight.device != h.device
+                or _needs_grad(h, weight)):
+            return type(norm).forward(norm, h)
+        x_col, width = columns
+        x_cat = torch.empty(tokens, width, dtype=h.dtype, device=h.device)
+        x = x_cat[:, x_col: x_col + d]
+        hs = h.reshape(tokens, d).to(torch.float32)
+        hs = hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + eps)
+        torch.mul(weight, hs.to(h.dtype), out=x)
+        out = x.view(*h.shape[:-1], d)
+        group._given = (x_cat, x_col, out)
+        return out
 
 
 def _version(x: torch.Tensor) -> int | None:

@@ -16,7 +16,7 @@ from torch import nn
 from ._files import atomic_folder as _atomic_folder
 from ._files import atomic_write as _atomic_write
 from .adapters import TARGET_MODULES, AdapterError, LoraAdapter, load_adapter
-from .layer import MeteoRALinear, Routing, check_routing, group_linears
+from .layer import MeteoRALinear, NormIntoGroup, Routing, check_routing, group_linears
 
 CONFIG_NAME = "meteora_config.json"
 WEIGHTS_NAME = "meteora_model.safetensors"
@@ -190,6 +190,20 @@ class MeteoRAModel(nn.Module):
         Returns the number of groups."""
         self.grouped = enabled
         return len(group_linears(self.model, enabled))
+
+    def set_norm_into_group(self, enabled: bool = True) -> int:
+        """Opt-in: let each decoder layer's post-attention RMSNorm write its output straight into
+        the buffer that its gate / up group's prefill reads ([H_gate | x | H_up], LinearGroup
+        .input_columns), so that x is not copied there (meteora.layer.NormIntoGroup; same values);
+        ``enabled=False`` gives the norms their own forward back. Returns the norms changed."""
+        count = 0
+        for module in self.model.modules():
+            norm, mlp = module._modules.get("post_attention_layernorm"), module._modules.get("mlp")
+            if norm is None or mlp is None:
+                continue
+            gate = mlp._modules.get("gate_proj")
+            count += NormIntoGroup.install(norm, gate if enabled and isinstance(gate, MeteoRALinear) else None)
+        return count
 
     def record_routing(self, enabled: bool = True) -> None:
         """Keep each layer's last Routing (with autograd history) for the gate loss."""

@@ -169,6 +169,25 @@ def linear_group(
     return [linear(x, *m, impl=impl) for m in members]
 
 
+def linear_group_in(
+    x_cat: torch.Tensor, x_col: int, d_in: int, members: Sequence[LinearArgs], impl: str = "auto"
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``linear_group`` on x = x_cat[:, x_col : x_col + d_in], free to write x_cat's other columns:
+    on CUDA, at prefill sizes, a pair of members kept as [B_all | W0] and [W0 | B_all] (gate / up,
+    MeteoRALinear._left) writes its selections H on either side of x there and reads [H | x] and
+    [x | H] in place, with no copy of x (``LinearGroup.input_columns`` gives the columns it needs)."""
+    if not members:
+        raise ValueError("meteora: linear_group_in needs at least one member")
+    if _use_kernel(impl, x_cat.device):
+        cols = list(zip(*members))
+        flat = torch.ops.meteora.linear_group_in(
+            x_cat, int(x_col), int(d_in), list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]),
+            list(cols[5]), list(cols[6]), [int(k) for k in cols[7]], [float(t) for t in cols[8]]
+        )
+        return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
+    return linear_group(x_cat[:, x_col: x_col + d_in], members, impl=impl)
+
+
 def check_routing(num_experts: int, top_k: int, temperature: float) -> None:
     """The routing settings every path accepts (the compiled ops check the same in C++)."""
     if not isinstance(top_k, int) or not 1 <= top_k <= min(num_experts, 8):
@@ -218,6 +237,11 @@ if HAS_EXTENSION:
             outs.extend(_linear_fake(x, base_weight[i], base_bias[i], gate_weight[i], lora_a[i], lora_b[i],
                                      scaling[i], expert_mask[i], top_k[i], temperature[i]))
         return outs
+
+    @torch.library.register_fake("meteora::linear_group_in")
+    def _linear_group_in_fake(x_cat, x_col, d_in, *members):
+        torch._check(x_cat.dim() == 2 and x_col >= 0 and x_col + d_in <= x_cat.shape[1])
+        return _linear_group_fake(x_cat.narrow(1, x_col, d_in), *members)
 
     @torch.library.register_fake("meteora::route_backward")
     def _route_backward_fake(grad_logits, grad_weight, x, gate_weight, expert_weight, expert_idx, temperature):

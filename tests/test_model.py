@@ -298,6 +298,40 @@ def test_inference_op_matches_training_path(device, tmp_path):
         torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_norm_into_group(device, tmp_path, monkeypatch):
+    """set_norm_into_group: the post-attention RMSNorm writes its output into the gate / up group's
+    [H_gate | x | H_up] buffer at prefill sizes (one linear_group_in per layer), the logits stay the
+    same bits, the state_dict keys too; decode sizes, autograd and the norms' own forward again
+    (enabled=False) take the usual path."""
+    if device == "cpu":
+        monkeypatch.setattr(LinearGroup, "on_cpu", True)
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model().to(device=device, dtype=torch.bfloat16), adapters, top_k=1).eval()
+    for layer in model.meteora_layers().values():
+        torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    calls = []
+    monkeypatch.setattr(meteora.ops, "linear_group_in",
+                        lambda *a, _f=meteora.ops.linear_group_in, **kw: calls.append(1) or _f(*a, **kw))
+    keys = list(model.state_dict())
+    prefill, decode = (torch.randint(0, 97, shape, device=device) for shape in ((2, 40), (2, 5)))
+    with torch.no_grad():
+        for layer in model.meteora_layers().values():
+            layer.pack_(base=True)
+        expected = {n: model(ids).logits for n, ids in (("prefill", prefill), ("decode", decode))}
+        assert model.set_norm_into_group() == 2 and not calls
+        torch.testing.assert_close(model(prefill).logits, expected["prefill"], rtol=0, atol=0)
+        assert len(calls) == 2  # one per layer
+        torch.testing.assert_close(model(decode).logits, expected["decode"], rtol=0, atol=0)
+        assert len(calls) == 2
+    assert list(model.state_dict()) == keys
+    model.set_norm_into_group(False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(prefill).logits, expected["prefill"], rtol=0, atol=0)
+    assert len(calls) == 2
+
+
 def test_expert_columns_survive_add_adapter(tmp_path):
     """lora_B kept as columns (the prefill layout): adding an adapter keeps the setting, and the
     old adapters' outputs, before and after the new layer packs its own buffers."""

@@ -264,6 +264,18 @@ def packed_group(pairs, bases=()):
 GROUP_MEMBERS = [(40, 3, 2, [4, 8, 2], True, False), (24, 28, 2, None, False, True), (72, 5, 5, [1, 3, 8, 8, 2], True, True)]
 
 
+def group_members(tokens, dtype, device, seed, d_in, gen):
+    """GROUP_MEMBERS as LinearArgs on d_in (mixed N, k, ranks, biases, masks, temperatures)."""
+    members = []
+    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
+        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
+        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
+        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
+        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
+                                      inp["scaling"], mask, top_k, 0.5 + i * 0.3))
+    return members
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -283,13 +295,7 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
     gen = torch.Generator().manual_seed(seed)
     d_in = 24 + seed % 17
     x = make_inputs(tokens, 1, 1, dtype, device, seed, noncontiguous=seed % 2 == 0, d_in=d_in)["x"]
-    members = []
-    for i, (d_out, experts, top_k, ranks, use_bias, use_mask) in enumerate(GROUP_MEMBERS):
-        inp = make_inputs(tokens, experts, top_k, dtype, device, seed + i, ranks=ranks, d_in=d_in, d_out=d_out)
-        bias = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype) if use_bias else None
-        mask = (torch.rand(experts, generator=gen) < 0.6).to(device) if use_mask else None
-        members.append(ops.LinearArgs(inp["weight"], bias, inp["gate_weight"], inp["lora_a"], inp["lora_b"],
-                                      inp["scaling"], mask, top_k, 0.5 + i * 0.3))
+    members = group_members(tokens, dtype, device, seed, d_in, gen)
     pairs = [(m.gate_weight, m.lora_a) for m in members]
     layouts = {
         "one buffer": packed_group(pairs),
@@ -328,6 +334,41 @@ def test_linear_group_matches_float64(device, impl, dtype, tokens):
                      for w0, b in [column_layout(m.base_weight, m.lora_b, False)]]
         for i, (m, result) in enumerate(zip(group, ops.linear_group(x, group, impl=impl))):
             verify_linear(result, x, *m, what=f"member {i} (bias-free last), B {b_layout}, seed {seed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [0, 7, 33, 300])
+def test_linear_group_in_matches_float64(device, dtype, tokens):
+    """linear_group_in: x given inside a wider buffer x_cat. Members 0 and 1 as [B_all | W0] and
+    [W0 | B_all] (on CUDA at prefill sizes their selections go beside x in x_cat, no copy; member 2
+    [W0 | B_all] with a copy of its own), every result against float64 at its own selection, x's
+    columns unchanged; an x_cat too narrow for the H on both sides, and other layouts, give the
+    same results through linear_group on the view."""
+    _skip_unless_available("kernel", device)
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    d_in = 24 + seed % 17
+    members = group_members(tokens, dtype, device, seed, d_in, gen)
+    views = packed_group([(m.gate_weight, m.lora_a) for m in members])
+    group = [m._replace(gate_weight=g, lora_a=a) for m, (g, a) in zip(members, views)]
+    for i in range(len(group)):
+        w0, b = column_layout(group[i].base_weight, group[i].lora_b, True, left=i == 0)
+        group[i] = group[i]._replace(base_weight=w0, lora_b=b)
+    nr = [m.lora_b.shape[0] * m.lora_b.shape[2] for m in group]
+    x = make_inputs(tokens, 1, 1, dtype, device, seed, d_in=d_in)["x"]
+    x_col = -(-nr[0] // 8) * 8
+    for width, what in ((x_col + d_in + nr[1] + 3, "room on both sides"), (x_col + d_in, "too narrow"),
+                        (x_col + d_in + nr[1], "just wide enough")):
+        x_cat = torch.full((tokens, width), float("nan"), dtype=dtype, device=device)
+        x_cat[:, x_col: x_col + d_in] = x
+        results = ops.linear_group_in(x_cat, x_col, d_in, group)
+        assert torch.equal(x_cat[:, x_col: x_col + d_in], x), what
+        for i, (m, result) in enumerate(zip(group, results)):
+            verify_linear(result, x, *m, what=f"member {i}, {what}, seed {seed}")
+    with pytest.raises(RuntimeError, match="x_cat"):
+        torch.ops.meteora.linear_group_in(x_cat, x_col, d_in + 1000, *[list(c) for c in list(zip(*group))[:7]],
+                                          [m.top_k for m in group], [m.temperature for m in group])
 
 
 @pytest.mark.parametrize("device", DEVICES)

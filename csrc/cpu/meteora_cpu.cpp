@@ -261,6 +261,7 @@ TORCH_LIBRARY_IMPL(meteora, CPU, m) {
   m.impl("lora_experts_backward", &lora_experts_backward_cpu);
   m.impl("linear", &linear_cpu);
   m.impl("linear_group", &linear_group_each);
+  m.impl("linear_group_in", &linear_group_in_each);
 }
 
 }  // namespace meteora

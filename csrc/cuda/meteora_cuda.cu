@@ -784,25 +784,46 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
 // member a followed by a member b, so that such a pair (gate / up) copies x once. After the join,
 // one GEMM of [x | H] with [W0 | B_all] (or [H | x] with [B_all | W0]) per member gives
 // x W0^T + H B_all^T (+ bias) with one pass over the output (no second, in-place expand GEMM).
+// x is given inside a wider buffer that may be written around it (meteora.linear_group_in):
+// x = x_cat[:, col : col + x.size(1)].
+struct GivenInput {
+  at::Tensor x_cat;
+  int64_t col;
+};
+
 void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
-              const std::vector<int64_t>& cols) {
+              const std::vector<int64_t>& cols, const GivenInput* given = nullptr) {
   const int64_t tokens = x.size(0), d_in = x.size(1);
   const auto up8 = [](int64_t n) { return (n + 7) / 8 * 8; };
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  std::vector<at::Tensor> x_cat;  // each holds x at column x_col[j]
+  std::vector<at::Tensor> x_cat;  // each holds x at column x_col[j] (a copy, unless given[j])
   std::vector<int64_t> x_col;
+  std::vector<bool> in_place;
   std::vector<size_t> input(members.size());  // member i's buffer in x_cat
   for (size_t i = 0; i < members.size(); ++i) {
     Member& m = members[i];
     m.allocate_routing(x);
     if (i > 0 && members[i - 1].left && !m.left) continue;  // placed with the left member before it
     const bool pair = m.left && i + 1 < members.size() && !members[i + 1].left;
+    // The given buffer serves the first pair whose H fit on either side of x there.
+    if (pair && given != nullptr && given->col >= m.nr &&
+        given->col + d_in + members[i + 1].nr <= given->x_cat.size(1) &&
+        std::find(in_place.begin(), in_place.end(), true) == in_place.end()) {
+      x_cat.push_back(given->x_cat);
+      x_col.push_back(given->col);
+      in_place.push_back(true);
+      m.H = given->x_cat.narrow(1, given->col - m.nr, m.nr);
+      members[i + 1].H = given->x_cat.narrow(1, given->col + d_in, members[i + 1].nr);
+      input[i] = input[i + 1] = x_cat.size() - 1;
+      continue;
+    }
     // x at a multiple of 8 columns (16-byte copies); a left member's H right before it, the next
     // member's (pair) or this one's right after it
     const int64_t col = m.left ? up8(m.nr) : 0;
     const int64_t after = m.left ? (pair ? members[i + 1].nr : 0) : m.nr;
     x_cat.push_back(at::empty({tokens, up8(col + d_in + after)}, x.options()));
     x_col.push_back(col);
+    in_place.push_back(false);
     m.H = x_cat.back().narrow(1, m.left ? col - m.nr : d_in, m.nr);
     input[i] = x_cat.size() - 1;
     if (pair) {
@@ -824,6 +845,7 @@ void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& m
   }
   for (size_t j = 0; j < x_cat.size(); ++j) {
     at::Tensor& xc = x_cat[j];
+    if (in_place[j]) continue;  // x is there already
     if (x.stride(1) == 1) {  // 16-byte copies where aligned (copy_ into the strided columns ran at a quarter speed)
       cuda::copy_rows(static_cast<char*>(xc.data_ptr()) + x_col[j] * xc.element_size(), xc.stride(0), x.data_ptr(),
                       x.stride(0), tokens, d_in, main_stream.stream());
@@ -934,10 +956,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cuda(
 // consecutive blocks (each padded to a multiple of 8 rows) of one buffer (at prefill sizes with
 // every member wide, or none: run_wide, run_members); otherwise, or for fp32 / mixed dtypes, T = 0
 // or wide and other members together at prefill sizes, one meteora.linear per member.
-std::vector<at::Tensor> linear_group_cuda(
+std::vector<at::Tensor> linear_group_impl(
     const at::Tensor& x, at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
     at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling,
-    const c10::List<std::optional<at::Tensor>>& expert_mask, at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+    const c10::List<std::optional<at::Tensor>>& expert_mask, at::IntArrayRef top_k, at::ArrayRef<double> temperature,
+    const GivenInput* given) {
   const int64_t n = check_group_lists(base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask,
                                       top_k, temperature);
   const auto each = [&] {
@@ -987,7 +1010,7 @@ std::vector<at::Tensor> linear_group_cuda(
   if (start >= 0) {
     run_stacked(x, rows, members, base_cols, cols);
   } else if (prefill && wide == n) {
-    run_wide(x, rows, members, cols);
+    run_wide(x, rows, members, cols, given);
   } else {
     run_members(x, rows, members, cols);
   }
@@ -997,6 +1020,28 @@ std::vector<at::Tensor> linear_group_cuda(
   return outs;
 }
 
+std::vector<at::Tensor> linear_group_cuda(
+    const at::Tensor& x, at::TensorList base_weight, const c10::List<std::optional<at::Tensor>>& base_bias,
+    at::TensorList gate_weight, at::TensorList lora_a, at::TensorList lora_b, at::TensorList scaling,
+    const c10::List<std::optional<at::Tensor>>& expert_mask, at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  return linear_group_impl(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                           temperature, nullptr);
+}
+
+// meteora.linear_group_in on CUDA: linear_group on the view, whose wide pair (gate / up) writes its
+// selections beside x in x_cat instead of copying x (run_wide).
+std::vector<at::Tensor> linear_group_in_cuda(
+    const at::Tensor& x_cat, int64_t x_col, int64_t d_in, at::TensorList base_weight,
+    const c10::List<std::optional<at::Tensor>>& base_bias, at::TensorList gate_weight, at::TensorList lora_a,
+    at::TensorList lora_b, at::TensorList scaling, const c10::List<std::optional<at::Tensor>>& expert_mask,
+    at::IntArrayRef top_k, at::ArrayRef<double> temperature) {
+  const at::Tensor x = group_input(x_cat, x_col, d_in);
+  const GivenInput given{x_cat, x_col};
+  const bool usable = x_cat.stride(1) == 1 && x_cat.stride(0) >= x_cat.size(1);
+  return linear_group_impl(x, base_weight, base_bias, gate_weight, lora_a, lora_b, scaling, expert_mask, top_k,
+                           temperature, usable ? &given : nullptr);
+}
+
 }  // namespace
 
 int64_t fused_expand_launches() { return fused_expand_launches_.load(std::memory_order_relaxed); }
@@ -1004,6 +1049,7 @@ int64_t fused_expand_launches() { return fused_expand_launches_.load(std::memory
 TORCH_LIBRARY_IMPL(meteora, CUDA, m) {
   m.impl("linear", &linear_cuda);
   m.impl("linear_group", &linear_group_cuda);
+  m.impl("linear_group_in", &linear_group_in_cuda);
   m.impl("route", &route_cuda);
   m.impl("route_backward", &route_backward_cuda);
   m.impl("lora_experts", &lora_experts_cuda);
