@@ -45,6 +45,7 @@ TORCH_LIBRARY(meteora, m) {
   // on CUDA, at prefill sizes, a pair of members kept as [B_all | W0] and [W0 | B_all] (gate / up)
   // writes its selections H there, so that [H | x] and [x | H] are read where x already is, no copy
   // (x_cat wide enough: columns x_col - N r ... x_col + d_in + N r; else as linear_group on x).
+  // Not for torch.compile: torch cannot functionalize an op that writes an input and returns a list.
   m.def("linear_group_in(Tensor(a!) x_cat, int x_col, int d_in, Tensor[] base_weight, Tensor?[] base_bias,"
         " Tensor[] gate_weight, Tensor[] lora_a, Tensor[] lora_b, Tensor[] scaling, Tensor?[] expert_mask,"
         " int[] top_k, float[] temperature) -> Tensor[]");

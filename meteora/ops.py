@@ -175,7 +175,8 @@ def linear_group_in(
     """``linear_group`` on x = x_cat[:, x_col : x_col + d_in], free to write x_cat's other columns:
     on CUDA, at prefill sizes, a pair of members kept as [B_all | W0] and [W0 | B_all] (gate / up,
     MeteoRALinear._left) writes its selections H on either side of x there and reads [H | x] and
-    [x | H] in place, with no copy of x (``LinearGroup.input_columns`` gives the columns it needs)."""
+    [x | H] in place, with no copy of x (``LinearGroup.input_columns`` gives the columns it needs).
+    Not for torch.compile: torch cannot functionalize an op that writes an input and returns a list."""
     if not members:
         raise ValueError("meteora: linear_group_in needs at least one member")
     if _use_kernel(impl, x_cat.device):
