@@ -512,7 +512,7 @@ def main(argv=None) -> int:
                          stack_base=stacked, wide_linears=wide)
     results["wide_linears"] = sorted(wide)
     if args.norm_into_group:  # as MeteoRAModel.set_norm_into_group does for Hugging Face models
-        results["norm_into_group"] = sum(NormIntoGroup.install(blk.post_attention_layernorm, blk.mlp.gate_proj)
+        results["norm_into_group"] = sum(NormIntoGroup.install(blk.post_attention_layernorm, blk.mlp)
                                          for blk in model.layers)
     results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked
     # The adapters' and gates' own weights (issue 7's memory budget), and what the packed layout

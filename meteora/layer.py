@@ -522,10 +522,10 @@ class LinearGroup:
 
 class NormIntoGroup:
     """The forward of an RMSNorm whose output feeds a LinearGroup with a [B_all | W0] / [W0 | B_all]
-    pair (gate / up; ``member`` is one of the group's linears, whose ``group`` is read at each call),
-    installed as the norm's ``forward`` (``install``; its parameters and state_dict keys stay as
-    they are): at prefill
-    sizes (T > 32, fp16 / bf16, no autograd, on CUDA or with LinearGroup.on_cpu) it writes its
+    pair (gate / up: ``mlp.gate_proj``'s group, looked up at each call, so that linears made anew,
+    e.g. by MeteoRAModel.add_adapter, are found), installed as the norm's ``forward`` (``install``;
+    its parameters and state_dict keys stay as they are): at prefill sizes (T > 32, fp16 / bf16,
+    no autograd, on CUDA or with LinearGroup.on_cpu) it writes its
     output into the middle of a (T, width) buffer (``LinearGroup.input_columns``) and hands the
     group that buffer, whose op (``ops.linear_group_in``) then writes each member's selection H
     beside x instead of copying x. The same arithmetic as Hugging Face's LlamaRMSNorm (x in fp32,
@@ -536,18 +536,18 @@ class NormIntoGroup:
     # RMSNorm classes computed as above: Hugging Face's LLaMA-family ones, benchmarks/e2e.py's own
     RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "RMSNorm")
 
-    def __init__(self, norm: nn.Module, member: MeteoRALinear) -> None:
-        self.norm, self.member = norm, member
+    def __init__(self, norm: nn.Module, mlp: nn.Module) -> None:
+        self.norm, self.mlp = norm, mlp
 
     @staticmethod
-    def install(norm: nn.Module, member: MeteoRALinear | None) -> bool:
-        """Give ``norm`` this forward for ``member``'s group (None: its own forward again). Returns
-        whether it is installed."""
+    def install(norm: nn.Module, mlp: nn.Module | None) -> bool:
+        """Give ``norm`` this forward for ``mlp.gate_proj``'s group (None: its own forward again).
+        Returns whether it is installed."""
         if isinstance(norm.__dict__.get("forward"), NormIntoGroup):
             del norm.forward
-        if member is None or NormIntoGroup.epsilon(norm) is None:
+        if mlp is None or NormIntoGroup.epsilon(norm) is None:
             return False
-        norm.forward = NormIntoGroup(norm, member)
+        norm.forward = NormIntoGroup(norm, mlp)
         return True
 
     @staticmethod
@@ -559,7 +559,8 @@ class NormIntoGroup:
         return float(eps) if isinstance(eps, (int, float)) else None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        norm, group = self.norm, self.member.group
+        norm = self.norm
+        group = getattr(self.mlp._modules.get("gate_proj"), "group", None)
         d = h.shape[-1]
         tokens = h.numel() // d if d else 0
         weight = norm.weight

@@ -202,7 +202,7 @@ class MeteoRAModel(nn.Module):
             if norm is None or mlp is None:
                 continue
             gate = mlp._modules.get("gate_proj")
-            count += NormIntoGroup.install(norm, gate if enabled and isinstance(gate, MeteoRALinear) else None)
+            count += NormIntoGroup.install(norm, mlp if enabled and isinstance(gate, MeteoRALinear) else None)
         return count
 
     def record_routing(self, enabled: bool = True) -> None:
