@@ -35,7 +35,7 @@ from benchmarks.gpu_clock import ClockLog  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
     LLAMA3_8B, Linear, capture, event_ms, left_first, make_inputs, pack_groups, parse_shapes, run_base,
     run_ours_layer, stack_layout)
-from meteora.layer import column_layout  # noqa: E402
+from meteora.layer import column_layout, wide_input_columns  # noqa: E402
 
 
 def wide_gate_up(linears, left: bool = True, names=frozenset()):
@@ -73,10 +73,9 @@ def given_inputs(linears, xs) -> dict:
             continue
         for m, nxt in zip(group, group[1:]):
             if not m.w0_ours.is_contiguous() and m.w0_ours.storage_offset() > m.b_ours.storage_offset():  # [B_all | W0]
-                nr = [v.b.shape[0] * v.b.shape[2] for v in (m, nxt)]
-                x_col = -(-nr[0] // 8) * 8
+                x_col, width = wide_input_columns(*(v.b.shape[0] * v.b.shape[2] for v in (m, nxt)), lin.d_in)
                 x = xs[lin.d_in]
-                x_cat = torch.empty(x.shape[0], -(-(x_col + lin.d_in + nr[1]) // 8) * 8, dtype=x.dtype, device=x.device)
+                x_cat = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
                 x_cat[:, x_col: x_col + lin.d_in] = x
                 out[group[0].name] = (x_cat, x_col)
                 break

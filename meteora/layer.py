@@ -476,9 +476,7 @@ class LinearGroup:
         if left is None:
             return None
         right = self.members[self.members.index(left) + 1]
-        nr_left, nr_right = (m.lora_B.shape[0] * m.lora_B.shape[2] for m in (left, right))
-        x_col = -(-nr_left // 8) * 8
-        return x_col, -(-(x_col + d_in + nr_right) // 8) * 8
+        return wide_input_columns(*(m.lora_B.shape[0] * m.lora_B.shape[2] for m in (left, right)), d_in)
 
     def _drop(self) -> None:
         self._input, self._version, self._waiting = None, None, {}
@@ -518,6 +516,14 @@ class LinearGroup:
                 self._waiting[id(m)] = (out, Routing(logits, weight, idx))
         self._input, self._version = x, _version(x)
         return mine
+
+
+def wide_input_columns(nr_before: int, nr_after: int, d_in: int) -> tuple[int, int]:
+    """(x_col, width) of an [H_before | x | H_after] buffer as the CUDA op lays it out (run_wide): x
+    from a multiple of 8 columns, H_before (nr_before columns) right before it, H_after right after,
+    the row a multiple of 8 elements."""
+    x_col = -(-nr_before // 8) * 8
+    return x_col, -(-(x_col + d_in + nr_after) // 8) * 8
 
 
 class NormIntoGroup:
@@ -560,16 +566,18 @@ class NormIntoGroup:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         norm = self.norm
-        group = getattr(self.mlp._modules.get("gate_proj"), "group", None)
         d = h.shape[-1]
         tokens = h.numel() // d if d else 0
         weight = norm.weight
-        eps = self.epsilon(norm)
-        columns = None if group is None else group.input_columns(d)
-        if (columns is None or eps is None or tokens <= 32 or torch.compiler.is_compiling()
-                or not (h.is_cuda or LinearGroup.on_cpu) or h.dtype not in (torch.float16, torch.bfloat16)
-                or weight.dtype != h.dtype or weight.device != h.device
+        # the cheap checks first: decode-sized calls leave here
+        if (tokens <= 32 or h.dtype not in (torch.float16, torch.bfloat16) or not (h.is_cuda or LinearGroup.on_cpu)
+                or weight.dtype != h.dtype or weight.device != h.device or torch.compiler.is_compiling()
                 or _needs_grad(h, weight)):
+            return type(norm).forward(norm, h)
+        group = getattr(self.mlp._modules.get("gate_proj"), "group", None)
+        columns = None if group is None else group.input_columns(d)
+        eps = self.epsilon(norm)
+        if columns is None or eps is None:
             return type(norm).forward(norm, h)
         x_col, width = columns
         x_cat = torch.empty(tokens, width, dtype=h.dtype, device=h.device)

@@ -160,13 +160,19 @@ def linear_group(
     if not members:
         raise ValueError("meteora: linear_group needs at least one member")
     if _use_kernel(impl, x.device):
-        cols = list(zip(*members))
-        flat = torch.ops.meteora.linear_group(
-            x, list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]), list(cols[5]),
-            list(cols[6]), [int(k) for k in cols[7]], [float(t) for t in cols[8]]
-        )
-        return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
+        return _per_member(torch.ops.meteora.linear_group(x, *_member_lists(members)))
     return [linear(x, *m, impl=impl) for m in members]
+
+
+def _member_lists(members: Sequence[LinearArgs]) -> list[list]:
+    """The members' arguments as the compiled group ops take them: one list per LinearArgs field."""
+    cols = list(zip(*members))
+    return [list(c) for c in cols[:7]] + [[int(k) for k in cols[7]], [float(t) for t in cols[8]]]
+
+
+def _per_member(flat: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A group op's flat [out_0, logits_0, weight_0, idx_0, out_1, ...] as one tuple per member."""
+    return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
 
 
 def linear_group_in(
@@ -180,12 +186,7 @@ def linear_group_in(
     if not members:
         raise ValueError("meteora: linear_group_in needs at least one member")
     if _use_kernel(impl, x_cat.device):
-        cols = list(zip(*members))
-        flat = torch.ops.meteora.linear_group_in(
-            x_cat, int(x_col), int(d_in), list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]),
-            list(cols[5]), list(cols[6]), [int(k) for k in cols[7]], [float(t) for t in cols[8]]
-        )
-        return [tuple(flat[i: i + 4]) for i in range(0, len(flat), 4)]
+        return _per_member(torch.ops.meteora.linear_group_in(x_cat, int(x_col), int(d_in), *_member_lists(members)))
     return linear_group(x_cat[:, x_col: x_col + d_in], members, impl=impl)
 
 

@@ -777,6 +777,13 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
   }
 }
 
+// x given inside a wider buffer that may be written around it (meteora.linear_group_in):
+// x = x_cat[:, col : col + x.size(1)].
+struct GivenInput {
+  at::Tensor x_cat;
+  int64_t col;
+};
+
 // Wide prefill (every member's B columns beside its W0's in the same rows: [W0 | B_all], or
 // [B_all | W0] ("left")). The side stream runs the routing GEMM for every member and one route_select
 // launch, which writes each member's selection H next to a copy of x that the current stream makes
@@ -784,47 +791,32 @@ void run_members(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>
 // member a followed by a member b, so that such a pair (gate / up) copies x once. After the join,
 // one GEMM of [x | H] with [W0 | B_all] (or [H | x] with [B_all | W0]) per member gives
 // x W0^T + H B_all^T (+ bias) with one pass over the output (no second, in-place expand GEMM).
-// x is given inside a wider buffer that may be written around it (meteora.linear_group_in):
-// x = x_cat[:, col : col + x.size(1)].
-struct GivenInput {
-  at::Tensor x_cat;
-  int64_t col;
-};
-
+// With `given`, the first pair whose H fit on either side of x there uses that buffer, no copy.
 void run_wide(const at::Tensor& x, const at::Tensor& ext, std::vector<Member>& members,
               const std::vector<int64_t>& cols, const GivenInput* given = nullptr) {
   const int64_t tokens = x.size(0), d_in = x.size(1);
   const auto up8 = [](int64_t n) { return (n + 7) / 8 * 8; };
   at::Tensor hall = at::empty({tokens, ext.size(0)}, x.options().dtype(at::kFloat));
-  std::vector<at::Tensor> x_cat;  // each holds x at column x_col[j] (a copy, unless given[j])
+  std::vector<at::Tensor> x_cat;  // each holds x at column x_col[j]: a copy, unless in_place[j] (given's)
   std::vector<int64_t> x_col;
   std::vector<bool> in_place;
   std::vector<size_t> input(members.size());  // member i's buffer in x_cat
+  bool given_used = false;
   for (size_t i = 0; i < members.size(); ++i) {
     Member& m = members[i];
     m.allocate_routing(x);
     if (i > 0 && members[i - 1].left && !m.left) continue;  // placed with the left member before it
     const bool pair = m.left && i + 1 < members.size() && !members[i + 1].left;
-    // The given buffer serves the first pair whose H fit on either side of x there.
-    if (pair && given != nullptr && given->col >= m.nr &&
-        given->col + d_in + members[i + 1].nr <= given->x_cat.size(1) &&
-        std::find(in_place.begin(), in_place.end(), true) == in_place.end()) {
-      x_cat.push_back(given->x_cat);
-      x_col.push_back(given->col);
-      in_place.push_back(true);
-      m.H = given->x_cat.narrow(1, given->col - m.nr, m.nr);
-      members[i + 1].H = given->x_cat.narrow(1, given->col + d_in, members[i + 1].nr);
-      input[i] = input[i + 1] = x_cat.size() - 1;
-      continue;
-    }
-    // x at a multiple of 8 columns (16-byte copies); a left member's H right before it, the next
-    // member's (pair) or this one's right after it
-    const int64_t col = m.left ? up8(m.nr) : 0;
+    // A left member's H right before x, the next member's (pair) or this one's right after it.
     const int64_t after = m.left ? (pair ? members[i + 1].nr : 0) : m.nr;
-    x_cat.push_back(at::empty({tokens, up8(col + d_in + after)}, x.options()));
+    const bool use_given = pair && given != nullptr && !given_used && given->col >= m.nr &&
+                           given->col + d_in + after <= given->x_cat.size(1);
+    given_used = given_used || use_given;
+    const int64_t col = use_given ? given->col : m.left ? up8(m.nr) : 0;  // x at a multiple of 8 columns
+    x_cat.push_back(use_given ? given->x_cat : at::empty({tokens, up8(col + d_in + after)}, x.options()));
     x_col.push_back(col);
-    in_place.push_back(false);
-    m.H = x_cat.back().narrow(1, m.left ? col - m.nr : d_in, m.nr);
+    in_place.push_back(use_given);
+    m.H = x_cat.back().narrow(1, m.left ? col - m.nr : col + d_in, m.nr);
     input[i] = x_cat.size() - 1;
     if (pair) {
       members[i + 1].H = x_cat.back().narrow(1, col + d_in, members[i + 1].nr);
