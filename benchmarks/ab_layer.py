@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_clock import ClockLog  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
     LLAMA3_8B, Linear, capture, event_ms, left_first, make_inputs, pack_groups, parse_shapes, run_base,
-    run_ours_layer, stack_layout)
-from meteora.layer import column_layout, wide_input_columns  # noqa: E402
+    given_inputs, run_ours_layer, stack_layout)
+from meteora.layer import column_layout  # noqa: E402
 
 
 def wide_gate_up(linears, left: bool = True, names=frozenset()):
@@ -60,25 +60,6 @@ def wide_gate_up(linears, left: bool = True, names=frozenset()):
                 m.stacked = None
         if left:
             left_first(members)
-    return out
-
-
-def given_inputs(linears, xs) -> dict:
-    """{first member's name: (x_cat, x_col)} for each group with a [B_all | W0] / [W0 | B_all] pair:
-    its x copied once into the middle of a buffer with room for both H (LinearGroup.input_columns)."""
-    out = {}
-    for lin in linears:
-        group = getattr(lin, "group", None)
-        if not group or group[0].name in out:
-            continue
-        for m, nxt in zip(group, group[1:]):
-            if not m.w0_ours.is_contiguous() and m.w0_ours.storage_offset() > m.b_ours.storage_offset():  # [B_all | W0]
-                x_col, width = wide_input_columns(*(v.b.shape[0] * v.b.shape[2] for v in (m, nxt)), lin.d_in)
-                x = xs[lin.d_in]
-                x_cat = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
-                x_cat[:, x_col: x_col + lin.d_in] = x
-                out[group[0].name] = (x_cat, x_col)
-                break
     return out
 
 
@@ -123,7 +104,7 @@ def main(argv=None) -> int:
     elif args.wide_linears:
         layout_a, layout_b = "the default", f"the default, {args.wide_linears} as [W0 | B_all] too"
     elif args.x_in_place:
-        layout_a, layout_b = "the default", "gate / up's x given in [H_gate | x | H_up]"
+        layout_a, layout_b = "gate / up's x copied by the op", "gate / up's x given in [H_gate | x | H_up] (the library's default)"
     else:
         layout_a = "gate / up as [W0 | B_all], each its own x" if args.left_gate else "B columns apart, gate / up stacked"
         layout_b = "the default (gate as [B_all | W0], up as [W0 | B_all])"

@@ -440,9 +440,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wide-linears", default="",
                     help="comma list of linears (q_proj, ..., down_proj) whose B goes beside W0 whatever their shape "
                          "(MeteoRALinear.wide_columns = 'always'; default: gate_proj / up_proj only, d_out > d_in)")
-    ap.add_argument("--norm-into-group", action="store_true",
-                    help="each block's post-attention RMSNorm writes into gate / up's [H_gate | x | H_up] buffer "
-                         "(MeteoRAModel.set_norm_into_group; opt-in): no copy of x")
+    ap.add_argument("--no-norm-into-group", dest="norm_into_group", action="store_false",
+                    help="each block's post-attention RMSNorm its own forward again, not writing into gate / up's "
+                         "[H_gate | x | H_up] buffer (MeteoRAModel.set_norm_into_group, the library's default)")
     ap.add_argument("--no-groups", action="store_true",
                     help="one meteora.linear per linear (no LinearGroup for q/k/v and gate/up)")
     ap.add_argument("--separate-base", action="store_true",
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
     layers = add_meteora(model, args.experts, args.rank, args.top_k, gen, args.expert_columns, not args.no_groups,
                          stack_base=stacked, wide_linears=wide)
     results["wide_linears"] = sorted(wide)
-    if args.norm_into_group:  # as MeteoRAModel.set_norm_into_group does for Hugging Face models
+    if args.norm_into_group:  # as MeteoRAModel does by default for Hugging Face models
         results["norm_into_group"] = sum(NormIntoGroup.install(blk.post_attention_layernorm, blk.mlp)
                                          for blk in model.layers)
     results["stack_base"] = sorted(stacked) if isinstance(stacked, set) else "default" if stacked is None else stacked

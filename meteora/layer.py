@@ -537,8 +537,11 @@ class NormIntoGroup:
     beside x instead of copying x. The same arithmetic as Hugging Face's LlamaRMSNorm (x in fp32,
     times rsqrt(mean(x^2) + eps), cast back, times the weight), so the same bits; anywhere else, and
     for norms other than an RMSNorm of that form, it is the norm's own forward.
-    ``MeteoRAModel.set_norm_into_group`` installs it (opt-in)."""
+    ``MeteoRAModel`` installs it by default (``set_norm_into_group``)."""
 
+    # calls of at most this many tokens (decode) take the norm's own forward: the group's op copies x
+    # there (a few KB; the op's decode path, T <= kFusedMaxTokens in csrc, reads no [H | x | H] buffer)
+    DECODE_TOKENS = 32
     # RMSNorm classes computed as above: Hugging Face's LLaMA-family ones, benchmarks/e2e.py's own
     RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "RMSNorm")
 
@@ -566,13 +569,14 @@ class NormIntoGroup:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         norm = self.norm
+        if torch.compiler.is_compiling():  # before any shape test, which would add guards
+            return type(norm).forward(norm, h)
         d = h.shape[-1]
         tokens = h.numel() // d if d else 0
         weight = norm.weight
         # the cheap checks first: decode-sized calls leave here
-        if (tokens <= 32 or h.dtype not in (torch.float16, torch.bfloat16) or not (h.is_cuda or LinearGroup.on_cpu)
-                or weight.dtype != h.dtype or weight.device != h.device or torch.compiler.is_compiling()
-                or _needs_grad(h, weight)):
+        if (tokens <= self.DECODE_TOKENS or h.dtype not in (torch.float16, torch.bfloat16) or not (h.is_cuda or LinearGroup.on_cpu)
+                or weight.dtype != h.dtype or weight.device != h.device or _needs_grad(h, weight)):
             return type(norm).forward(norm, h)
         group = getattr(self.mlp._modules.get("gate_proj"), "group", None)
         columns = None if group is None else group.input_columns(d)

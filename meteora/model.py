@@ -42,6 +42,8 @@ class MeteoRAModel(nn.Module):
         self.lora_dropout = lora_dropout
         self.grouped = True
         self.group_linears()
+        self.norm_into_group = True
+        self.set_norm_into_group()
 
     # -- delegation -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -192,10 +194,12 @@ class MeteoRAModel(nn.Module):
         return len(group_linears(self.model, enabled))
 
     def set_norm_into_group(self, enabled: bool = True) -> int:
-        """Opt-in: let each decoder layer's post-attention RMSNorm write its output straight into
-        the buffer that its gate / up group's prefill reads ([H_gate | x | H_up], LinearGroup
-        .input_columns), so that x is not copied there (meteora.layer.NormIntoGroup; same values);
+        """Let each decoder layer's post-attention RMSNorm write its output straight into the buffer
+        that its gate / up group's CUDA prefill reads ([H_gate | x | H_up], LinearGroup
+        .input_columns), so that x is not copied there (meteora.layer.NormIntoGroup; the same bits;
+        on by default: +0.3-0.7% whole-model prefill on an H200, docs/performance.md);
         ``enabled=False`` gives the norms their own forward back. Returns the norms changed."""
+        self.norm_into_group = enabled
         count = 0
         for module in self.model.modules():
             norm, mlp = module._modules.get("post_attention_layernorm"), module._modules.get("mlp")
@@ -308,6 +312,7 @@ class MeteoRAModel(nn.Module):
             _replace_module(self.model, module, layer)
         self.adapter_names.append(name)
         self.group_linears(self.grouped)  # the new layers
+        self.set_norm_into_group(self.norm_into_group)  # a gate_proj that is MeteoRA only now
         self.model.requires_grad_(False)
         self.set_trainable(gates=True, loras=False)
         return old_n

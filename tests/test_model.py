@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -300,10 +301,10 @@ def test_inference_op_matches_training_path(device, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_norm_into_group(device, tmp_path, monkeypatch):
-    """set_norm_into_group: the post-attention RMSNorm writes its output into the gate / up group's
-    [H_gate | x | H_up] buffer at prefill sizes (one linear_group_in per layer), the logits stay the
-    same bits, the state_dict keys too; decode sizes, autograd and the norms' own forward again
-    (enabled=False) take the usual path."""
+    """set_norm_into_group (on by default): the post-attention RMSNorm writes its output into the
+    gate / up group's [H_gate | x | H_up] buffer at prefill sizes (one linear_group_in per layer),
+    the logits stay the same bits as with the norms' own forward (enabled=False), the state_dict
+    keys too; decode sizes take the usual path; a deep copy's norms write into its own groups."""
     if device == "cpu":
         monkeypatch.setattr(LinearGroup, "on_cpu", True)
     base = tiny_model()
@@ -319,18 +320,29 @@ def test_norm_into_group(device, tmp_path, monkeypatch):
     with torch.no_grad():
         for layer in model.meteora_layers().values():
             layer.pack_(base=True)
+        default = model(prefill).logits
+        assert len(calls) == 2  # on by default: one per layer
+        assert model.set_norm_into_group(False) == 0 and not model.norm_into_group
         expected = {n: model(ids).logits for n, ids in (("prefill", prefill), ("decode", decode))}
-        assert model.set_norm_into_group() == 2 and not calls
-        torch.testing.assert_close(model(prefill).logits, expected["prefill"], rtol=0, atol=0)
-        assert len(calls) == 2  # one per layer
-        torch.testing.assert_close(model(decode).logits, expected["decode"], rtol=0, atol=0)
         assert len(calls) == 2
+        torch.testing.assert_close(default, expected["prefill"], rtol=0, atol=0)
+        assert model.set_norm_into_group() == 2
+        torch.testing.assert_close(model(prefill).logits, expected["prefill"], rtol=0, atol=0)
+        assert len(calls) == 4
+        torch.testing.assert_close(model(decode).logits, expected["decode"], rtol=0, atol=0)
+        assert len(calls) == 4
+        twin = copy.deepcopy(model)
+        norm = twin.model.model.layers[0].post_attention_layernorm
+        assert norm.forward.norm is norm and norm.forward.mlp is twin.model.model.layers[0].mlp
+        torch.testing.assert_close(twin(prefill).logits, expected["prefill"], rtol=0, atol=0)
+        assert len(calls) == 6
+        del twin
     assert list(model.state_dict()) == keys
     model.add_adapter("c", make_adapter(base, tmp_path / "c", r=4, alpha=8, targets=ALL_LINEARS, seed=7))
     model.to(device=device, dtype=torch.bfloat16)
     with torch.no_grad():  # the new linears' group is found (the norms look it up at each call)
         model(prefill)
-    assert len(calls) == 4
+    assert len(calls) == 8
     model.force_adapter("a")
     with torch.no_grad():
         forced = model(prefill).logits

@@ -201,7 +201,8 @@ def test_ab_layer_wide_variant_keeps_the_weights():
     unless left=False, the others stay as they are, and the copies' groups list the copies."""
     from types import SimpleNamespace
 
-    from benchmarks.ab_layer import given_inputs, wide_gate_up
+    from benchmarks.ab_layer import wide_gate_up
+    from benchmarks.moe_fwd import given_inputs
 
     gen = torch.Generator().manual_seed(1)
 
@@ -224,8 +225,10 @@ def test_ab_layer_wide_variant_keeps_the_weights():
         assert copies[2].w0_ours is down.w0 and copies[2].stacked == (down.w0,)
     assert gate.group == [gate, up]  # the originals keep theirs
     copies = wide_gate_up([gate, up, down])  # --x-in-place: x once in the middle of [H_gate | x | H_up]
-    (x_cat, x_col), = given_inputs(copies, {6: torch.arange(12.0).view(2, 6)}).values()
-    assert x_col == 8 and x_cat.shape == (2, 24) and torch.equal(x_cat[:, 8:14], torch.arange(12.0).view(2, 6))
+    x = torch.arange(240.0).view(40, 6)
+    (x_cat, x_col), = given_inputs(copies, {6: x}).values()
+    assert x_col == 8 and x_cat.shape == (40, 24) and torch.equal(x_cat[:, 8:14], x)
+    assert given_inputs(copies, {6: x[:32]}) == {}  # decode sizes: the library's norm writes no buffer
     d = wide_gate_up([gate, up, down], names={"down_proj"})[2]  # --wide-linears: any shape
     assert d.stacked is None and d.b_ours.storage_offset() == d.w0_ours.storage_offset() + 10
     assert torch.equal(d.w0_ours, down.w0) and torch.equal(d.b_ours, down.b)
