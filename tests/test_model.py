@@ -351,6 +351,31 @@ def test_norm_into_group(device, tmp_path, monkeypatch):
     model.force_adapter(None)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_model_compiles_with_its_default_paths(device, tmp_path, monkeypatch):
+    """torch.compile(fullgraph=True) of a MeteoRAModel as built (groups, the norms writing into gate /
+    up's buffer) traces: both leave to the plain per-linear ops while compiling, and the logits
+    match eager's (which took those paths: one linear_group_in per layer)."""
+    if device == "cpu":
+        monkeypatch.setattr(LinearGroup, "on_cpu", True)
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("ab")}
+    model = meteora.from_adapters(tiny_model().to(device=device, dtype=torch.bfloat16), adapters, top_k=1).eval()
+    for layer in model.meteora_layers().values():
+        torch.nn.init.normal_(layer.gate.weight, std=0.5)
+    calls = []
+    monkeypatch.setattr(meteora.ops, "linear_group_in",
+                        lambda *a, _f=meteora.ops.linear_group_in, **kw: calls.append(1) or _f(*a, **kw))
+    ids = torch.randint(0, 97, (2, 40), device=device)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ids).logits
+        assert len(calls) == 2
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    assert len(calls) == 2
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+
+
 def test_expert_columns_survive_add_adapter(tmp_path):
     """lora_B kept as columns (the prefill layout): adding an adapter keeps the setting, and the
     old adapters' outputs, before and after the new layer packs its own buffers."""
