@@ -24,7 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_fwd import (  # noqa: E402
-    LLAMA3_8B, Linear, capture, make_inputs, pack_groups, parse_shapes, run_base, run_ours, run_ours_layer, stack_layout)
+    LLAMA3_8B, Linear, capture, given_inputs, make_inputs, pack_groups, parse_shapes, run_base, run_ours, run_ours_layer,
+    stack_layout)
 from meteora._files import atomic_write  # noqa: E402
 
 
@@ -152,8 +153,9 @@ def layer_timelines(args) -> None:
     with torch.no_grad():
         for tokens in [int(t) for t in args.tokens.split(",")]:
             xs = make_inputs(linears, tokens, args.routing, torch.bfloat16, gen, hot)
+            x_cats = given_inputs(linears, xs)  # gate / up's x where the library's norm writes it
             for label, fn in (("base", lambda: [run_base(l, xs[l.d_in], args.top_k) for l in linears]),
-                              ("ours", lambda: run_ours_layer(linears, xs, args.top_k))):
+                              ("ours", lambda: run_ours_layer(linears, xs, args.top_k, x_cats=x_cats))):
                 name = f"layer {label} T={tokens} ({args.routing})"
                 seen = timeline(name, capture(fn))
                 if seen is None:
