@@ -299,12 +299,10 @@ def test_inference_op_matches_training_path(device, tmp_path):
         torch.testing.assert_close(model(ids).logits, inference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
-def test_norm_into_group(device, tmp_path, monkeypatch):
-    """set_norm_into_group (on by default): the post-attention RMSNorm writes its output into the
-    gate / up group's [H_gate | x | H_up] buffer at prefill sizes (one linear_group_in per layer),
-    the logits stay the same bits as with the norms' own forward (enabled=False), the state_dict
-    keys too; decode sizes take the usual path; a deep copy's norms write into its own groups."""
+def _grouped_model(device, tmp_path, monkeypatch):
+    """(bf16 MeteoRAModel of two adapters with sharp gates, its base, the list that gets an entry per
+    meteora.ops.linear_group_in call); on the CPU with LinearGroup.on_cpu set, so that the groups
+    and the norms writing into gate / up's buffer take their paths there too."""
     if device == "cpu":
         monkeypatch.setattr(LinearGroup, "on_cpu", True)
     base = tiny_model()
@@ -315,6 +313,16 @@ def test_norm_into_group(device, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(meteora.ops, "linear_group_in",
                         lambda *a, _f=meteora.ops.linear_group_in, **kw: calls.append(1) or _f(*a, **kw))
+    return model, base, calls
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_norm_into_group(device, tmp_path, monkeypatch):
+    """set_norm_into_group (on by default): the post-attention RMSNorm writes its output into the
+    gate / up group's [H_gate | x | H_up] buffer at prefill sizes (one linear_group_in per layer),
+    the logits stay the same bits as with the norms' own forward (enabled=False), the state_dict
+    keys too; decode sizes take the usual path; a deep copy's norms write into its own groups."""
+    model, base, calls = _grouped_model(device, tmp_path, monkeypatch)
     keys = list(model.state_dict())
     prefill, decode = (torch.randint(0, 97, shape, device=device) for shape in ((2, 40), (2, 5)))
     with torch.no_grad():
@@ -356,16 +364,7 @@ def test_model_compiles_with_its_default_paths(device, tmp_path, monkeypatch):
     """torch.compile(fullgraph=True) of a MeteoRAModel as built (groups, the norms writing into gate /
     up's buffer) traces: both leave to the plain per-linear ops while compiling, and the logits
     match eager's (which took those paths: one linear_group_in per layer)."""
-    if device == "cpu":
-        monkeypatch.setattr(LinearGroup, "on_cpu", True)
-    base = tiny_model()
-    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("ab")}
-    model = meteora.from_adapters(tiny_model().to(device=device, dtype=torch.bfloat16), adapters, top_k=1).eval()
-    for layer in model.meteora_layers().values():
-        torch.nn.init.normal_(layer.gate.weight, std=0.5)
-    calls = []
-    monkeypatch.setattr(meteora.ops, "linear_group_in",
-                        lambda *a, _f=meteora.ops.linear_group_in, **kw: calls.append(1) or _f(*a, **kw))
+    model, _, calls = _grouped_model(device, tmp_path, monkeypatch)
     ids = torch.randint(0, 97, (2, 40), device=device)
     torch._dynamo.reset()
     with torch.no_grad():
