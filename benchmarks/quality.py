@@ -160,7 +160,8 @@ def run(args) -> None:
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
-        systems = ["--baseline", "base", *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
+        systems = ["--baseline", "adapter", "--baseline", "base",  # adapter: each answer line on its own adapter
+                   *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",

@@ -74,13 +74,14 @@ def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_si
 
 @torch.no_grad()
 def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answer: Sequence[int], batch_size: int,
-                      device: torch.device, progress=None) -> list[str]:
+                      device: torch.device, progress=None, before_line=None) -> list[str]:
     """Composite-n answers in one growing generation, with the harness writing the numbers: the
     reply opens with ``1. ``, the model's answer runs to its first line end (or stop token), then
     ``\n2. `` is appended and the model goes on from everything so far, and so on for every
     sub-question. Every system gets the same markers, so the model must still route (switch
     adapters) from the context alone; without them a small model trained on single questions
-    answers once and stops. Returns ``1. a\n2. b...`` per prompt."""
+    answers once and stops. ``before_line(i)``, if given, is called before the i-th answers are
+    generated (1-based; e.g. to force the i-th sub-task's adapter). Returns ``1. a\n2. b...`` per prompt."""
     stop = stop_tokens(model, tokenizer)
     replies = []
     with _left_padding(tokenizer):
@@ -88,6 +89,8 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
             heads = [format_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
             done = [""] * len(heads)
             for i, new_tokens in enumerate(tokens_per_answer, 1):
+                if before_line is not None:
+                    before_line(i)
                 answers = _greedy(model, tokenizer, [h + d + f"{i}. " for h, d in zip(heads, done)], new_tokens,
                                   stop, device)
                 done = [d + f"{i}. " + _first_line(a) + "\n" for d, a in zip(done, answers)]
@@ -107,11 +110,15 @@ class System:
 
     ``force(task)`` (None: the system routes by itself) sets the model up for one task's rows and
     ``release()`` undoes it; systems that use the task's label (``labelled``) skip the composite
-    prompts, which mix tasks."""
+    prompts, which mix tasks, except with numbered decoding when they can take a label per answer
+    line (``per_line``: each line's whole forward, prompt and earlier lines included, forced to its
+    own sub-task: what routing could reach at best when it picks one adapter per answer line)."""
 
-    def __init__(self, name: str, model, force=None, release=None, labelled: bool | None = None):
+    def __init__(self, name: str, model, force=None, release=None, labelled: bool | None = None,
+                 per_line: bool = False):
         self.name, self.model, self.force, self._release = name, model, force, release
         self.labelled = force is not None if labelled is None else labelled
+        self.per_line = per_line
 
     def prepare(self, task: str) -> None:
         if self.force is not None:
@@ -163,7 +170,7 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
             systems.append(System("adapter", model, force=lambda task: model.force_adapter(task),
-                                  release=lambda: model.force_adapter(None)))
+                                  release=lambda: model.force_adapter(None), per_line=True))
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
@@ -220,8 +227,8 @@ def evaluate(args) -> dict:
     if args.limit == 0 and not composites:
         raise CheckpointError("--limit 0 scores composite-n prompts only, and --composite names none: nothing to evaluate")
     offset = args.offset
-    total = len(systems) * (sum(len(t.test[offset: offset + args.limit]) for t in tasks)
-                            + len(composites) * args.composite_samples)
+    total = len(systems) * sum(len(t.test[offset: offset + args.limit]) for t in tasks) + args.composite_samples * sum(
+        not s.labelled or (s.per_line and c[3] == "numbered") for s in systems for c in composites)
     rows, table, comp_table, comp_parts = [], {}, {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
@@ -238,15 +245,17 @@ def evaluate(args) -> dict:
                 table.setdefault(task.name, {})[system.name] = scores
                 rows += [{"system": system.name, "task": task.name, "prompt": r["prompt"], "reference": r["response"],
                           "output": o} for r, o in zip(test, outputs)]
-            if system.labelled:
-                continue  # composite prompts mix tasks: there is no single "own adapter" to force
             for label, comp_tasks, comp_rows, decoding in composites:
+                if system.labelled and not (system.per_line and decoding == "numbered"):
+                    continue  # composite prompts mix tasks: there is no single "own adapter" to force
                 prompts = [r["prompt"] for r in comp_rows]
-                system.prepare(label)  # (a system without labels: its routing mode, e.g. prompt-vote)
+                per_line = (lambda i, _t=comp_tasks, _s=system: _s.prepare(_t[i - 1].name)) if system.labelled else None
+                if per_line is None:
+                    system.prepare(label)  # (a system without labels: its routing mode, e.g. prompt-vote)
                 if decoding == "numbered":
                     outputs = generate_numbered(system.model, tokenizer, prompts,
                                                 [max_new_tokens(t.name, args) for t in comp_tasks],
-                                                args.batch_size, device, bar)
+                                                args.batch_size, device, bar, before_line=per_line)
                 else:
                     budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
@@ -507,6 +516,10 @@ def results_markdown(summary: dict) -> str:
         for s, scores in by_system.items():
             lines.append(f"| {s} | " + " | ".join(f"{scores[k]:.3f}" for k in sub)
                          + f" | {scores['sum']:.3f} | {scores['attempted']:.0%} |")
+        if "adapter" in by_system:
+            lines += ["", "adapter: each answer line generated on its own sub-task's adapter (the whole forward, prompt "
+                      "and earlier lines included; task labels used): the most that routing one adapter per answer "
+                      "line could reach."]
         gates = summary.get("composite_routing", {}).get(label)
         if gates:
             pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731

@@ -71,17 +71,22 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
         assert set(by_system) == set(summary["systems"])
         assert all(0.0 <= s["score"] <= 1.0 for s in by_system.values())
     assert set(summary["composite"]) == {"composite-3", "composite-3 (free)"}
+    # no single adapter to force on a mixed prompt: the adapter system answers numbered composites
+    # line by line, each line on its own sub-task's adapter, and skips the free ones
+    assert set(summary["composite"]["composite-3"]) == {"meteora", "adapter", "base", "mixed"}
+    assert set(summary["composite"]["composite-3 (free)"]) == {"meteora", "base", "mixed"}
     for composite in summary["composite"].values():
-        assert set(composite) == {"meteora", "base", "mixed"}  # no single adapter to force on a mixed prompt
         assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3
+    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3 + 3
     numbered = [r["output"] for r in rows if r["task"] == "composite-3"]
     assert all(re.fullmatch(r"1\. [^\n]*\n2\. [^\n]*\n3\. [^\n]*", o) for o in numbered), numbered
     assert {r["system"] for r in rows} == set(summary["systems"])
     assert json.loads((out / "summary.json").read_text()) == summary
     table = (out / "results.md").read_text()
-    assert "| **mean** |" in table and "composite-3" in table and "| adapter |" not in table.split("composite-3")[1]
+    numbered_table, free_table = table.split("composite-3 (free)")[0].split("composite-3")[1], table.split("composite-3 (free)")[1]
+    assert "| **mean** |" in table and "| adapter |" in numbered_table and "| adapter |" not in free_table
+    assert "adapter: each answer line generated on its own sub-task's adapter" in numbered_table
     boot = summary["bootstrap"]  # over the three single tasks only
     assert boot["tasks"] == 3 and set(boot["mean"]) == set(summary["systems"])
     for system, (point, lo, hi) in boot["mean"].items():
@@ -95,10 +100,10 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     comp_boot = summary["composite_bootstrap"]  # every composite's sum, over its prompts
     assert set(comp_boot) == set(summary["composite"])
     for label, got in comp_boot.items():
-        assert got["prompts"] == 3 and set(got["sum"]) == {"meteora", "base", "mixed"}
+        assert got["prompts"] == 3 and set(got["sum"]) == set(summary["composite"][label])
         for system, (point, lo, hi) in got["sum"].items():
             assert point == pytest.approx(summary["composite"][label][system]["sum"]) and lo <= point + 1e-9 <= hi + 2e-9
-        assert set(got["meteora_vs"]) == {"base", "mixed"}
+        assert set(got["meteora_vs"]) == set(summary["composite"][label]) - {"meteora"}
     assert table.count("Sum with its 95% interval (paired bootstrap over the 3 prompts") == 2
     gates = summary["composite_routing"]  # once per composite, either decoding: the same prompts
     assert set(gates) == {"composite-3"} and set(gates["composite-3"]["answer"]) == {"count", "reverse", "upper"}
@@ -220,8 +225,11 @@ def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
         ["--model", str(trained / "run"), "--device", "cpu"]))
     seen, real = [], model.generate
 
+    forced = []
+
     def spy(**kw):
         seen.append(tokenizer.batch_decode(kw["input_ids"], skip_special_tokens=False))
+        forced.append(next(iter(model.meteora_layers().values())).forced_mask)
         out = real(**kw)
         width = kw["input_ids"].shape[1]
         step = len(seen)  # the model "answers" line one, newline, garbage: only line one is kept
@@ -232,10 +240,19 @@ def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
     try:
         prompts = ["Count: cat dog", "Reverse: abc"]
         replies = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 5, 4], 2, device)
+        assert forced == [None] * 3
+        # before_line: the per-line oracle forces line i's sub-task before its answers are generated
+        order = ["upper", "count", "reverse"]
+        per_line = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 5, 4], 2, device,
+                                                  before_line=lambda i: model.force_adapter(order[i - 1]))
+        model.force_adapter(None)
     finally:
         del model.generate
+    assert [m.nonzero().flatten().tolist() for m in forced[3:]] == [[model.adapter_index(t)] for t in order]
+    assert per_line == ["1. ans4\n2. ans5\n3. ans6"] * 2
+    assert len(seen) == 6
+    seen = seen[:3]
     assert replies == ["1. ans1\n2. ans2\n3. ans3"] * 2
-    assert len(seen) == 3
     for i, texts in enumerate(seen, 1):
         for text, prompt in zip(texts, prompts):
             body = text.replace(tokenizer.pad_token, "")
