@@ -28,7 +28,7 @@ from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
 from .model import CheckpointError, MeteoRAModel, PrefillHook, PromptVote, load
-from .train import RUN_NAME, collate, encode_composite, format_prompt, stop_tokens
+from .train import RUN_NAME, collate, composite_tokens, encode_composite, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
 
@@ -74,14 +74,17 @@ def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_si
 
 @torch.no_grad()
 def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answer: Sequence[int], batch_size: int,
-                      device: torch.device, progress=None, before_line=None) -> list[str]:
+                      device: torch.device, progress=None, before_line=None,
+                      line_adapters: Sequence[Sequence[int]] | None = None) -> list[str]:
     """Composite-n answers in one growing generation, with the harness writing the numbers: the
     reply opens with ``1. ``, the model's answer runs to its first line end (or stop token), then
     ``\n2. `` is appended and the model goes on from everything so far, and so on for every
     sub-question. Every system gets the same markers, so the model must still route (switch
     adapters) from the context alone; without them a small model trained on single questions
     answers once and stops. ``before_line(i)``, if given, is called before the i-th answers are
-    generated (1-based; e.g. to force the i-th sub-task's adapter). Returns ``1. a\n2. b...`` per prompt."""
+    generated (1-based; e.g. to force the i-th sub-task's adapter); ``line_adapters[p][i - 1]``, if
+    given, is the adapter forced for prompt p's i-th line (-1: the gates route it), the prompts of a
+    batch that share one generated together. Returns ``1. a\n2. b...`` per prompt."""
     stop = stop_tokens(model, tokenizer)
     replies = []
     with _left_padding(tokenizer):
@@ -91,8 +94,21 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
             for i, new_tokens in enumerate(tokens_per_answer, 1):
                 if before_line is not None:
                     before_line(i)
-                answers = _greedy(model, tokenizer, [h + d + f"{i}. " for h, d in zip(heads, done)], new_tokens,
-                                  stop, device)
+                texts = [h + d + f"{i}. " for h, d in zip(heads, done)]
+                if line_adapters is None:
+                    answers = _greedy(model, tokenizer, texts, new_tokens, stop, device)
+                else:
+                    answers = [""] * len(texts)
+                    chosen = [int(line_adapters[start + j][i - 1]) for j in range(len(texts))]
+                    for adapter in sorted(set(chosen)):
+                        which = [j for j, c in enumerate(chosen) if c == adapter]
+                        model.force_adapter(None if adapter < 0 else adapter)
+                        try:
+                            got = _greedy(model, tokenizer, [texts[j] for j in which], new_tokens, stop, device)
+                        finally:
+                            model.force_adapter(None)
+                        for j, answer in zip(which, got):
+                            answers[j] = answer
                 done = [d + f"{i}. " + _first_line(a) + "\n" for d, a in zip(done, answers)]
             replies += [d.rstrip("\n") for d in done]
             if progress is not None:
@@ -227,9 +243,10 @@ def evaluate(args) -> dict:
     if args.limit == 0 and not composites:
         raise CheckpointError("--limit 0 scores composite-n prompts only, and --composite names none: nothing to evaluate")
     offset = args.offset
-    total = len(systems) * sum(len(t.test[offset: offset + args.limit]) for t in tasks) + args.composite_samples * sum(
+    total = len(systems) * sum(len(t.test[offset: offset + args.limit]) for t in tasks) + args.composite_samples * (sum(
         not s.labelled or (s.per_line and c[3] == "numbered") for s in systems for c in composites)
-    rows, table, comp_table, comp_parts = [], {}, {}, {}
+        + (sum(c[3] == "numbered" for c in composites) if args.line_vote else 0))
+    rows, table, comp_table, comp_parts, line_vote = [], {}, {}, {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
         for system in systems:
@@ -260,10 +277,20 @@ def evaluate(args) -> dict:
                     budget = sum(max_new_tokens(t.name, args) for t in comp_tasks) + 4 * len(comp_tasks)  # + "i. "
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
                 system.release()
-                parts = comp_parts.setdefault(label, {})[system.name] = composite_parts(comp_tasks, comp_rows, outputs)
-                comp_table.setdefault(label, {})[system.name] = _composite_scores(comp_tasks, parts)
-                rows += [{"system": system.name, "task": label, "prompt": r["prompt"], "reference": r["response"],
-                          "output": o} for r, o in zip(comp_rows, outputs)]
+                runs = [(system.name, outputs)]
+                if args.line_vote and system.name == "meteora" and decoding == "numbered":
+                    votes = question_votes(model, tokenizer, comp_rows, device)
+                    own = [model.adapter_index(t.name) if t.name in model.adapter_names else -2 for t in comp_tasks]
+                    hits = [v == o for vs in votes for v, o in zip(vs, own)]
+                    line_vote[label] = sum(hits) / len(hits) if hits else None
+                    runs.append(("line-vote", generate_numbered(model, tokenizer, prompts,
+                                                                [max_new_tokens(t.name, args) for t in comp_tasks],
+                                                                args.batch_size, device, bar, line_adapters=votes)))
+                for name, got in runs:
+                    parts = comp_parts.setdefault(label, {})[name] = composite_parts(comp_tasks, comp_rows, got)
+                    comp_table.setdefault(label, {})[name] = _composite_scores(comp_tasks, parts)
+                    rows += [{"system": name, "task": label, "prompt": r["prompt"], "reference": r["response"],
+                              "output": o} for r, o in zip(comp_rows, got)]
     comp_routing = {}  # the gates on each composite's prompts (the same rows for either decoding)
     for label, comp_tasks, comp_rows, _ in composites:
         key = label.split(" (")[0]
@@ -271,7 +298,8 @@ def evaluate(args) -> dict:
             comp_routing[key] = composite_routing(model, tokenizer, comp_tasks, comp_rows, device, args.batch_size)
     summary = {"checkpoint": str(ckpt), "device": str(device), "systems": [s.name for s in systems],
                "routing": {"top_k": model.top_k, "temperature": model.temperature},
-               "tasks": table, "composite": comp_table, "composite_routing": comp_routing, "limit": args.limit, "offset": offset,
+               "tasks": table, "composite": comp_table, "composite_routing": comp_routing, "line_vote_accuracy": line_vote,
+               "limit": args.limit, "offset": offset,
                "seconds": round(time.perf_counter() - started, 1)}
     if args.bootstrap:
         summary["bootstrap"] = bootstrap([r for r in rows if r["task"] in table], summary["systems"], args.bootstrap)
@@ -329,6 +357,24 @@ def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, li
 
 
 @torch.no_grad()
+@torch.no_grad()
+def question_votes(model: MeteoRAModel, tokenizer, rows: Sequence[dict], device: torch.device) -> list[list[int]]:
+    """Per composite row, per sub-question i: the adapter that MeteoRA's gates pick as their top-1 most
+    often over question i's tokens (one forward over the prompt; -1 if the question has no token).
+    The rows' question boundaries are used, not their task labels: ``--line-vote`` then answers
+    line i on that adapter (``generate_numbered(line_adapters=...)``)."""
+    out = []
+    for row in rows:
+        position = {name: i for i, name in enumerate(row["tasks"])}  # "labels" = the question's number
+        prompt, _ = composite_tokens(tokenizer, row, position)
+        ids = torch.tensor([[t for t, _ in prompt]], device=device)
+        question = torch.tensor([q for _, q in prompt], device=device)
+        votes = model.top1_votes(ids)[0]  # (S, N)
+        out.append([int(votes[question == i].sum(0).argmax()) if bool((question == i).any()) else -1
+                    for i in range(len(row["tasks"]))])
+    return out
+
+
 def composite_routing(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict], device: torch.device,
                       batch_size: int) -> dict[str, dict[str, float | None]]:
     """MeteoRA's gates on composite prompts, teacher-forced over each prompt and its reference
@@ -520,6 +566,11 @@ def results_markdown(summary: dict) -> str:
             lines += ["", "adapter: each answer line generated on its own sub-task's adapter (the whole forward, prompt "
                       "and earlier lines included; task labels used): the most that routing one adapter per answer "
                       "line could reach."]
+        if "line-vote" in by_system:
+            hit = summary.get("line_vote_accuracy", {}).get(label)
+            lines += ["", "line-vote: each answer line generated on the adapter that MeteoRA's gates pick most (top-1) "
+                      "over that line's question (the whole forward; question boundaries used, no task label)"
+                      + ("" if hit is None else f"; it is the sub-task's own adapter for {hit:.0%} of the lines") + "."]
         gates = summary.get("composite_routing", {}).get(label)
         if gates:
             pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
@@ -617,6 +668,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--offset", type=int, default=0,
                         help="skip this many test rows of each task first (held-out rows for choosing a setting)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--line-vote", action="store_true",
+                        help="numbered composites also as line-vote: each answer line on the adapter that MeteoRA's "
+                             "gates pick most over that line's question (an inference mode that uses the question "
+                             "boundaries, no task label)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples of the paired bootstrap intervals of the mean over tasks and of each "
                              "composite-n's sum (0: none)")

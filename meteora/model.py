@@ -216,6 +216,21 @@ class MeteoRAModel(nn.Module):
             if not enabled:
                 layer.routing = None
 
+    @torch.no_grad()
+    def top1_votes(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, N) float: at each token, how many gates pick each expert as their top-1, over one
+        forward of the decoder stack (no LM head, no cache); 0 at padding."""
+        kwargs = {} if position_ids is None else {"position_ids": position_ids}
+        backbone = getattr(self.model, "base_model", self.model)  # the decoder stack: no LM head
+        with self.trace_routing() as trace:
+            backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        votes = sum((torch.nn.functional.one_hot(r.expert_idx[:, 0], self.num_experts).float()
+                     for steps in trace.steps.values() for r in steps),  # (B S, N): each token's top-1 picks
+                    torch.zeros(ids.numel(), self.num_experts, device=ids.device))
+        votes = votes.view(*ids.shape, -1)
+        return votes if attention_mask is None else votes * attention_mask.bool().unsqueeze(-1)
+
     @contextlib.contextmanager
     def trace_routing(self) -> Iterator["RoutingTrace"]:
         """Collect every routing decision (detached) while the block runs, e.g. over generate()."""
@@ -418,16 +433,9 @@ class PromptVote(PrefillHook):
         keep = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         self._voting = True
         try:
-            kwargs = {} if position_ids is None else {"position_ids": position_ids}
-            backbone = getattr(self.model.model, "base_model", self.model.model)  # the decoder stack: no LM head
-            with self.model.trace_routing() as trace:
-                backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            votes = self.model.top1_votes(ids, attention_mask, position_ids)
         finally:
             self._voting = False
-        votes = sum((torch.nn.functional.one_hot(r.expert_idx[:, 0], self.model.num_experts).float()
-                     for steps in trace.steps.values() for r in steps),  # (B S, N): each token's top-1 picks
-                    torch.zeros(ids.numel(), self.model.num_experts, device=ids.device))
-        votes = votes.view(*ids.shape, -1) * keep.unsqueeze(-1)
         if self.window is None:
             choice = votes.sum(1).argmax(1, keepdim=True).expand_as(ids)
         else:  # sums over [t - window, t + window] from the running sum

@@ -64,7 +64,7 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     summary = meteora_eval.evaluate(meteora_eval.parse_args([
         "--model", str(trained / "run"), "--out", str(out), "--limit", "4", "--composite-samples", "3",
         "--composite-decoding", "numbered,free", "--max-new-tokens", "4", "--max-new-tokens-long", "6", "--device", "cpu", "--quiet",
-        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}"]))
+        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}", "--line-vote"]))
     assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
     assert set(summary["tasks"]) == {"count", "reverse", "upper"}
     for by_system in summary["tasks"].values():
@@ -73,20 +73,22 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     assert set(summary["composite"]) == {"composite-3", "composite-3 (free)"}
     # no single adapter to force on a mixed prompt: the adapter system answers numbered composites
     # line by line, each line on its own sub-task's adapter, and skips the free ones
-    assert set(summary["composite"]["composite-3"]) == {"meteora", "adapter", "base", "mixed"}
+    assert set(summary["composite"]["composite-3"]) == {"meteora", "line-vote", "adapter", "base", "mixed"}
+    assert set(summary["line_vote_accuracy"]) == {"composite-3"} and 0 <= summary["line_vote_accuracy"]["composite-3"] <= 1
     assert set(summary["composite"]["composite-3 (free)"]) == {"meteora", "base", "mixed"}
     for composite in summary["composite"].values():
         assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3 + 3
+    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3 + 3 + 3
     numbered = [r["output"] for r in rows if r["task"] == "composite-3"]
     assert all(re.fullmatch(r"1\. [^\n]*\n2\. [^\n]*\n3\. [^\n]*", o) for o in numbered), numbered
-    assert {r["system"] for r in rows} == set(summary["systems"])
+    assert {r["system"] for r in rows} == set(summary["systems"]) | {"line-vote"}  # line-vote: composites only
     assert json.loads((out / "summary.json").read_text()) == summary
     table = (out / "results.md").read_text()
     numbered_table, free_table = table.split("composite-3 (free)")[0].split("composite-3")[1], table.split("composite-3 (free)")[1]
     assert "| **mean** |" in table and "| adapter |" in numbered_table and "| adapter |" not in free_table
     assert "adapter: each answer line generated on its own sub-task's adapter" in numbered_table
+    assert "| line-vote |" in numbered_table and "| line-vote |" not in free_table and "line-vote: each answer" in numbered_table
     boot = summary["bootstrap"]  # over the three single tasks only
     assert boot["tasks"] == 3 and set(boot["mean"]) == set(summary["systems"])
     for system, (point, lo, hi) in boot["mean"].items():
@@ -201,6 +203,38 @@ def test_composite_routing_counts_each_sub_task_on_its_own_lines(trained, task_d
         assert part == {t.name: (1.0 if t.name == first else 0.0) for t in tasks}, part
 
 
+def test_question_votes_count_each_question_s_own_tokens(trained, task_dir, monkeypatch):
+    """question_votes: per composite row and sub-question, the adapter most voted over that
+    question's tokens. With votes that put each sub-question's tokens (as training labels them) on
+    its task's adapter and every other token (more of them) on the last adapter, the votes are the
+    sub-tasks' adapters; a question whose line is missing from the prompt gets -1; with the real
+    gates every vote is an adapter."""
+    from meteora import data
+    from meteora.train import composite_tokens
+
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    tasks = data.load_tasks(["count", "reverse", "upper"][::-1], str(task_dir))
+    rows = data.build_composite(tasks, samples=2, seed=3)
+    index = {name: model.adapter_index(name) for name in model.adapter_names}
+    real = model.top1_votes
+    assert all(0 <= v < model.num_experts for vs in meteora_eval.question_votes(model, tokenizer, rows, device) for v in vs)
+    calls = []
+
+    def synthetic(ids, *a):
+        labels = torch.tensor([task for _, task in composite_tokens(tokenizer, rows[len(calls)], index)[0]])
+        calls.append(1)
+        assert labels.shape == ids.shape[1:] and int((labels < 0).sum()) > int((labels >= 0).sum())
+        picks = torch.where(labels >= 0, labels, model.num_experts - 1)
+        return torch.nn.functional.one_hot(picks, model.num_experts).float().unsqueeze(0) * 7
+
+    monkeypatch.setattr(model, "top1_votes", synthetic)
+    assert meteora_eval.question_votes(model, tokenizer, rows, device) == [[index[t.name] for t in tasks]] * 2
+    monkeypatch.setattr(model, "top1_votes", real)
+    gone = [dict(rows[0], prompt=rows[0]["prompt"].replace("2. " + rows[0]["questions"][1], "2. ?"))]
+    assert meteora_eval.question_votes(model, tokenizer, gone, device)[0][1] == -1
+
+
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
     out = tmp_path / "eval"
     summary = meteora_eval.evaluate(meteora_eval.parse_args([
@@ -246,11 +280,23 @@ def test_numbered_decoding_writes_each_number_and_keeps_the_answers(trained):
         per_line = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 5, 4], 2, device,
                                                   before_line=lambda i: model.force_adapter(order[i - 1]))
         model.force_adapter(None)
+        # line_adapters: per prompt and line; prompts that share one generate together, -1 left to the gates
+        sizes = []
+        real_greedy = meteora_eval._greedy
+        meteora_eval._greedy = lambda m, tok, texts, *a: sizes.append(len(texts)) or real_greedy(m, tok, texts, *a)
+        try:
+            voted = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 5, 4], 2, device,
+                                                   line_adapters=[[0, 1, -1], [0, 2, -1]])
+        finally:
+            meteora_eval._greedy = real_greedy
     finally:
         del model.generate
-    assert [m.nonzero().flatten().tolist() for m in forced[3:]] == [[model.adapter_index(t)] for t in order]
+    assert [m.nonzero().flatten().tolist() for m in forced[3:6]] == [[model.adapter_index(t)] for t in order]
     assert per_line == ["1. ans4\n2. ans5\n3. ans6"] * 2
-    assert len(seen) == 6
+    assert len(seen) == 10 and sizes == [2, 1, 1, 2] and forced[-1] is None  # line 2 split by adapter, line 3 on the gates
+    assert [m.nonzero().flatten().tolist() for m in forced[6:9]] == [[0], [1], [2]]
+    assert voted[0].startswith("1. ans7\n2. ans8\n3. ans10") and voted[1].startswith("1. ans7\n2. ans9\n3. ans10")
+    assert next(iter(model.meteora_layers().values())).forced_mask is None
     seen = seen[:3]
     assert replies == ["1. ans1\n2. ans2\n3. ans3"] * 2
     for i, texts in enumerate(seen, 1):
