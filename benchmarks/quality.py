@@ -165,6 +165,7 @@ def run(args) -> None:
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
+                   "--line-vote",
                    "--batch-size", str(args.composite_batch_size), *systems], "eval_composite")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",

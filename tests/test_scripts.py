@@ -77,7 +77,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     --prompt-format inst every stage runs on the derived base folder; --no-mixed trains no mixed LoRA;
     --select-top-k evaluates each k on the held-out test rows after the first --limit, then the
     chosen one on the test rows; --prompt-vote evaluates MeteoRA with vote_prompts (eval_vote/);
-    --composite-check evaluates composite-n alone on that many prompts (eval_composite/)."""
+    --composite-check evaluates composite-n alone on that many prompts (eval_composite/), with each
+    answer line on its own adapter (adapter) and on the one the gates vote over its question (line-vote)."""
     import json
     import sys
 
@@ -109,8 +110,9 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert all(set(c) == set(vote["systems"]) for c in vote["composite"].values())
     assert "evaluation, prompt vote" in times and "| prompt-vote |" in (out / "quality.md").read_text()
     comp = json.loads((out / "eval_composite" / "summary.json").read_text())
-    assert comp["tasks"] == {} and comp["systems"] == ["meteora", "base", "prompt-vote", "prompt-vote(2)"]
+    assert comp["tasks"] == {} and comp["systems"] == ["meteora", "adapter", "base", "prompt-vote", "prompt-vote(2)"]
     assert list(comp["composite"]) == ["composite-2"] and comp["composite_bootstrap"]["composite-2"]["prompts"] == 3
+    assert set(comp["composite"]["composite-2"]) == {*comp["systems"], "line-vote"}  # adapter: one per answer line
     assert "composite-n, 3 prompts" in times and "## Composite-n on 3 prompts" in (out / "quality.md").read_text()
 
 
