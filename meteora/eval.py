@@ -375,6 +375,7 @@ def question_votes(model: MeteoRAModel, tokenizer, rows: Sequence[dict], device:
     return out
 
 
+@torch.no_grad()  # no autograd graph over every teacher-forced batch (22 GB on the CPU set-up)
 def composite_routing(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict], device: torch.device,
                       batch_size: int) -> dict[str, dict[str, float | None]]:
     """MeteoRA's gates on composite prompts, teacher-forced over each prompt and its reference
