@@ -357,7 +357,6 @@ def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, li
 
 
 @torch.no_grad()
-@torch.no_grad()
 def question_votes(model: MeteoRAModel, tokenizer, rows: Sequence[dict], device: torch.device) -> list[list[int]]:
     """Per composite row, per sub-question i: the adapter that MeteoRA's gates pick as their top-1 most
     often over question i's tokens (one forward over the prompt; -1 if the question has no token).
@@ -375,7 +374,7 @@ def question_votes(model: MeteoRAModel, tokenizer, rows: Sequence[dict], device:
     return out
 
 
-@torch.no_grad()  # no autograd graph over every teacher-forced batch (22 GB on the CPU set-up)
+@torch.no_grad()
 def composite_routing(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict], device: torch.device,
                       batch_size: int) -> dict[str, dict[str, float | None]]:
     """MeteoRA's gates on composite prompts, teacher-forced over each prompt and its reference
