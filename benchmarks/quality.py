@@ -160,7 +160,8 @@ def run(args) -> None:
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
-        systems = ["--baseline", "adapter", "--baseline", "base",  # adapter: each answer line on its own adapter
+        systems = ["--baseline", "adapter",  # adapter: each answer line on its own adapter
+                   *([] if args.composite_no_base else ["--baseline", "base"]),
                    *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
@@ -263,8 +264,11 @@ def main() -> None:
                    "token's adapter among the W tokens before and after it (a composite prompt keeps its switches)")
     p.add_argument("--composite-check", type=int, default=0, metavar="N",
                    help="evaluate composite-n (--composite) alone on N prompts (TASKS.md: 200), numbered decoding: "
-                        "MeteoRA, base, the mixed LoRA and, with --prompt-vote / --vote-window, the vote "
+                        "MeteoRA, MeteoRA under --line-vote, each line on its own adapter, base, the mixed LoRA and, with "
+                        "--prompt-vote / --vote-window, the vote "
                         "(eval_composite/, with the paired bootstrap of every sum)")
+    p.add_argument("--composite-no-base", action="store_true",
+                   help="leave the base model out of --composite-check (its sums are published; fits the call)")
     p.add_argument("--composite-batch-size", type=int, default=40, help="prompts per generation batch in --composite-check")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "

@@ -78,7 +78,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     --select-top-k evaluates each k on the held-out test rows after the first --limit, then the
     chosen one on the test rows; --prompt-vote evaluates MeteoRA with vote_prompts (eval_vote/);
     --composite-check evaluates composite-n alone on that many prompts (eval_composite/), with each
-    answer line on its own adapter (adapter) and on the one the gates vote over its question (line-vote)."""
+    answer line on its own adapter (adapter) and on the one the gates vote over its question (line-vote),
+    and --composite-no-base leaves the base model out of it."""
     import json
     import sys
 
@@ -88,7 +89,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     "--steps", "2", "--batch-size", "4", "--rows-per-task", "8", "--max-length", "64", "--limit", "2",
                     "--composite", "own", "--skip-eval", "--ablate-routing", "--prompt-format", "inst", "--no-mixed",
                     "--select-top-k", "1,2", "--select-rows", "3", "--prompt-vote", "--vote-window", "2",
-                    "--composite-check", "3"],
+                    "--composite-check", "3", "--composite-no-base"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
@@ -110,7 +111,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert all(set(c) == set(vote["systems"]) for c in vote["composite"].values())
     assert "evaluation, prompt vote" in times and "| prompt-vote |" in (out / "quality.md").read_text()
     comp = json.loads((out / "eval_composite" / "summary.json").read_text())
-    assert comp["tasks"] == {} and comp["systems"] == ["meteora", "adapter", "base", "prompt-vote", "prompt-vote(2)"]
+    assert comp["tasks"] == {} and comp["systems"] == ["meteora", "adapter", "prompt-vote", "prompt-vote(2)"]  # no base
     assert list(comp["composite"]) == ["composite-2"] and comp["composite_bootstrap"]["composite-2"]["prompts"] == 3
     assert set(comp["composite"]["composite-2"]) == {*comp["systems"], "line-vote"}  # adapter: one per answer line
     assert "composite-n, 3 prompts" in times and "## Composite-n on 3 prompts" in (out / "quality.md").read_text()
