@@ -166,7 +166,7 @@ def run(args) -> None:
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
-                   "--line-vote",
+                   "--line-vote", "--segment-oracle",
                    "--batch-size", str(args.composite_batch_size), *systems], "eval_composite")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
@@ -264,7 +264,8 @@ def main() -> None:
                    "token's adapter among the W tokens before and after it (a composite prompt keeps its switches)")
     p.add_argument("--composite-check", type=int, default=0, metavar="N",
                    help="evaluate composite-n (--composite) alone on N prompts (TASKS.md: 200), numbered decoding: "
-                        "MeteoRA, MeteoRA under --line-vote, each line on its own adapter, base, the mixed LoRA and, with "
+                        "MeteoRA, MeteoRA under --line-vote, each line on its own adapter, every token on its segment's "
+                        "adapter (--segment-oracle), base, the mixed LoRA and, with "
                         "--prompt-vote / --vote-window, the vote "
                         "(eval_composite/, with the paired bootstrap of every sum)")
     p.add_argument("--composite-no-base", action="store_true",

@@ -28,7 +28,7 @@ from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
 from .model import CheckpointError, MeteoRAModel, PrefillHook, PromptVote, load
-from .train import RUN_NAME, collate, composite_tokens, encode_composite, format_prompt, stop_tokens
+from .train import RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
 
@@ -75,7 +75,8 @@ def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, batch_si
 @torch.no_grad()
 def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answer: Sequence[int], batch_size: int,
                       device: torch.device, progress=None, before_line=None,
-                      line_adapters: Sequence[Sequence[int]] | None = None) -> list[str]:
+                      line_adapters: Sequence[Sequence[int]] | None = None,
+                      segments: "Segments | None" = None) -> list[str]:
     """Composite-n answers in one growing generation, with the harness writing the numbers: the
     reply opens with ``1. ``, the model's answer runs to its first line end (or stop token), then
     ``\n2. `` is appended and the model goes on from everything so far, and so on for every
@@ -84,7 +85,8 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
     answers once and stops. ``before_line(i)``, if given, is called before the i-th answers are
     generated (1-based; e.g. to force the i-th sub-task's adapter); ``line_adapters[p][i - 1]``, if
     given, is the adapter forced for prompt p's i-th line (-1: the gates route it), the prompts of a
-    batch that share one generated together. Returns ``1. a\n2. b...`` per prompt."""
+    batch that share one generated together; ``segments``, if given, routes every token by its
+    segment (``Segments``). Returns ``1. a\n2. b...`` per prompt."""
     stop = stop_tokens(model, tokenizer)
     replies = []
     with _left_padding(tokenizer):
@@ -95,7 +97,10 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
                 if before_line is not None:
                     before_line(i)
                 texts = [h + d + f"{i}. " for h, d in zip(heads, done)]
-                if line_adapters is None:
+                if segments is not None:
+                    with segments.routing(model, tokenizer, texts, heads, start, i):
+                        answers = _greedy(model, tokenizer, texts, new_tokens, stop, device)
+                elif line_adapters is None:
                     answers = _greedy(model, tokenizer, texts, new_tokens, stop, device)
                 else:
                     answers = [""] * len(texts)
@@ -114,6 +119,82 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
             if progress is not None:
                 progress.update(len(heads))
     return replies
+
+
+class Segments:
+    """Every token of a numbered composite generation on its own segment's adapter (``--segment-oracle``;
+    task labels used): sub-question j's tokens and answer line j's (its number included) on sub-task
+    j's adapter, the rest of the context (instructions, few-shot prefix, chat template) and the line
+    being generated on the current line's. Perfect token-level routing at the granularity of the
+    segments, which the per-line oracle (one adapter for each line's whole forward) is not.
+    ``spans[p]``: prompt p's (start, end, adapter) question spans in its formatted prompt
+    (``train.composite_spans``); ``line_adapters[i - 1]``: line i's adapter."""
+
+    def __init__(self, spans: Sequence[Sequence[tuple[int, int, int]]], line_adapters: Sequence[int]):
+        self.spans, self.line_adapters = spans, list(line_adapters)
+
+    def labels(self, tokenizer, text: str, head: str, spans: Sequence[tuple[int, int, int]], line: int) -> list[int]:
+        """Each token's adapter in ``text`` (``head``, the formatted prompt, then the numbered lines so
+        far and ``"{line}. "``), from its first character's segment."""
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for start, _end in enc.offset_mapping:
+            if start >= len(head):  # the numbered lines: answer line j (0-based) is after j line ends
+                out.append(self.line_adapters[min(text.count("\n", len(head), start), line - 1)])
+            else:
+                out.append(next((a for lo, hi, a in spans if lo <= start < hi), self.line_adapters[line - 1]))
+        return out
+
+    @contextlib.contextmanager
+    def routing(self, model: MeteoRAModel, tokenizer, texts: Sequence[str], heads: Sequence[str], first: int, line: int):
+        """While the block runs: the prefill of ``texts`` (left-padded, prompts ``first`` on) by the
+        tokens' segments, every decode step on line ``line``'s adapter."""
+        rows = [self.labels(tokenizer, t, h, self.spans[first + j], line) for j, (t, h) in enumerate(zip(texts, heads))]
+        width = max(map(len, rows))
+        prefill = torch.tensor([[-1] * (width - len(r)) + r for r in rows])
+        hook = _LabelHook(model, prefill, self.line_adapters[line - 1])
+        hook.install()
+        try:
+            yield
+        finally:
+            hook.release()
+
+
+class _LabelHook(PrefillHook):
+    """Route the forward over ``prefill``'s width by its labels, every one-token forward to ``decode``."""
+
+    def __init__(self, model: MeteoRAModel, prefill: torch.Tensor, decode: int):
+        super().__init__(model)
+        self.prefill, self.decode, self._labels = prefill, decode, None
+
+    def _pre(self, module, args, kwargs):
+        self._drop()
+        ids = self.input_ids(args, kwargs)
+        if ids.shape[1] == 1:
+            labels = torch.full_like(ids, self.decode)
+        elif ids.shape == self.prefill.shape:
+            labels = self.prefill.to(ids.device)
+        else:
+            raise RuntimeError(f"meteora: segment routing expected a prefill of {tuple(self.prefill.shape)} tokens "
+                               f"or one-token steps, got input_ids {tuple(ids.shape)}")
+        self._labels = self.model.route_by_labels(labels)
+        self._labels.__enter__()
+
+    def _drop(self) -> None:
+        if self._labels is not None:
+            self._labels.__exit__(None, None, None)
+            self._labels = None
+
+    def release(self) -> None:
+        super().release()
+        self._drop()
+
+
+def segments_for(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict]) -> Segments:
+    """``Segments`` of composite rows whose sub-tasks are ``tasks`` (in line order)."""
+    index = {name: model.adapter_index(name) for name in model.adapter_names}
+    return Segments([composite_spans(r, index, format_prompt(tokenizer, r["prompt"])) for r in rows],
+                    [index[t.name] for t in tasks])
 
 
 def _first_line(text: str) -> str:
@@ -245,7 +326,7 @@ def evaluate(args) -> dict:
     offset = args.offset
     total = len(systems) * sum(len(t.test[offset: offset + args.limit]) for t in tasks) + args.composite_samples * (sum(
         not s.labelled or (s.per_line and c[3] == "numbered") for s in systems for c in composites)
-        + (sum(c[3] == "numbered" for c in composites) if args.line_vote else 0))
+        + sum(c[3] == "numbered" for c in composites) * (bool(args.line_vote) + bool(args.segment_oracle)))
     rows, table, comp_table, comp_parts, line_vote = [], {}, {}, {}, {}
     started = time.perf_counter()
     with tqdm(total=total, desc="eval", disable=args.quiet, dynamic_ncols=True) as bar:
@@ -286,6 +367,11 @@ def evaluate(args) -> dict:
                     runs.append(("line-vote", generate_numbered(model, tokenizer, prompts,
                                                                 [max_new_tokens(t.name, args) for t in comp_tasks],
                                                                 args.batch_size, device, bar, line_adapters=votes)))
+                if args.segment_oracle and system.name == "meteora" and decoding == "numbered":
+                    runs.append(("segment", generate_numbered(model, tokenizer, prompts,
+                                                              [max_new_tokens(t.name, args) for t in comp_tasks],
+                                                              args.batch_size, device, bar,
+                                                              segments=segments_for(model, tokenizer, comp_tasks, comp_rows))))
                 for name, got in runs:
                     parts = comp_parts.setdefault(label, {})[name] = composite_parts(comp_tasks, comp_rows, got)
                     comp_table.setdefault(label, {})[name] = _composite_scores(comp_tasks, parts)
@@ -571,6 +657,10 @@ def results_markdown(summary: dict) -> str:
             lines += ["", "line-vote: each answer line generated on the adapter that MeteoRA's gates pick most (top-1) "
                       "over that line's question (the whole forward; question boundaries used, no task label)"
                       + ("" if hit is None else f"; it is the sub-task's own adapter for {hit:.0%} of the lines") + "."]
+        if "segment" in by_system:
+            lines += ["", "segment: every token on its own segment's adapter (sub-question j and answer line j on "
+                      "sub-task j's, the rest of the context and the line being generated on the current line's; task "
+                      "labels used): token-level routing that is right at every question and answer line."]
         gates = summary.get("composite_routing", {}).get(label)
         if gates:
             pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
@@ -672,6 +762,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="numbered composites also as line-vote: each answer line on the adapter that MeteoRA's "
                              "gates pick most over that line's question (an inference mode that uses the question "
                              "boundaries, no task label)")
+    parser.add_argument("--segment-oracle", action="store_true",
+                        help="numbered composites also as segment: every token on its own segment's adapter (each "
+                             "sub-question and its answer line on their sub-task's; task labels used), the routing "
+                             "oracle at token level")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="resamples of the paired bootstrap intervals of the mean over tasks and of each "
                              "composite-n's sum (0: none)")

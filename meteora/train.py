@@ -175,19 +175,27 @@ def composite_example(prompt: list[tuple[int, int]], response: list[tuple[int, i
                    [task for _, task in prompt + response])
 
 
-def composite_tokens(tokenizer, row: dict, labels: dict[str, int]) -> tuple[list, list]:
-    """A composite row's prompt and response tokens, each as (token id, task label or -1)."""
-    formatted = format_prompt(tokenizer, row["prompt"])
-    text = formatted + row["response"]
+def composite_spans(row: dict, labels: dict[str, int], formatted: str, text: str | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, label) character spans in ``text`` (the formatted prompt ``formatted``, then the
+    response; default: the prompt alone) of each sub-question after the prompt's last "Questions:"
+    (the few-shot prefix has its own), then of each reference answer line in the response."""
+    text = formatted if text is None else text
     questions, answers = data_mod.composite_lines(row["questions"], row["answers"])
     spans = []
-    # The questions after the last "Questions:" (the few-shot prefix has its own), then the answers.
     for lines, cursor in ((questions, max(0, formatted.rfind("Questions:"))), (answers, len(formatted))):
         for name, line in zip(row["tasks"], lines):
             at = text.find(line, cursor)
             if at >= 0:
                 spans.append((at, at + len(line), labels[name]))
                 cursor = at + len(line)
+    return spans
+
+
+def composite_tokens(tokenizer, row: dict, labels: dict[str, int]) -> tuple[list, list]:
+    """A composite row's prompt and response tokens, each as (token id, task label or -1)."""
+    formatted = format_prompt(tokenizer, row["prompt"])
+    text = formatted + row["response"]
+    spans = composite_spans(row, labels, formatted, text)
     if not getattr(tokenizer, "is_fast", False):
         raise TrainError("composite training rows need a fast tokenizer (character offsets)")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -64,7 +64,8 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     summary = meteora_eval.evaluate(meteora_eval.parse_args([
         "--model", str(trained / "run"), "--out", str(out), "--limit", "4", "--composite-samples", "3",
         "--composite-decoding", "numbered,free", "--max-new-tokens", "4", "--max-new-tokens-long", "6", "--device", "cpu", "--quiet",
-        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}", "--line-vote"]))
+        "--baseline", "adapter", "--baseline", "base", "--baseline", f"mixed={trained / 'adapters' / 'count'}", "--line-vote",
+        "--segment-oracle"]))
     assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
     assert set(summary["tasks"]) == {"count", "reverse", "upper"}
     for by_system in summary["tasks"].values():
@@ -73,22 +74,23 @@ def test_eval_end_to_end_writes_every_output(trained, tmp_path):
     assert set(summary["composite"]) == {"composite-3", "composite-3 (free)"}
     # no single adapter to force on a mixed prompt: the adapter system answers numbered composites
     # line by line, each line on its own sub-task's adapter, and skips the free ones
-    assert set(summary["composite"]["composite-3"]) == {"meteora", "line-vote", "adapter", "base", "mixed"}
+    assert set(summary["composite"]["composite-3"]) == {"meteora", "line-vote", "segment", "adapter", "base", "mixed"}
     assert set(summary["line_vote_accuracy"]) == {"composite-3"} and 0 <= summary["line_vote_accuracy"]["composite-3"] <= 1
     assert set(summary["composite"]["composite-3 (free)"]) == {"meteora", "base", "mixed"}
     for composite in summary["composite"].values():
         assert set(composite["meteora"]) == {"count", "reverse", "upper", "sum", "attempted"}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3 + 3 + 3
+    assert len(rows) == 4 * 3 * 4 + 2 * 3 * 3 + 3 + 3 + 3
     numbered = [r["output"] for r in rows if r["task"] == "composite-3"]
     assert all(re.fullmatch(r"1\. [^\n]*\n2\. [^\n]*\n3\. [^\n]*", o) for o in numbered), numbered
-    assert {r["system"] for r in rows} == set(summary["systems"]) | {"line-vote"}  # line-vote: composites only
+    assert {r["system"] for r in rows} == set(summary["systems"]) | {"line-vote", "segment"}  # composites only
     assert json.loads((out / "summary.json").read_text()) == summary
     table = (out / "results.md").read_text()
     numbered_table, free_table = table.split("composite-3 (free)")[0].split("composite-3")[1], table.split("composite-3 (free)")[1]
     assert "| **mean** |" in table and "| adapter |" in numbered_table and "| adapter |" not in free_table
     assert "adapter: each answer line generated on its own sub-task's adapter" in numbered_table
     assert "| line-vote |" in numbered_table and "| line-vote |" not in free_table and "line-vote: each answer" in numbered_table
+    assert "| segment |" in numbered_table and "| segment |" not in free_table and "segment: every token" in numbered_table
     boot = summary["bootstrap"]  # over the three single tasks only
     assert boot["tasks"] == 3 and set(boot["mean"]) == set(summary["systems"])
     for system, (point, lo, hi) in boot["mean"].items():
@@ -233,6 +235,76 @@ def test_question_votes_count_each_question_s_own_tokens(trained, task_dir, monk
     monkeypatch.setattr(model, "top1_votes", real)
     gone = [dict(rows[0], prompt=rows[0]["prompt"].replace("2. " + rows[0]["questions"][1], "2. ?"))]
     assert meteora_eval.question_votes(model, tokenizer, gone, device)[0][1] == -1
+
+
+def test_segment_oracle_routes_every_token_by_its_segment(trained, task_dir, monkeypatch):
+    """Segments: sub-question j's tokens (as training labels them) and answer line j's on sub-task
+    j's adapter, every other token and the generated ones on the current line's; the prefill gets
+    those labels left-padded with -1, each one-token step the line's adapter. With one adapter for
+    every segment it writes what forcing that adapter writes."""
+    from meteora import data
+    from meteora.train import composite_tokens, format_prompt
+
+    model, tokenizer, device = meteora_eval.load_checkpoint(meteora_eval.parse_args(
+        ["--model", str(trained / "run"), "--device", "cpu"]))
+    tasks = data.load_tasks(["count", "reverse", "upper"][::-1], str(task_dir))  # lines not in adapter order
+    rows = data.build_composite(tasks, samples=2, seed=11)
+    index = {name: model.adapter_index(name) for name in model.adapter_names}
+    own = [index[t.name] for t in tasks]
+    seg = meteora_eval.segments_for(model, tokenizer, tasks, rows)
+    assert seg.line_adapters == own and own != sorted(own)
+    head = format_prompt(tokenizer, rows[0]["prompt"])
+    trained_labels = [label for _, label in composite_tokens(tokenizer, rows[0], index)[0]]
+    assert len(trained_labels) == len(tokenizer(head, add_special_tokens=False).input_ids)
+    for line in (1, 3):
+        body = "".join(f"{j}. a{j} b\n" for j in range(1, line)) + f"{line}. "
+        got = seg.labels(tokenizer, head + body, head, seg.spans[0], line)
+        assert got[:len(trained_labels)] == [own[line - 1] if t < 0 else t for t in trained_labels]
+        assert set(trained_labels) - {-1} == set(own)  # every question has tokens
+        tail = [tokenizer.decode(t) for t in tokenizer(head + body, add_special_tokens=False).input_ids[len(trained_labels):]]
+        lines_of = "".join(tail).split("\n")
+        assert len(lines_of) == line
+        expect, at = [], 0
+        for piece in tail:  # the numbered lines: line j's tokens (its number and its line end) on adapter j
+            expect.append(own[min(at, line - 1)])
+            at += piece.count("\n")
+        assert got[len(trained_labels):] == expect
+    seen = []
+    real = model.route_by_labels
+    monkeypatch.setattr(model, "route_by_labels", lambda labels: seen.append(labels.clone()) or real(labels))
+    prompts = [r["prompt"] for r in rows]
+    meteora_eval.generate_numbered(model, tokenizer, prompts, [2, 2, 2], 2, device, segments=seg)
+    line, steps = 0, 0
+    for labels in seen:  # line 1's prefill, its one-token steps, line 2's prefill, ...
+        assert labels.shape[0] == 2
+        if labels.shape[1] > 1:
+            line += 1
+            assert labels[:, -1].tolist() == [own[line - 1]] * 2  # "i. ": the line's own adapter
+            for j in range(2):  # each row: its labels after its left padding (-1)
+                text = format_prompt(tokenizer, prompts[j])
+                width = len(tokenizer(text, add_special_tokens=False).input_ids)
+                row = labels[j].tolist()
+                unpadded = row[next(k for k, x in enumerate(row) if x >= 0):]  # -1: the left padding only
+                assert min(unpadded) >= 0 and set(unpadded) <= set(own)
+                assert unpadded[:width] == [own[line - 1] if t < 0 else t for _, t in
+                                            composite_tokens(tokenizer, rows[j], index)[0]]
+        else:
+            steps += 1
+            assert labels.tolist() == [[own[line - 1]]] * 2
+    assert line == 3 and steps > 0
+    lengths = [len(tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids) for p in prompts]
+    if lengths[0] != lengths[1]:  # the shorter row's left padding is unlabelled
+        assert int(seen[0][lengths.index(min(lengths)), 0]) == -1
+    assert next(iter(model.meteora_layers().values())).token_experts is None  # released
+    monkeypatch.setattr(model, "route_by_labels", real)
+    one = meteora_eval.Segments([[(lo, hi, 1) for lo, hi, _ in s] for s in seg.spans], [1, 1, 1])
+    labelled = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 3, 3], 2, device, segments=one)
+    model.force_adapter(1)
+    try:
+        forced = meteora_eval.generate_numbered(model, tokenizer, prompts, [3, 3, 3], 2, device)
+    finally:
+        model.force_adapter(None)
+    assert labelled == forced
 
 
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):

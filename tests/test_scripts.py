@@ -113,7 +113,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     comp = json.loads((out / "eval_composite" / "summary.json").read_text())
     assert comp["tasks"] == {} and comp["systems"] == ["meteora", "adapter", "prompt-vote", "prompt-vote(2)"]  # no base
     assert list(comp["composite"]) == ["composite-2"] and comp["composite_bootstrap"]["composite-2"]["prompts"] == 3
-    assert set(comp["composite"]["composite-2"]) == {*comp["systems"], "line-vote"}  # adapter: one per answer line
+    assert set(comp["composite"]["composite-2"]) == {*comp["systems"], "line-vote", "segment"}  # adapter: one per answer line
     assert "composite-n, 3 prompts" in times and "## Composite-n on 3 prompts" in (out / "quality.md").read_text()
 
 
