@@ -27,7 +27,7 @@ import torch
 from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
-from .model import CheckpointError, MeteoRAModel, PrefillHook, PromptVote, load
+from .model import CheckpointError, LabelHook, MeteoRAModel, PrefillHook, PromptVote, load
 from .train import RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, format_prompt, stop_tokens
 
 log = logging.getLogger("meteora")
@@ -160,34 +160,22 @@ class Segments:
             hook.release()
 
 
-class _LabelHook(PrefillHook):
+class _LabelHook(LabelHook):
     """Route the forward over ``prefill``'s width by its labels, every one-token forward to ``decode``."""
 
     def __init__(self, model: MeteoRAModel, prefill: torch.Tensor, decode: int):
         super().__init__(model)
-        self.prefill, self.decode, self._labels = prefill, decode, None
+        self.prefill, self.decode = prefill, decode
 
     def _pre(self, module, args, kwargs):
-        self._drop()
         ids = self.input_ids(args, kwargs)
         if ids.shape[1] == 1:
-            labels = torch.full_like(ids, self.decode)
+            self._route(torch.full_like(ids, self.decode))
         elif ids.shape == self.prefill.shape:
-            labels = self.prefill.to(ids.device)
+            self._route(self.prefill.to(ids.device))
         else:
             raise RuntimeError(f"meteora: segment routing expected a prefill of {tuple(self.prefill.shape)} tokens "
                                f"or one-token steps, got input_ids {tuple(ids.shape)}")
-        self._labels = self.model.route_by_labels(labels)
-        self._labels.__enter__()
-
-    def _drop(self) -> None:
-        if self._labels is not None:
-            self._labels.__exit__(None, None, None)
-            self._labels = None
-
-    def release(self) -> None:
-        super().release()
-        self._drop()
 
 
 def segments_for(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict]) -> Segments:

@@ -408,7 +408,30 @@ class PrefillHook:
             self._handle = None
 
 
-class PromptVote(PrefillHook):
+class LabelHook(PrefillHook):
+    """A PrefillHook that routes a forward by token labels (``MeteoRAModel.route_by_labels``) until
+    the next forward or ``release``: ``_route(labels)``."""
+
+    def __init__(self, model: "MeteoRAModel"):
+        super().__init__(model)
+        self._labels = None
+
+    def _route(self, labels: torch.Tensor) -> None:
+        self._drop_labels()
+        self._labels = self.model.route_by_labels(labels)
+        self._labels.__enter__()
+
+    def _drop_labels(self) -> None:
+        if self._labels is not None:
+            self._labels.__exit__(None, None, None)
+            self._labels = None
+
+    def release(self) -> None:
+        super().release()
+        self._drop_labels()
+
+
+class PromptVote(LabelHook):
     """MeteoRA with a look-ahead over the prompt (``MeteoRAModel.vote_prompts``: an inference mode
     beside the paper's token-level routing; it uses no task label): before the prompt's prefill,
     one forward over the prompt lets every gate vote its top-1 expert at every (unpadded) prompt
@@ -423,7 +446,7 @@ class PromptVote(PrefillHook):
         super().__init__(model)
         if window is not None and window < 0:
             raise ValueError(f"meteora: PromptVote window must be >= 0 tokens or None, got {window}")
-        self.window, self._labels, self._voting = window, None, False
+        self.window, self._voting = window, False
 
     @torch.no_grad()
     def vote(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -453,18 +476,7 @@ class PromptVote(PrefillHook):
         ids = self.input_ids(args, kwargs)
         if ids is None or ids.shape[1] <= 1 or ids.is_floating_point():  # a decode step (or embeddings): gates
             return
-        self._labels = self.model.route_by_labels(self.vote(ids, kwargs.get("attention_mask"),
-                                                            kwargs.get("position_ids")))
-        self._labels.__enter__()
-
-    def _drop_labels(self) -> None:
-        if self._labels is not None:
-            self._labels.__exit__(None, None, None)
-            self._labels = None
-
-    def release(self) -> None:
-        super().release()
-        self._drop_labels()
+        self._route(self.vote(ids, kwargs.get("attention_mask"), kwargs.get("position_ids")))
 
 
 class RoutingTrace:
