@@ -180,6 +180,9 @@ class _LabelHook(LabelHook):
 
 def segments_for(model: MeteoRAModel, tokenizer, tasks, rows: Sequence[dict]) -> Segments:
     """``Segments`` of composite rows whose sub-tasks are ``tasks`` (in line order)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError("--segment-oracle needs a fast tokenizer (character offsets of the tokens); "
+                              f"{type(tokenizer).__name__} is not one")
     index = {name: model.adapter_index(name) for name in model.adapter_names}
     return Segments([composite_spans(r, index, format_prompt(tokenizer, r["prompt"])) for r in rows],
                     [index[t.name] for t in tasks])

@@ -305,6 +305,9 @@ def test_segment_oracle_routes_every_token_by_its_segment(trained, task_dir, mon
     finally:
         model.force_adapter(None)
     assert labelled == forced
+    slow = type("Slow", (), {"is_fast": False})()
+    with pytest.raises(meteora_eval.CheckpointError, match="segment-oracle needs a fast tokenizer"):
+        meteora_eval.segments_for(model, slow, tasks, rows)
 
 
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
