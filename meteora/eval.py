@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -28,7 +29,8 @@ from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
 from .model import CheckpointError, LabelHook, MeteoRAModel, PrefillHook, PromptVote, load
-from .train import RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, format_prompt, stop_tokens
+from .train import (RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, format_prompt, span_labels,
+                    stop_tokens)
 
 log = logging.getLogger("meteora")
 
@@ -136,14 +138,11 @@ class Segments:
     def labels(self, tokenizer, text: str, head: str, spans: Sequence[tuple[int, int, int]], line: int) -> list[int]:
         """Each token's adapter in ``text`` (``head``, the formatted prompt, then the numbered lines so
         far and ``"{line}. "``), from its first character's segment."""
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        out = []
-        for start, _end in enc.offset_mapping:
-            if start >= len(head):  # the numbered lines: answer line j (0-based) is after j line ends
-                out.append(self.line_adapters[min(text.count("\n", len(head), start), line - 1)])
-            else:
-                out.append(next((a for lo, hi, a in spans if lo <= start < hi), self.line_adapters[line - 1]))
-        return out
+        lines, at = [], len(head)  # the numbered lines so far: line j to its line end, on line j's adapter
+        for j, piece in enumerate(text[len(head):].split("\n")[:-1]):
+            lines.append((at, at + len(piece) + 1, self.line_adapters[j]))
+            at += len(piece) + 1
+        return [label for _, _, label in span_labels(tokenizer, text, [*spans, *lines], self.line_adapters[line - 1])]
 
     @contextlib.contextmanager
     def routing(self, model: MeteoRAModel, tokenizer, texts: Sequence[str], heads: Sequence[str], first: int, line: int):
@@ -350,19 +349,18 @@ def evaluate(args) -> dict:
                     outputs = generate(system.model, tokenizer, prompts, budget, args.batch_size, device, bar)
                 system.release()
                 runs = [(system.name, outputs)]
-                if args.line_vote and system.name == "meteora" and decoding == "numbered":
-                    votes = question_votes(model, tokenizer, comp_rows, device)
-                    own = [model.adapter_index(t.name) if t.name in model.adapter_names else -2 for t in comp_tasks]
-                    hits = [v == o for vs in votes for v, o in zip(vs, own)]
-                    line_vote[label] = sum(hits) / len(hits) if hits else None
-                    runs.append(("line-vote", generate_numbered(model, tokenizer, prompts,
-                                                                [max_new_tokens(t.name, args) for t in comp_tasks],
-                                                                args.batch_size, device, bar, line_adapters=votes)))
-                if args.segment_oracle and system.name == "meteora" and decoding == "numbered":
-                    runs.append(("segment", generate_numbered(model, tokenizer, prompts,
-                                                              [max_new_tokens(t.name, args) for t in comp_tasks],
-                                                              args.batch_size, device, bar,
-                                                              segments=segments_for(model, tokenizer, comp_tasks, comp_rows))))
+                if system.name == "meteora" and decoding == "numbered":  # MeteoRA's other numbered modes
+                    numbered = functools.partial(generate_numbered, model, tokenizer, prompts,
+                                                 [max_new_tokens(t.name, args) for t in comp_tasks], args.batch_size,
+                                                 device, bar)
+                    if args.line_vote:
+                        votes = question_votes(model, tokenizer, comp_rows, device)
+                        own = [model.adapter_index(t.name) if t.name in model.adapter_names else -2 for t in comp_tasks]
+                        hits = [v == o for vs in votes for v, o in zip(vs, own)]
+                        line_vote[label] = sum(hits) / len(hits) if hits else None
+                        runs.append(("line-vote", numbered(line_adapters=votes)))
+                    if args.segment_oracle:
+                        runs.append(("segment", numbered(segments=segments_for(model, tokenizer, comp_tasks, comp_rows))))
                 for name, got in runs:
                     parts = comp_parts.setdefault(label, {})[name] = composite_parts(comp_tasks, comp_rows, got)
                     comp_table.setdefault(label, {})[name] = _composite_scores(comp_tasks, parts)

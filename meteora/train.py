@@ -198,12 +198,18 @@ def composite_tokens(tokenizer, row: dict, labels: dict[str, int]) -> tuple[list
     spans = composite_spans(row, labels, formatted, text)
     if not getattr(tokenizer, "is_fast", False):
         raise TrainError("composite training rows need a fast tokenizer (character offsets)")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     prompt, response = [], []
-    for token, (start, _end) in zip(enc.input_ids, enc.offset_mapping):
-        task = next((label for a, b, label in spans if a <= start < b), -1)
+    for token, start, task in span_labels(tokenizer, text, spans):
         (response if start >= len(formatted) else prompt).append((token, task))
     return prompt, response
+
+
+def span_labels(tokenizer, text: str, spans: Sequence[tuple[int, int, int]], default: int = -1) -> list[tuple[int, int, int]]:
+    """Each token of ``text`` (a fast tokenizer, no special tokens) as (token id, offset of its first
+    character, the label of the (start, end, label) span holding that character, else ``default``)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [(token, start, next((label for a, b, label in spans if a <= start < b), default))
+            for token, (start, _end) in zip(enc.input_ids, enc.offset_mapping)]
 
 
 def composite_examples(tokenizer, tasks: Sequence[Task], count: int, max_length: int, seed: int) -> list[Example]:
