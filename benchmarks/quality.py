@@ -104,22 +104,32 @@ def run(args) -> None:
         ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows,
          *(["--joint-adapters"] if args.joint_adapters else [])]),
         done_before=all((adapters / t).is_dir() for t in tasks))
-    # As many rows as all per-task adapters together: adapter steps x tasks x batch size.
+    # As many rows as all per-task adapters together: adapter steps x tasks x batch size. With
+    # --train-loras MeteoRA's LoRAs also learn from the gate stage's rows (steps x batch size, its
+    # composite rows among them): the mixed LoRA ("mixed_matched") gets the same rows on top.
     mixed_batch = args.mixed_batch_size or args.batch_size
-    mixed_steps = args.mixed_steps or max(1, args.adapter_steps * len(tasks) * args.batch_size // mixed_batch)
-    mixed = [*common, "--batch-size", str(mixed_batch)]  # the later --batch-size wins
+    mixed_rows = args.adapter_steps * len(tasks) * args.batch_size + (args.steps * args.batch_size if args.train_loras else 0)
+    mixed_steps = args.mixed_steps or max(1, mixed_rows // mixed_batch)
+    mixed = [*common, "--batch-size", str(mixed_batch),  # the later --batch-size wins
+             *(["--composite-rows", str(args.composite_rows)] if args.train_loras else [])]
+    mixed_name = "mixed_matched" if args.train_loras else "mixed"
     if not args.no_mixed:
         _timed(out, "mixed-task LoRA", lambda: train.main(
-            ["adapters", "--tasks", "mixed=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
-             "--rows-per-task", str(args.rows_per_task * len(tasks)), *mixed]), done_before=(adapters / "mixed").is_dir())
+            ["adapters", "--tasks", f"{mixed_name}=" + "+".join(tasks), "--adapter-steps", str(mixed_steps),
+             "--rows-per-task", str(args.rows_per_task * len(tasks)), *mixed]),
+            done_before=(adapters / mixed_name).is_dir())
     if args.stop_after == "adapters":
         return
 
     ckpt = out / "meteora"  # a checkpoint with its report is kept (a third call evaluates it)
+    # The per-task oracle: the checkpoint's experts forced, or after --train-loras the adapters they came from.
+    oracle = ["--baseline", f"adapter={adapters}" if args.train_loras else "adapter"]
+    mixed_baseline = [] if args.no_mixed else ["--baseline", f"mixed={adapters / mixed_name}"]
     gates_done = (ckpt / "report.json").is_file()
     _timed(out, "gates (+ gate accuracy)", lambda: None if gates_done else train.main(
         ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
-         "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows]),
+         "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows,
+         *(["--train-loras", "--lora-lr", str(args.lora_lr)] if args.train_loras else [])]),
         done_before=gates_done)
     if args.stop_after == "gates":
         return
@@ -135,8 +145,7 @@ def run(args) -> None:
                done_before=done)
 
     if not args.skip_eval:
-        mixed_baseline = [] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]
-        evaluated("evaluation", ["--baseline", "adapter", "--baseline", "base", *mixed_baseline], "eval")
+        evaluated("evaluation", [*oracle, "--baseline", "base", *mixed_baseline], "eval")
     if composite and not args.skip_eval and not (out / "eval" / "routing.png").is_file():
         _timed(out, "routing picture", lambda: meteora_eval.main(
             ["--model", str(ckpt), "--out", str(out / "eval"), "--show-composite", composite.split(",")[0],
@@ -160,9 +169,8 @@ def run(args) -> None:
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
-        systems = ["--baseline", "adapter",  # adapter: each answer line on its own adapter
-                   *([] if args.composite_no_base else ["--baseline", "base"]),
-                   *([] if args.no_mixed else ["--baseline", f"mixed={adapters / 'mixed'}"]),
+        systems = [*oracle,  # adapter: each answer line on its own adapter
+                   *([] if args.composite_no_base else ["--baseline", "base"]), *mixed_baseline,
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
@@ -238,6 +246,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="gate training steps")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--composite-rows", type=int, default=0, help="composite rows in the gate data (meteora.train)")
+    p.add_argument("--train-loras", action="store_true",
+                   help="train MeteoRA's LoRA experts with the gates (meteora.train --train-loras, the authors' "
+                        "script); the oracle is then the per-task adapters as trained, and the mixed LoRA "
+                        "(adapters/mixed_matched) learns from the gate stage's rows too, composite rows included")
+    p.add_argument("--lora-lr", type=float, default=5e-4,
+                   help="the LoRA experts' learning rate with --train-loras (the authors' script: 5e-4)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows-per-task", type=int, default=600)
     p.add_argument("--max-length", type=int, default=256)

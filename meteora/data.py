@@ -101,6 +101,7 @@ class Task:
     train: list[dict] = field(default_factory=list)
     test: list[dict] = field(default_factory=list)
     source: str = ""
+    parts: tuple["Task", ...] = ()  # a union's tasks (union_task)
 
     @property
     def metric(self) -> str:
@@ -400,7 +401,7 @@ def union_task(name: str, parts: Sequence[Task]) -> Task:
         return [row for group in itertools.zip_longest(*lists) for row in group if row is not None]
 
     return Task(name, deal([p.train for p in parts]), deal([p.test for p in parts]),
-                "+".join(p.source or p.name for p in parts))
+                "+".join(p.source or p.name for p in parts), tuple(parts))
 
 
 def load_tasks(specs: Sequence[str], data_dir: str | os.PathLike | None = None, download: bool = True) -> list[Task]:

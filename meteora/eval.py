@@ -245,6 +245,18 @@ class PhaseForce(PrefillHook):
         self.model.force_adapter(None)
 
 
+def per_task_adapters(folder: str, model: MeteoRAModel, fresh_base) -> MeteoRAModel:
+    """The PEFT adapters ``folder/<task>`` of the checkpoint's tasks, embedded as experts of a fresh
+    base model (to be forced one at a time): the per-task oracle of a checkpoint whose experts were
+    trained further (``meteora.train --train-loras``)."""
+    from .model import from_adapters
+
+    missing = [n for n in model.adapter_names if not (Path(folder) / n / "adapter_config.json").is_file()]
+    if missing:
+        raise CheckpointError(f"--baseline adapter={folder}: no PEFT adapter folder for {', '.join(missing)}")
+    return from_adapters(fresh_base(), {n: Path(folder) / n for n in model.adapter_names}, top_k=1).eval()
+
+
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     from .base import load_base_model
 
@@ -256,8 +268,9 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     for spec in specs:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
-            systems.append(System("adapter", model, force=lambda task: model.force_adapter(task),
-                                  release=lambda: model.force_adapter(None), per_line=True))
+            experts = per_task_adapters(path, model, fresh_base) if path else model
+            systems.append(System("adapter", experts, force=lambda task, m=experts: m.force_adapter(task),
+                                  release=lambda m=experts: m.force_adapter(None), per_line=True))
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
@@ -278,7 +291,7 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
 
             systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
-            raise CheckpointError(f"--baseline {spec!r}: expected adapter, base, mixed=DIR, prompt-adapter, "
+            raise CheckpointError(f"--baseline {spec!r}: expected adapter[=DIR], base, mixed=DIR, prompt-adapter, "
                                   "answer-adapter or prompt-vote[=W]")
     return systems
 
@@ -731,7 +744,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", help="task specs (default: the ones the checkpoint was trained on)")
     parser.add_argument("--data-dir")
     parser.add_argument("--baseline", action="append",
-                        help="adapter (each task's own adapter), base, mixed=DIR (one LoRA on the task mix), "
+                        help="adapter (each task's own adapter: the checkpoint's expert; adapter=DIR: the PEFT "
+                             "adapter DIR/<task>, e.g. the ones trained further by --train-loras came from), "
+                             "base, mixed=DIR (one LoRA on the task mix), "
                              "prompt-adapter / answer-adapter (the task's adapter on the prompt / on the generated "
                              "tokens, the gates on the rest: a routing ablation), prompt-vote (MeteoRA whose gates "
                              "first vote one adapter for the whole prompt: meteora.PromptVote; prompt-vote=W: for each "

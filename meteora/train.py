@@ -388,11 +388,13 @@ class Checkpointer:
         return state["step"], state["position"], state["history"]
 
 
-def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches | TaskBatches,
+def optimize(model: nn.Module, params: list[nn.Parameter] | list[dict], batches: Batches | TaskBatches,
              loss_fn: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None, args, ctx: Dist,
              desc: str, out: Path | None = None, resume: bool = False,
              backward_fn: Callable[[dict], dict[str, torch.Tensor]] | None = None) -> list[dict]:
     """AdamW + warmup/cosine, gradient accumulation and clipping; optional checkpoints in ``out``.
+    ``params``: parameters, or torch.optim parameter groups (a group's "lr" overrides ``args.lr``;
+    the clipping is over all of them together).
     ``backward_fn(batch)`` instead of ``loss_fn``: runs the backward itself (for one micro-batch of
     ``grad_accum`` = 1) and returns the parts to log, "loss" among them.
 
@@ -403,6 +405,7 @@ def optimize(model: nn.Module, params: list[nn.Parameter], batches: Batches | Ta
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = cosine_schedule(optimizer, args.steps, int(args.warmup * args.steps))
     ckpt = Checkpointer(out / "checkpoint", ctx) if out is not None else None
     step, position, history = 0, 0, []
@@ -498,6 +501,8 @@ def train_adapter(args, task: Task, folder: Path, ctx: Dist) -> Path:
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = encode_tasks(tokenizer, [task], [0], args.rows_per_task, args.max_length)
+    if args.composite_rows and len(task.parts) > 1:  # a union's LoRA sees the gates' composite rows too
+        examples += composite_examples(tokenizer, task.parts, args.composite_rows, args.max_length, args.seed)
     batches = Batches(examples, args.batch_size, args.seed, tokenizer.pad_token_id)
 
     def loss_fn(batch):
@@ -711,6 +716,10 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         examples += composite_examples(tokenizer, tasks, args.composite_rows, args.max_length, args.seed)
     batches = Batches(examples, args.batch_size, args.seed, tokenizer.pad_token_id, ctx.rank, ctx.world)
     params = [p for p in model.parameters() if p.requires_grad]
+    if args.train_loras and new_index is None:  # the LoRA experts at their own learning rate
+        gates = {id(p) for p in model.gate_parameters()}
+        params = [{"params": [p for p in params if id(p) in gates]},
+                  {"params": [p for p in params if id(p) not in gates], "lr": args.lora_lr or args.adapter_lr}]
     if new_index is not None:  # only the newcomer's gate rows learn; the old routing stays as it was
         params = model.gate_parameters()
         for p in params:
@@ -725,10 +734,11 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         parts["acc"] = gate_accuracy(model, batch["task_labels"])
         return loss, parts
 
+    trained = sum(p.numel() for group in params for p in (group["params"] if isinstance(group, dict) else [group]))
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         log.info("gates: %d tasks (%s), %d training rows, %d trainable parameters, %d process(es) on %s",
-                 len(tasks), ", ".join(names), len(examples), sum(p.numel() for p in params), ctx.world, ctx.device)
+                 len(tasks), ", ".join(names), len(examples), trained, ctx.world, ctx.device)
     ctx.barrier()
     history = optimize(model, params, batches, loss_fn, args, ctx, "gates", out=out, resume=args.resume)
     model.record_routing(False)
@@ -889,8 +899,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gate-weight", type=float, default=50.0, help="lambda of L_LM + lambda * CE_gate")
     g.add_argument("--composite-rows", type=int, default=0,
                    help="add this many composite rows to the gate data: 2-5 numbered questions of different "
-                        "tasks in one prompt, each question's and answer line's tokens labelled with its task")
+                        "tasks in one prompt, each question's and answer line's tokens labelled with its task; "
+                        "to a union task's adapter (NAME=a+b+...) the same rows of its tasks")
     g.add_argument("--train-loras", action="store_true", help="train LoRA weights too (the authors' script)")
+    g.add_argument("--lora-lr", type=float, default=0.0,
+                   help="learning rate of the LoRA weights with --train-loras (default: --adapter-lr; --lr is the gates')")
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--checkpoint-every", type=int, default=20)
@@ -913,6 +926,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.composite_rows < 0:
         parser.error("--composite-rows must be >= 0")
+    if args.lora_lr < 0:
+        parser.error("--lora-lr must be >= 0")
     return args
 
 

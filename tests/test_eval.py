@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import meteora
 from meteora import eval as meteora_eval
 from meteora import PromptVote, metrics
 
@@ -308,6 +309,35 @@ def test_segment_oracle_routes_every_token_by_its_segment(trained, task_dir, mon
     slow = type("Slow", (), {"is_fast": False})()
     with pytest.raises(meteora_eval.CheckpointError, match="segment-oracle needs a fast tokenizer"):
         meteora_eval.segments_for(model, slow, tasks, rows)
+
+
+def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path):
+    """--baseline adapter=DIR forces the PEFT adapters DIR/<task>, not the checkpoint's experts:
+    after the experts changed (as --train-loras changes them) it still answers as the adapters do."""
+    changed = meteora.load(trained / "run")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in changed.meteora_layers().values():
+            layer.lora_B.normal_(0, 1.0)
+    changed.save_pretrained(tmp_path / "changed")
+    (tmp_path / "changed" / "train_run.json").write_text((trained / "run" / "train_run.json").read_text())  # its tasks' data
+
+    def outputs(model, baseline):
+        out = tmp_path / f"eval_{len(list(tmp_path.iterdir()))}"
+        meteora_eval.evaluate(meteora_eval.parse_args([
+            "--model", str(model), "--out", str(out), "--limit", "3", "--composite", "", "--max-new-tokens", "4",
+            "--device", "cpu", "--quiet", "--baseline", baseline]))
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        return [(r["task"], r["output"]) for r in rows if r["system"] == "adapter"]
+
+    adapters = trained / "adapters"
+    oracle = outputs(trained / "run", "adapter")
+    assert len(oracle) == 9
+    assert outputs(trained / "run", f"adapter={adapters}") == oracle
+    assert outputs(tmp_path / "changed", f"adapter={adapters}") == oracle
+    assert outputs(tmp_path / "changed", "adapter") != oracle
+    with pytest.raises(meteora_eval.CheckpointError, match=r"adapter=.*no PEFT adapter folder for count, reverse, upper"):
+        outputs(trained / "run", f"adapter={tmp_path}")
 
 
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):

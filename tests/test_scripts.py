@@ -117,6 +117,35 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
     assert "composite-n, 3 prompts" in times and "## Composite-n on 3 prompts" in (out / "quality.md").read_text()
 
 
+def test_quality_train_loras_keeps_the_adapters_as_oracle(tiny_base, task_dir, tmp_path):
+    """--train-loras: the gates and the LoRA experts learn together (the experts move away from the
+    adapters), the oracle is the adapters as trained (adapter=DIR), and the mixed LoRA learns from
+    the gate stage's rows too (adapters/mixed_matched: more steps)."""
+    import json
+    import sys
+
+    import meteora
+
+    out = tmp_path / "q"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
+                    str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
+                    "--mixed-batch-size", "8", "--steps", "2", "--batch-size", "4", "--rows-per-task", "8",
+                    "--max-length", "64", "--limit", "2", "--composite", "", "--composite-rows", "4",
+                    "--train-loras", "--lora-lr", "1e-2", "--stop-after", "eval"],
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed_matched", "upper"]
+    mixed = json.loads((out / "adapters" / "mixed_matched" / "meteora_adapter.json").read_text())
+    assert mixed["steps"] == (2 * 2 * 4 + 2 * 4) // 8  # the adapters' rows and the gate stage's
+    run = json.loads((out / "meteora" / "train_run.json").read_text())
+    assert run["args"]["train_loras"] and run["args"]["lora_lr"] == 1e-2
+    trained = meteora.load(out / "meteora").meteora_state_dict()
+    embedded = meteora.from_adapters(meteora.load_base_model(str(tiny_base))[0],
+                                     {t: out / "adapters" / t for t in ("count", "upper")}).meteora_state_dict()
+    assert max(float((trained[k] - embedded[k]).abs().max()) for k in trained if k.endswith("lora_A")) > 1e-3
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
+
+
 def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
     """quality.py --prompt-format inst: a base folder with SmolLM2's weights (linked) and its
     tokenizer without the chat template, so every prompt is wrapped as [INST] ... [/INST]."""

@@ -203,6 +203,45 @@ def test_gradient_checkpointing_gives_the_same_steps(trained, tiny_base, task_di
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
 
 
+def test_union_adapter_sees_the_gates_composite_rows(tiny_base, task_dir, tmp_path, monkeypatch):
+    """--composite-rows N on a union task's adapter (mixed=a+b+c): its rows plus the N composite rows
+    the gates would get from the same tasks (same seed): the fair mixed LoRA for --train-loras."""
+    from meteora import data as data_mod
+    from meteora.base import load_tokenizer
+
+    seen, real = [], train.Batches
+    monkeypatch.setattr(train, "Batches", lambda examples, *a, **k: seen.append(list(examples)) or real(examples, *a, **k))
+    for rows in ("0", "5"):
+        train.main(common(tiny_base, task_dir, tmp_path / f"a{rows}", tmp_path / "unused", "adapters",
+                          "--tasks", "mix=count+reverse+upper", "--composite-rows", rows, "--adapter-steps", "1"))
+    plain, more = seen
+    assert len(more) == len(plain) + 5 and more[:len(plain)] == plain
+    tasks = data_mod.load_tasks(["count", "reverse", "upper"], task_dir)
+    gates_rows = train.composite_examples(load_tokenizer(str(tiny_base)), tasks, 5, 64, 0)
+    assert [e.input_ids for e in more[len(plain):]] == [e.input_ids for e in gates_rows]
+    assert all(len({t for t in e.token_tasks if t >= 0}) >= 2 for e in gates_rows)  # each mixes tasks
+
+
+def test_train_loras_at_their_own_learning_rate(trained, tiny_base, task_dir, tmp_path):
+    """--train-loras: the LoRA weights learn at --lora-lr (default --adapter-lr), the gates at --lr."""
+    base = meteora.load_base_model(tiny_base)[0]
+    start = meteora.load(trained / "run", base_model=base).meteora_state_dict()  # the same adapters embedded
+
+    def moved(*flags):
+        out = tmp_path / "_".join(flags).replace("-", "")
+        train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "4", "--warmup", "0", "--train-loras", *flags))
+        state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+        lora = max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith(("lora_A", "lora_B")))
+        assert 1e-3 < read_log(out)[0]["lr"] <= 1e-2  # the log reports the gates' rate (--lr 1e-2, cosine)
+        return lora
+
+    frozen, slow, fast = moved("--lora-lr", "1e-9"), moved(), moved("--lora-lr", "1e-2")
+    assert frozen < 1e-6  # Adam's steps are ~lr in size
+    assert 1e-5 < slow < 4e-3 < 1e-2 < fast  # --adapter-lr 1e-3 by default: 4 Adam steps move a weight < 2.5e-3
+    with pytest.raises(SystemExit):
+        train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--lora-lr", "-1"))
+
+
 def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_path):
     """FSDP2 with the frozen base in bf16 and the trained gates in fp32 (what a GPU run does):
     the mixed-precision policy shards both, the gates come out fp32 and the loss falls."""
