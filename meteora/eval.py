@@ -293,6 +293,8 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
         else:
             raise CheckpointError(f"--baseline {spec!r}: expected adapter[=DIR], base, mixed=DIR, prompt-adapter, "
                                   "answer-adapter or prompt-vote[=W]")
+        if [s.name for s in systems].count(systems[-1].name) > 1:
+            raise CheckpointError(f"--baseline {spec!r}: a second '{systems[-1].name}' system (give it once)")
     return systems
 
 

@@ -338,6 +338,10 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
     assert outputs(tmp_path / "changed", "adapter") != oracle
     with pytest.raises(meteora_eval.CheckpointError, match=r"adapter=.*no PEFT adapter folder for count, reverse, upper"):
         outputs(trained / "run", f"adapter={tmp_path}")
+    with pytest.raises(SystemExit) as info:  # both oracles in one run would share one name, one column
+        meteora_eval.main(["--model", str(trained / "run"), "--out", str(tmp_path / "twice"), "--device", "cpu",
+                           "--baseline", "adapter", "--baseline", f"adapter={adapters}"])
+    assert info.value.code == 2
 
 
 def test_eval_limit_zero_scores_composites_only(trained, tmp_path):
