@@ -129,7 +129,8 @@ def run(args) -> None:
     _timed(out, "gates (+ gate accuracy)", lambda: None if gates_done else train.main(
         ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
          "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows,
-         *(["--train-loras", "--lora-lr", str(args.lora_lr)] if args.train_loras else [])]),
+         *(["--train-loras", "--lora-lr", str(args.lora_lr)] if args.train_loras else []),
+         *(["--local-gate-loss"] if args.local_gate_loss else [])]),
         done_before=gates_done)
     if args.stop_after == "gates":
         return
@@ -250,6 +251,9 @@ def main() -> None:
                    help="train MeteoRA's LoRA experts with the gates (meteora.train --train-loras, the authors' "
                         "script); the oracle is then the per-task adapters as trained, and the mixed LoRA "
                         "(adapters/mixed_matched) learns from the gate stage's rows too, composite rows included")
+    p.add_argument("--local-gate-loss", action="store_true",
+                   help="the gate cross-entropy trains each gate alone (meteora.train --local-gate-loss): with "
+                        "--train-loras the experts learn from the LM loss only")
     p.add_argument("--lora-lr", type=float, default=5e-4,
                    help="the LoRA experts' learning rate with --train-loras (the authors' script: 5e-4)")
     p.add_argument("--batch-size", type=int, default=16)

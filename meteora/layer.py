@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import ops
 from .ops import check_routing
@@ -304,6 +305,12 @@ class MeteoRALinear(nn.Module):
 
     def _finish(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.record_routing:
+            if self.record_routing == "local" and torch.is_grad_enabled():
+                # The gate loss's logits again, from the gate's input detached: its gradient then
+                # reaches this gate only, not the experts and gates of the earlier layers.
+                gate = self._weights()[0]
+                x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                routing = routing._replace(gate_logits=F.linear(x2, gate.float()))
             self.routing = routing
         hook = self.routing_hook
         if hook is not None:

@@ -209,10 +209,13 @@ class MeteoRAModel(nn.Module):
             count += NormIntoGroup.install(norm, mlp if enabled and isinstance(gate, MeteoRALinear) else None)
         return count
 
-    def record_routing(self, enabled: bool = True) -> None:
-        """Keep each layer's last Routing (with autograd history) for the gate loss."""
+    def record_routing(self, enabled: bool = True, local: bool = False) -> None:
+        """Keep each layer's last Routing (with autograd history) for the gate loss. ``local``: its
+        gate logits computed again from the gate's input detached, so that the gate loss trains each
+        gate alone (the experts, with ``set_trainable(loras=True)``, then learn from the LM loss only;
+        the routing the forward uses is unchanged)."""
         for layer in self.meteora_layers().values():
-            layer.record_routing = enabled
+            layer.record_routing = "local" if enabled and local else enabled
             if not enabled:
                 layer.routing = None
 

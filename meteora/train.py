@@ -727,7 +727,7 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
             keep[new_index:] = 1
             p.register_hook(lambda grad, keep=keep: grad * keep)
         args.weight_decay = 0.0
-    model.record_routing(True)
+    model.record_routing(True, local=args.local_gate_loss)
 
     def loss_fn(batch):
         loss, parts = meteora_loss(lm_loss(model, batch), model, batch["task_labels"], gate_weight=args.gate_weight)
@@ -902,6 +902,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "tasks in one prompt, each question's and answer line's tokens labelled with its task; "
                         "to a union task's adapter (NAME=a+b+...) the same rows of its tasks")
     g.add_argument("--train-loras", action="store_true", help="train LoRA weights too (the authors' script)")
+    g.add_argument("--local-gate-loss", action="store_true",
+                   help="the gate cross-entropy trains each gate alone (its logits from the gate's input, detached): "
+                        "with --train-loras the experts then learn from the LM loss only")
     g.add_argument("--lora-lr", type=float, default=0.0,
                    help="learning rate of the LoRA weights with --train-loras (default: --adapter-lr; --lr is the gates')")
     g.add_argument("--top-k", type=int, default=2)

@@ -165,6 +165,39 @@ def test_gate_loss_trains_only_gates(tmp_path):
         meteora.gate_loss(model, task[:, :2])
 
 
+def test_local_gate_loss_reaches_each_gate_only(tmp_path):
+    """record_routing(local=True): the same gate logits and routing, but the gate loss's gradient stops
+    at each gate: none for the experts (trainable here) and none from a later gate to an earlier one."""
+    base = tiny_model()
+    adapters = {n: make_adapter(base, tmp_path / n, r=4, alpha=8, targets=ALL_LINEARS, seed=i) for i, n in enumerate("abc")}
+    model = meteora.from_adapters(tiny_model(), adapters, top_k=2)
+    model.set_trainable(gates=True, loras=True)
+    with torch.no_grad():
+        for layer in model.meteora_layers().values():
+            layer.gate.weight.normal_(0, 0.5)
+    ids = torch.randint(0, 97, (3, 9))
+    task = torch.tensor([0, 1, 2])[:, None].expand(3, 9)
+    grads = {}
+    for local in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.record_routing(True, local=local)
+        out = model(ids, labels=ids)
+        grads[local] = {n: l.routing.gate_logits.detach().clone() for n, l in model.meteora_layers().items()}
+        meteora.gate_loss(model, task).backward()
+        grads[local]["lora"] = [p.grad for p in model.lora_parameters()]
+        grads[local]["gate"] = [p.grad.clone() for p in model.gate_parameters()]
+        grads[local]["lm"] = out.logits.detach()
+    model.record_routing(False)
+    for name in model.meteora_layers():
+        torch.testing.assert_close(grads[True][name], grads[False][name])  # the same logits
+    torch.testing.assert_close(grads[True]["lm"], grads[False]["lm"])  # the same forward
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[False]["lora"])  # the full loss reaches them
+    assert all(g is None or g.abs().sum() == 0 for g in grads[True]["lora"])
+    # each gate's own term: the last gate's gradient is the same, an earlier one's differs
+    torch.testing.assert_close(grads[True]["gate"][-1], grads[False]["gate"][-1])
+    assert not torch.allclose(grads[True]["gate"][0], grads[False]["gate"][0])
+
+
 # ---- bad input: one clear line naming the culprit ----------------------------------------------
 
 def test_missing_adapter_files(tmp_path):

@@ -131,13 +131,13 @@ def test_quality_train_loras_keeps_the_adapters_as_oracle(tiny_base, task_dir, t
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--mixed-batch-size", "8", "--steps", "2", "--batch-size", "4", "--rows-per-task", "8",
                     "--max-length", "64", "--limit", "2", "--composite", "", "--composite-rows", "4",
-                    "--train-loras", "--lora-lr", "1e-2", "--stop-after", "eval"],
+                    "--train-loras", "--lora-lr", "1e-2", "--local-gate-loss", "--stop-after", "eval"],
                    check=True, capture_output=True)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed_matched", "upper"]
     mixed = json.loads((out / "adapters" / "mixed_matched" / "meteora_adapter.json").read_text())
     assert mixed["steps"] == (2 * 2 * 4 + 2 * 4) // 8  # the adapters' rows and the gate stage's
     run = json.loads((out / "meteora" / "train_run.json").read_text())
-    assert run["args"]["train_loras"] and run["args"]["lora_lr"] == 1e-2
+    assert run["args"]["train_loras"] and run["args"]["lora_lr"] == 1e-2 and run["args"]["local_gate_loss"]
     trained = meteora.load(out / "meteora").meteora_state_dict()
     embedded = meteora.from_adapters(meteora.load_base_model(str(tiny_base))[0],
                                      {t: out / "adapters" / t for t in ("count", "upper")}).meteora_state_dict()
