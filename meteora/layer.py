@@ -95,6 +95,7 @@ class MeteoRALinear(nn.Module):
         self.impl = "auto"
         self.forced_mask: torch.Tensor | None = None  # (N,) bool: restrict the choice (ablations)
         self.record_routing = False
+        self.local_gate_loss = False  # recorded gate logits from the gate's input detached (record_routing)
         self.routing: Routing | None = None
         self.routing_hook: Callable[[Routing], None] | None = None
         self.group: LinearGroup | None = None  # linears that read the same input (group_linears)
@@ -305,7 +306,7 @@ class MeteoRALinear(nn.Module):
 
     def _finish(self, x: torch.Tensor, out: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.record_routing:
-            if self.record_routing == "local" and torch.is_grad_enabled():
+            if self.local_gate_loss and torch.is_grad_enabled():
                 # The gate loss's logits again, from the gate's input detached: its gradient then
                 # reaches this gate only, not the experts and gates of the earlier layers.
                 gate = self._weights()[0]

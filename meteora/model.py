@@ -215,7 +215,8 @@ class MeteoRAModel(nn.Module):
         gate alone (the experts, with ``set_trainable(loras=True)``, then learn from the LM loss only;
         the routing the forward uses is unchanged)."""
         for layer in self.meteora_layers().values():
-            layer.record_routing = "local" if enabled and local else enabled
+            layer.record_routing = enabled
+            layer.local_gate_loss = enabled and local
             if not enabled:
                 layer.routing = None
 

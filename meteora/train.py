@@ -716,17 +716,17 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         examples += composite_examples(tokenizer, tasks, args.composite_rows, args.max_length, args.seed)
     batches = Batches(examples, args.batch_size, args.seed, tokenizer.pad_token_id, ctx.rank, ctx.world)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.train_loras and new_index is None:  # the LoRA experts at their own learning rate
-        gates = {id(p) for p in model.gate_parameters()}
-        params = [{"params": [p for p in params if id(p) in gates]},
-                  {"params": [p for p in params if id(p) not in gates], "lr": args.lora_lr or args.adapter_lr}]
+    groups = params
     if new_index is not None:  # only the newcomer's gate rows learn; the old routing stays as it was
-        params = model.gate_parameters()
+        params = groups = model.gate_parameters()
         for p in params:
             keep = torch.zeros(p.shape[0], 1, device=p.device, dtype=p.dtype)
             keep[new_index:] = 1
             p.register_hook(lambda grad, keep=keep: grad * keep)
         args.weight_decay = 0.0
+    elif args.train_loras:  # the LoRA experts at their own learning rate
+        groups = [{"params": model.gate_parameters()},
+                  {"params": model.lora_parameters(), "lr": args.lora_lr or args.adapter_lr}]
     model.record_routing(True, local=args.local_gate_loss)
 
     def loss_fn(batch):
@@ -734,13 +734,12 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         parts["acc"] = gate_accuracy(model, batch["task_labels"])
         return loss, parts
 
-    trained = sum(p.numel() for group in params for p in (group["params"] if isinstance(group, dict) else [group]))
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         log.info("gates: %d tasks (%s), %d training rows, %d trainable parameters, %d process(es) on %s",
-                 len(tasks), ", ".join(names), len(examples), trained, ctx.world, ctx.device)
+                 len(tasks), ", ".join(names), len(examples), sum(p.numel() for p in params), ctx.world, ctx.device)
     ctx.barrier()
-    history = optimize(model, params, batches, loss_fn, args, ctx, "gates", out=out, resume=args.resume)
+    history = optimize(model, groups, batches, loss_fn, args, ctx, "gates", out=out, resume=args.resume)
     model.record_routing(False)
     state = model.meteora_state_dict()  # every rank gathers (FSDP2), rank 0 writes
     if ctx.main:
