@@ -153,6 +153,14 @@ def run(args) -> None:
              "--composite-samples", "1", *data_dir]))
     if args.stop_after == "eval":
         return
+    if args.matched_oracle:  # per-task adapters that saw as many of their task's rows as MeteoRA's experts did
+        matched = out / "adapters_matched"
+        extra = -(-args.steps // len(tasks))  # the gate stage's rows, one task's share, in adapter steps
+        _timed(out, "matched per-task adapters", lambda: train.main(
+            ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps + extra), *common,
+             "--adapters-dir", str(matched), *rows, *(["--joint-adapters"] if args.joint_adapters else [])]),
+            done_before=all((matched / t).is_dir() for t in tasks))
+        evaluated("evaluation, matched oracle", ["--composite", "", "--baseline", f"adapter={matched}"], "eval_matched")
     for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only
         evaluated(f"evaluation, top-{k}", ["--top-k", str(k), "--baseline", "none"], f"eval_top{k}")
     chosen = None
@@ -170,12 +178,12 @@ def run(args) -> None:
     if args.prompt_vote:  # MeteoRA whose gates first vote one adapter per prompt (MeteoRAModel.vote_prompts)
         evaluated("evaluation, prompt vote", ["--baseline", "prompt-vote", *windowed], "eval_vote")
     if args.composite_check:  # composite-n alone, at TASKS.md's sample count, numbered decoding
-        systems = [*oracle,  # adapter: each answer line on its own adapter
+        systems = [*(["--baseline", "none"] if args.composite_lean else oracle),  # adapter: each answer line on its own
                    *([] if args.composite_no_base else ["--baseline", "base"]), *mixed_baseline,
                    *(["--baseline", "prompt-vote"] if args.prompt_vote else []), *windowed]
         evaluated(f"composite-n, {args.composite_check} prompts",
                   ["--limit", "0", "--composite-samples", str(args.composite_check), "--composite-decoding", "numbered",
-                   "--line-vote", "--segment-oracle",
+                   *([] if args.composite_lean else ["--line-vote", "--segment-oracle"]),
                    "--batch-size", str(args.composite_batch_size), *systems], "eval_composite")
     if args.ablate_routing:  # the task's adapter on the prompt / on the answer, the gates on the rest
         evaluated("evaluation, routing ablation", ["--composite", "", "--baseline", "adapter",
@@ -208,6 +216,10 @@ def run(args) -> None:
         if chosen not in args.also_top_k:
             lines += ["", f"On the test rows (the same checkpoint, top-{chosen}):", "",
                       (out / f"eval_top{chosen}" / "results.md").read_text()]
+    if args.matched_oracle:
+        lines += ["", "## MeteoRA against per-task adapters trained on as many of their task's rows as its experts saw "
+                  "(adapters_matched/: the adapter steps plus one task's share of the gate stage's rows)", "",
+                  (out / "eval_matched" / "results.md").read_text()]
     if args.prompt_vote:
         lines += ["", "## MeteoRA with the prompt's adapter voted by its gates (prompt-vote: one forward over the prompt, "
                   "each row's prompt then on the adapter its gates picked first most often; the gates route the "
@@ -288,6 +300,13 @@ def main() -> None:
                         "(eval_composite/, with the paired bootstrap of every sum)")
     p.add_argument("--composite-no-base", action="store_true",
                    help="leave the base model out of --composite-check (its sums are published; fits the call)")
+    p.add_argument("--composite-lean", action="store_true",
+                   help="--composite-check with MeteoRA and the mixed LoRA (and base) only: no per-line adapter, "
+                        "line-vote or segment oracle (about half the time)")
+    p.add_argument("--matched-oracle", action="store_true",
+                   help="with --train-loras: also train per-task adapters for --adapter-steps plus one task's share "
+                        "of the gate stage's steps (adapters_matched/) and evaluate MeteoRA against them "
+                        "(eval_matched/): an oracle that saw as many rows as MeteoRA's experts")
     p.add_argument("--composite-batch-size", type=int, default=40, help="prompts per generation batch in --composite-check")
     p.add_argument("--ablate-routing", action="store_true",
                    help="evaluate MeteoRA against its adapters forced on the prompt only / the answer only "
@@ -296,6 +315,8 @@ def main() -> None:
                    help="adapters: train the per-task and mixed adapters only; gates: and the gates; eval: and the "
                         "main evaluation (a later call goes on from what is there)")
     args = parser.parse_args()
+    if args.command == "run" and args.matched_oracle and not args.train_loras:
+        parser.error("--matched-oracle needs --train-loras (without it MeteoRA's experts are the adapters as trained)")
     pack(args) if args.command == "pack" else run(args)
 
 

@@ -144,6 +144,27 @@ def test_quality_train_loras_keeps_the_adapters_as_oracle(tiny_base, task_dir, t
     assert max(float((trained[k] - embedded[k]).abs().max()) for k in trained if k.endswith("lora_A")) > 1e-3
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["systems"] == ["meteora", "adapter", "base", "mixed"]
+    # A later call: the oracle row-matched to the experts (2 adapter steps + 2 gate steps / 2 tasks) and
+    # the lean composite check (MeteoRA and the mixed LoRA only); the checkpoint is reused.
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out), "--base",
+                    str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
+                    "--mixed-batch-size", "8", "--steps", "2", "--batch-size", "4", "--rows-per-task", "8",
+                    "--max-length", "64", "--limit", "2", "--composite", "own", "--composite-rows", "4",
+                    "--train-loras", "--lora-lr", "1e-2", "--local-gate-loss", "--skip-eval", "--matched-oracle",
+                    "--composite-check", "2", "--composite-lean", "--composite-no-base"],
+                   check=True, capture_output=True)
+    assert json.loads((out / "adapters_matched" / "count" / "meteora_adapter.json").read_text())["steps"] == 3
+    matched = json.loads((out / "eval_matched" / "summary.json").read_text())
+    assert matched["systems"] == ["meteora", "adapter"] and matched["composite"] == {}
+    assert matched["tasks"]["count"]["meteora"] == summary["tasks"]["count"]["meteora"]  # the same checkpoint
+    comp = json.loads((out / "eval_composite" / "summary.json").read_text())
+    assert comp["systems"] == ["meteora", "mixed"] and set(comp["composite"]["composite-2"]) == {"meteora", "mixed"}
+    times = json.loads((out / "times.json").read_text())
+    assert "matched per-task adapters" in times and "evaluation, matched oracle" in times
+    assert "adapters_matched/" in (out / "quality.md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "run", "--out", str(out),
+                          "--matched-oracle"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--matched-oracle needs --train-loras" in bad.stderr
 
 
 def test_quality_inst_base_drops_the_chat_template(smollm2_dir, tmp_path):
