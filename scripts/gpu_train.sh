@@ -42,7 +42,8 @@ if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality
     eval/summary.json eval/samples.jsonl eval/results.md eval/routing.html adapters/*/meteora_adapter.json \
     eval_top*/summary.json eval_top*/samples.jsonl eval_top*/results.md eval_phase/summary.json eval_phase/samples.jsonl \
     eval_phase/results.md eval_vote/summary.json eval_vote/results.md eval_vote/samples.jsonl \
-    eval_composite/summary.json eval_composite/results.md eval_composite/samples.jsonl select_top*/summary.json select_top*/results.md selection.json 2>/dev/null
+    eval_composite/summary.json eval_composite/results.md eval_composite/samples.jsonl eval_matched/summary.json eval_matched/results.md \
+    eval_matched/samples.jsonl adapters_matched/*/meteora_adapter.json select_top*/summary.json select_top*/results.md selection.json 2>/dev/null
   exit 0
 fi
 build

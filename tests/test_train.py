@@ -256,6 +256,22 @@ def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_pa
     assert sum(h["gate"] for h in log[-3:]) < sum(h["gate"] for h in log[:3])
 
 
+def test_torchrun_fsdp2_trains_loras_with_the_local_gate_loss(trained, tiny_base, task_dir, tmp_path):
+    """FSDP2 with --train-loras --local-gate-loss (the set-up that scores best on the GPU box): the
+    local gate logits read each gate's weight inside its layer's forward, where FSDP2 has it
+    unsharded; the LoRA experts move, the gates stay finite and the gate loss falls."""
+    out = tmp_path / "local"
+    _torchrun_gates(tiny_base, task_dir, trained, out, "--steps", "10", "--train-loras", "--lora-lr", "1e-2",
+                    "--local-gate-loss")
+    assert json.loads((out / train.RUN_NAME).read_text())["args"]["local_gate_loss"]
+    start = meteora.load(trained / "run", base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+    state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+    assert max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith("lora_B")) > 1e-3
+    assert all(torch.isfinite(v).all() for v in state.values())
+    log = read_log(out)
+    assert len(log) == 10 and sum(h["gate"] for h in log[-3:]) < sum(h["gate"] for h in log[:3])
+
+
 def test_composite_rows_label_each_question_and_answer_line(trained, tiny_base, task_dir, tmp_path):
     """--composite-rows: numbered questions of several tasks in one prompt, each question's and
     answer line's tokens labelled with its own task, the rest unlabelled; gate training runs on them."""
