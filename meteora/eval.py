@@ -245,16 +245,32 @@ class PhaseForce(PrefillHook):
         self.model.force_adapter(None)
 
 
-def per_task_adapters(folder: str, model: MeteoRAModel, fresh_base) -> MeteoRAModel:
-    """The PEFT adapters ``folder/<task>`` of the checkpoint's tasks, embedded as experts of a fresh
-    base model (to be forced one at a time): the per-task oracle of a checkpoint whose experts were
-    trained further (``meteora.train --train-loras``)."""
+def per_task_adapters(folder, model: MeteoRAModel, fresh_base) -> MeteoRAModel:
+    """The PEFT adapters of the checkpoint's tasks (``folder/<task>``, or a {task: folder} mapping),
+    embedded as experts of a fresh base model (to be forced one at a time): the per-task oracle of a
+    checkpoint whose experts were trained further (``meteora.train --train-loras``)."""
     from .model import from_adapters
 
-    missing = [n for n in model.adapter_names if not (Path(folder) / n / "adapter_config.json").is_file()]
+    paths = ({n: Path(folder[n]) for n in model.adapter_names if n in folder} if isinstance(folder, dict)
+             else {n: Path(folder) / n for n in model.adapter_names})
+    missing = [n for n in model.adapter_names if n not in paths or not (paths[n] / "adapter_config.json").is_file()]
     if missing:
-        raise CheckpointError(f"--baseline adapter={folder}: no PEFT adapter folder for {', '.join(missing)}")
-    return from_adapters(fresh_base(), {n: Path(folder) / n for n in model.adapter_names}, top_k=1).eval()
+        where = (f"adapter: the checkpoint's experts were trained (--train-loras) and the adapters its {RUN_NAME} "
+                 "names are gone (give --baseline adapter=DIR or experts)") if isinstance(folder, dict) \
+            else f"--baseline adapter={folder}"
+        raise CheckpointError(f"{where}: no PEFT adapter folder for {', '.join(missing)}")
+    return from_adapters(fresh_base(), paths, top_k=1).eval()
+
+
+def trained_experts_sources(ckpt) -> dict | None:
+    """{task: PEFT folder} the checkpoint's experts started from, when its train_run.json says that
+    they were trained further (``--train-loras``); None for a gates-only checkpoint (its experts
+    are the adapters, so forcing one is the oracle) or one without train_run.json."""
+    run_file = Path(ckpt) / RUN_NAME
+    if not run_file.is_file():
+        return None
+    run = json.loads(run_file.read_text())
+    return dict(run.get("adapters") or {}) if run.get("args", {}).get("train_loras") else None
 
 
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
@@ -268,9 +284,16 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     for spec in specs:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
-            experts = per_task_adapters(path, model, fresh_base) if path else model
+            sources = None if path else trained_experts_sources(args.model)
+            if sources is not None:  # the experts moved (--train-loras): the oracle is what they started from
+                log.info("adapter: the checkpoint's experts were trained (--train-loras); the oracle is the "
+                         "adapters they started from (train_run.json; --baseline adapter=DIR for others)")
+            experts = per_task_adapters(path or sources, model, fresh_base) if path or sources is not None else model
             systems.append(System("adapter", experts, force=lambda task, m=experts: m.force_adapter(task),
                                   release=lambda m=experts: m.force_adapter(None), per_line=True))
+        elif kind == "experts":  # the checkpoint's own experts, forced one at a time (after --train-loras: as trained)
+            systems.append(System("experts", model, force=lambda task: model.force_adapter(task),
+                                  release=lambda: model.force_adapter(None), per_line=True))
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
@@ -291,7 +314,7 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
 
             systems.append(System("mixed", PeftModel.from_pretrained(fresh_base(), path).eval()))
         else:
-            raise CheckpointError(f"--baseline {spec!r}: expected adapter[=DIR], base, mixed=DIR, prompt-adapter, "
+            raise CheckpointError(f"--baseline {spec!r}: expected adapter[=DIR], experts, base, mixed=DIR, prompt-adapter, "
                                   "answer-adapter or prompt-vote[=W]")
         if [s.name for s in systems].count(systems[-1].name) > 1:
             raise CheckpointError(f"--baseline {spec!r}: a second '{systems[-1].name}' system (give it once)")
@@ -746,9 +769,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", help="task specs (default: the ones the checkpoint was trained on)")
     parser.add_argument("--data-dir")
     parser.add_argument("--baseline", action="append",
-                        help="adapter (each task's own adapter: the checkpoint's expert; adapter=DIR: the PEFT "
-                             "adapter DIR/<task>, e.g. the ones trained further by --train-loras came from), "
-                             "base, mixed=DIR (one LoRA on the task mix), "
+                        help="adapter (each task's own adapter: the checkpoint's expert, or after --train-loras "
+                             "the PEFT adapter it started from, as train_run.json names it; adapter=DIR: the PEFT "
+                             "adapter DIR/<task>), experts (the checkpoint's own experts forced one at a time, as "
+                             "trained), base, mixed=DIR (one LoRA on the task mix), "
                              "prompt-adapter / answer-adapter (the task's adapter on the prompt / on the generated "
                              "tokens, the gates on the rest: a routing ablation), prompt-vote (MeteoRA whose gates "
                              "first vote one adapter for the whole prompt: meteora.PromptVote; prompt-vote=W: for each "

@@ -328,7 +328,7 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
             "--model", str(model), "--out", str(out), "--limit", "3", "--composite", "", "--max-new-tokens", "4",
             "--device", "cpu", "--quiet", "--baseline", baseline]))
         rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-        return [(r["task"], r["output"]) for r in rows if r["system"] == "adapter"]
+        return [(r["task"], r["output"]) for r in rows if r["system"] == baseline.partition("=")[0]]
 
     adapters = trained / "adapters"
     oracle = outputs(trained / "run", "adapter")
@@ -338,6 +338,19 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
     assert outputs(tmp_path / "changed", "adapter") != oracle
     with pytest.raises(meteora_eval.CheckpointError, match=r"adapter=.*no PEFT adapter folder for count, reverse, upper"):
         outputs(trained / "run", f"adapter={tmp_path}")
+    assert outputs(tmp_path / "changed", "experts") == outputs(tmp_path / "changed", "adapter")  # gates-only run
+    # A checkpoint trained with --train-loras (train_run.json says so): its default oracle is the
+    # adapters its experts started from, as train_run.json names them; `experts` forces its own.
+    run = json.loads((trained / "run" / "train_run.json").read_text())
+    run["args"]["train_loras"] = True
+    (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
+    assert outputs(tmp_path / "changed", "adapter") == oracle
+    assert outputs(tmp_path / "changed", "experts") != oracle
+    run["adapters"] = {name: str(tmp_path / "gone" / name) for name in run["adapters"]}
+    (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
+    with pytest.raises(meteora_eval.CheckpointError, match=r"experts were trained .* are gone .*: no PEFT adapter folder for count"):
+        outputs(tmp_path / "changed", "adapter")
+    assert outputs(tmp_path / "changed", f"adapter={adapters}") == oracle
     with pytest.raises(SystemExit) as info:  # both oracles in one run would share one name, one column
         meteora_eval.main(["--model", str(trained / "run"), "--out", str(tmp_path / "twice"), "--device", "cpu",
                            "--baseline", "adapter", "--baseline", f"adapter={adapters}"])
