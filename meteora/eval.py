@@ -80,8 +80,9 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
                       line_adapters: Sequence[Sequence[int]] | None = None,
                       segments: "Segments | None" = None) -> list[str]:
     """Composite-n answers in one growing generation, with the harness writing the numbers: the
-    reply opens with ``1. ``, the model's answer runs to its first line end (or stop token), then
-    ``\n2. `` is appended and the model goes on from everything so far, and so on for every
+    reply opens with ``1.``, the model's answer (its leading space included, as the training rows
+    tokenize it) runs to its first line end (or stop token), then ``\n2.`` is appended and the model
+    goes on from everything so far, and so on for every
     sub-question. Every system gets the same markers, so the model must still route (switch
     adapters) from the context alone; without them a small model trained on single questions
     answers once and stops. ``before_line(i)``, if given, is called before the i-th answers are
@@ -98,7 +99,9 @@ def generate_numbered(model, tokenizer, prompts: Sequence[str], tokens_per_answe
             for i, new_tokens in enumerate(tokens_per_answer, 1):
                 if before_line is not None:
                     before_line(i)
-                texts = [h + d + f"{i}. " for h, d in zip(heads, done)]
+                # "i." without the space: the model writes " answer" as in training ("1. The" is "1", ".",
+                # " The"; a prompt that ends in a space leaves a lone " " token no training row has).
+                texts = [h + d + f"{i}." for h, d in zip(heads, done)]
                 if segments is not None:
                     with segments.routing(model, tokenizer, texts, heads, start, i):
                         answers = _greedy(model, tokenizer, texts, new_tokens, stop, device)
@@ -137,7 +140,7 @@ class Segments:
 
     def labels(self, tokenizer, text: str, head: str, spans: Sequence[tuple[int, int, int]], line: int) -> list[int]:
         """Each token's adapter in ``text`` (``head``, the formatted prompt, then the numbered lines so
-        far and ``"{line}. "``), from its first character's segment."""
+        far and ``"{line}."``), from its first character's segment."""
         lines, at = [], len(head)  # the numbered lines so far: line j to its line end, on line j's adapter
         for j, piece in enumerate(text[len(head):].split("\n")[:-1]):
             lines.append((at, at + len(piece) + 1, self.line_adapters[j]))
@@ -445,7 +448,7 @@ def task_specs(args, ckpt: Path, model: MeteoRAModel) -> list[str]:
 def composite_sets(args, model: MeteoRAModel, tasks) -> list[tuple[str, list, list[dict], str]]:
     """(label, tasks, rows, decoding) for every --composite value: 3, 5, 10 (TASKS.md's lists,
     offline substitutes) or "own" (the evaluated tasks in order), once per --composite-decoding
-    (numbered: the harness writes "i. "; free: one plain generation)."""
+    (numbered: the harness writes "i."; free: one plain generation)."""
     decodings = [d.strip() for d in args.composite_decoding.split(",") if d.strip()]
     for d in decodings:
         if d not in ("numbered", "free"):
@@ -669,7 +672,7 @@ def results_markdown(summary: dict) -> str:
                      + " |")
     for label, by_system in summary["composite"].items():
         sub = [k for k in next(iter(by_system.values())) if k not in ("sum", "attempted")]
-        how = "one free generation" if label.endswith("(free)") else "the harness writes each 'i. ', the model answers to the line end"
+        how = "one free generation" if label.endswith("(free)") else "the harness writes each 'i.', the model answers to the line end"
         lines += ["", f"{label} ({how}): score per sub-task (its own metric on the i-th numbered answer), sum, attempted",
                   "", "| system | " + " | ".join(sub) + " | sum | attempted |", "|---|" + "---:|" * (len(sub) + 2)]
         for s, scores in by_system.items():
@@ -782,7 +785,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma list of 3, 5, 10 (TASKS.md's composite-n) or own (the evaluated tasks); '' for none")
     parser.add_argument("--composite-samples", type=int, default=16)
     parser.add_argument("--composite-decoding", default="numbered",
-                        help="numbered (the harness writes each 'i. ' and the model answers up to the line end), "
+                        help="numbered (the harness writes each 'i.' and the model answers up to the line end), "
                              "free (one plain generation), or both as numbered,free")
     parser.add_argument("--limit", type=int, default=32, help="test rows per task (0: composite-n only)")
     parser.add_argument("--offset", type=int, default=0,
