@@ -98,11 +98,11 @@ def run(args) -> None:
     common = ["--base", base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
               "--batch-size", str(args.batch_size), *data_dir]
     rows = ["--rows-per-task", str(args.rows_per_task)]
+    joint = ["--joint-adapters"] if args.joint_adapters else []
 
     # Adapter folders that exist are kept (train skips them): a second call goes on from here.
     _timed(out, "per-task adapters", lambda: train.main(
-        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows,
-         *(["--joint-adapters"] if args.joint_adapters else [])]),
+        ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps), *common, *rows, *joint]),
         done_before=all((adapters / t).is_dir() for t in tasks))
     # As many rows as all per-task adapters together: adapter steps x tasks x batch size. With
     # --train-loras MeteoRA's LoRAs also learn from the gate stage's rows (steps x batch size, its
@@ -158,7 +158,7 @@ def run(args) -> None:
         extra = -(-args.steps // len(tasks))  # the gate stage's rows, one task's share, in adapter steps
         _timed(out, "matched per-task adapters", lambda: train.main(
             ["adapters", "--tasks", ",".join(tasks), "--adapter-steps", str(args.adapter_steps + extra), *common,
-             "--adapters-dir", str(matched), *rows, *(["--joint-adapters"] if args.joint_adapters else [])]),
+             "--adapters-dir", str(matched), *rows, *joint]),
             done_before=all((matched / t).is_dir() for t in tasks))
         evaluated("evaluation, matched oracle", ["--composite", "", "--baseline", f"adapter={matched}"], "eval_matched")
     for k in args.also_top_k:  # the same checkpoint with other routing, MeteoRA only

@@ -248,21 +248,16 @@ class PhaseForce(PrefillHook):
         self.model.force_adapter(None)
 
 
-def per_task_adapters(folder, model: MeteoRAModel, fresh_base) -> MeteoRAModel:
-    """The PEFT adapters of the checkpoint's tasks (``folder/<task>``, or a {task: folder} mapping),
-    embedded as experts of a fresh base model (to be forced one at a time): the per-task oracle of a
-    checkpoint whose experts were trained further (``meteora.train --train-loras``)."""
+def per_task_adapters(paths: dict[str, Path], where: str, model: MeteoRAModel, fresh_base) -> MeteoRAModel:
+    """The PEFT adapters ``paths`` ({task: folder}) of the checkpoint's tasks, embedded as experts of
+    a fresh base model (to be forced one at a time): the per-task oracle of a checkpoint whose experts
+    were trained further (``meteora.train --train-loras``). ``where`` names their origin in the error."""
     from .model import from_adapters
 
-    paths = ({n: Path(folder[n]) for n in model.adapter_names if n in folder} if isinstance(folder, dict)
-             else {n: Path(folder) / n for n in model.adapter_names})
-    missing = [n for n in model.adapter_names if n not in paths or not (paths[n] / "adapter_config.json").is_file()]
+    missing = [n for n in model.adapter_names if n not in paths or not (Path(paths[n]) / "adapter_config.json").is_file()]
     if missing:
-        where = (f"adapter: the checkpoint's experts were trained (--train-loras) and the adapters its {RUN_NAME} "
-                 "names are gone (give --baseline adapter=DIR or experts)") if isinstance(folder, dict) \
-            else f"--baseline adapter={folder}"
         raise CheckpointError(f"{where}: no PEFT adapter folder for {', '.join(missing)}")
-    return from_adapters(fresh_base(), paths, top_k=1).eval()
+    return from_adapters(fresh_base(), {n: Path(paths[n]) for n in model.adapter_names}, top_k=1).eval()
 
 
 def trained_experts_sources(ckpt) -> dict | None:
@@ -282,21 +277,30 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     def fresh_base():  # the checkpoint's base model again, in its dtype, without MeteoRA
         return load_base_model(model.base_model_id, dtype=next(model.parameters()).dtype, device=device)[0].eval()
 
+    def forced(name: str, experts: MeteoRAModel) -> System:  # one expert of ``experts`` at a time: the row's task's
+        return System(name, experts, force=experts.force_adapter, release=lambda: experts.force_adapter(None),
+                      per_line=True)
+
     systems = [System("meteora", model)]
     specs = ["adapter", "base"] if args.baseline is None else [b for b in args.baseline if b != "none"]
     for spec in specs:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
             sources = None if path else trained_experts_sources(args.model)
-            if sources is not None:  # the experts moved (--train-loras): the oracle is what they started from
+            if path:
+                experts = per_task_adapters({n: Path(path) / n for n in model.adapter_names},
+                                            f"--baseline adapter={path}", model, fresh_base)
+            elif sources is not None:  # the experts moved (--train-loras): the oracle is what they started from
                 log.info("adapter: the checkpoint's experts were trained (--train-loras); the oracle is the "
                          "adapters they started from (train_run.json; --baseline adapter=DIR for others)")
-            experts = per_task_adapters(path or sources, model, fresh_base) if path or sources is not None else model
-            systems.append(System("adapter", experts, force=lambda task, m=experts: m.force_adapter(task),
-                                  release=lambda m=experts: m.force_adapter(None), per_line=True))
+                experts = per_task_adapters(sources, f"adapter: the checkpoint's experts were trained (--train-loras) "
+                                            f"and the adapters its {RUN_NAME} names are gone (give --baseline "
+                                            "adapter=DIR or experts)", model, fresh_base)
+            else:
+                experts = model
+            systems.append(forced("adapter", experts))
         elif kind == "experts":  # the checkpoint's own experts, forced one at a time (after --train-loras: as trained)
-            systems.append(System("experts", model, force=lambda task: model.force_adapter(task),
-                                  release=lambda: model.force_adapter(None), per_line=True))
+            systems.append(forced("experts", model))
         elif kind in ("prompt-adapter", "answer-adapter"):  # the adapter in one phase, the gates in the other
             phase = PhaseForce(model, kind.partition("-")[0])
             systems.append(System(kind, model, force=phase.force, release=phase.release))
