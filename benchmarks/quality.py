@@ -129,8 +129,8 @@ def run(args) -> None:
     _timed(out, "gates (+ gate accuracy)", lambda: None if gates_done else train.main(
         ["all", "--tasks", ",".join(tasks), "--out", str(ckpt), "--steps", str(args.steps), "--lr", str(args.lr),
          "--eval-rows", str(args.limit), "--composite-rows", str(args.composite_rows), *common, *rows,
-         *(["--train-loras", "--lora-lr", str(args.lora_lr)] if args.train_loras else []),
-         *(["--local-gate-loss"] if args.local_gate_loss else [])]),
+         *(["--train-loras", "--lora-lr", str(args.lora_lr)] if args.train_loras else ["--no-train-loras"]),
+         "--local-gate-loss" if args.local_gate_loss else "--no-local-gate-loss"]),  # this flow's own defaults
         done_before=gates_done)
     if args.stop_after == "gates":
         return

@@ -268,7 +268,8 @@ def trained_experts_sources(ckpt) -> dict | None:
     if not run_file.is_file():
         return None
     run = json.loads(run_file.read_text())
-    return dict(run.get("adapters") or {}) if run.get("args", {}).get("train_loras") else None
+    trained = run.get("experts_trained", run.get("args", {}).get("train_loras"))  # older runs: the flag only
+    return dict(run.get("adapters") or {}) if trained else None
 
 
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:

@@ -7,7 +7,10 @@
     torchrun --nproc_per_node=G -m meteora.train ...                  # FSDP2 (NCCL, or gloo on CPUs)
 
 Gate training minimises ``L_LM + lambda * CE_gate`` (DESIGN.md section 1): every token of a row is
-labelled with its task's adapter index, padding is ignored. Checkpoints of the whole training
+labelled with its task's adapter index, padding is ignored. By default the LoRA experts train too
+(at ``--lora-lr``, as the authors' script does) and each gate's cross-entropy reaches that gate
+alone, so the experts learn from the LM loss only: the set-up that matched the per-task adapters on
+16 tasks (docs/results.md); ``--no-train-loras`` trains the gates alone. Checkpoints of the whole training
 state are written atomically every ``--checkpoint-every`` steps; ``--resume`` continues from the
 last one (the data order, RNG, optimizer and schedule included).
 """
@@ -701,7 +704,7 @@ def _ckpt_base(args) -> str:
 
 
 def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx: Dist):
-    """Train the gates (and LoRAs with --train-loras); write the checkpoint; (model, tokenizer)."""
+    """Train the gates (and the LoRA experts unless --no-train-loras); write the checkpoint; (model, tokenizer)."""
     out = Path(args.out)
     names = [t.name for t in tasks]
     model, tokenizer, new_index = build_model(args, names, adapter_paths, ctx)
@@ -726,7 +729,7 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         args.weight_decay = 0.0
     elif args.train_loras:  # the LoRA experts at their own learning rate
         groups = [{"params": model.gate_parameters()},
-                  {"params": model.lora_parameters(), "lr": args.lora_lr or args.adapter_lr}]
+                  {"params": model.lora_parameters(), "lr": args.lora_lr}]
     model.record_routing(True, local=args.local_gate_loss)
 
     def loss_fn(batch):
@@ -744,8 +747,15 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
     state = model.meteora_state_dict()  # every rank gathers (FSDP2), rank 0 writes
     if ctx.main:
         model.save_pretrained(out, state_dict=state)
+        # A grown checkpoint (--from) keeps what its experts came from: the source run's adapters and
+        # whether they were trained further (eval's per-task oracle reads both).
+        source = {}
+        if args.from_ckpt and (Path(args.from_ckpt) / RUN_NAME).is_file():
+            source = json.loads((Path(args.from_ckpt) / RUN_NAME).read_text())
+        trained_before = source.get("experts_trained", source.get("args", {}).get("train_loras", False))
         run = {"tasks": [{"name": t.name, "source": t.source} for t in tasks],
-               "adapters": {n: str(p) for n, p in adapter_paths.items()}, "data_dir": args.data_dir,
+               "adapters": {**source.get("adapters", {}), **{n: str(p) for n, p in adapter_paths.items()}},
+               "experts_trained": bool(args.train_loras or trained_before), "data_dir": args.data_dir,
                "base": str(args.base if not args.from_ckpt else _ckpt_base(args)), "world_size": ctx.world,
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                "first": history[0] if history else None, "last": history[-1] if history else None}
@@ -900,12 +910,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="add this many composite rows to the gate data: 2-5 numbered questions of different "
                         "tasks in one prompt, each question's and answer line's tokens labelled with its task; "
                         "to a union task's adapter (NAME=a+b+...) the same rows of its tasks")
-    g.add_argument("--train-loras", action="store_true", help="train LoRA weights too (the authors' script)")
-    g.add_argument("--local-gate-loss", action="store_true",
+    g.add_argument("--train-loras", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the LoRA experts with the gates, as the authors' script does (default: on, but off "
+                        "with --add-adapter; --no-train-loras: the gates alone, the experts as the adapters were)")
+    g.add_argument("--local-gate-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="the gate cross-entropy trains each gate alone (its logits from the gate's input, detached): "
-                        "with --train-loras the experts then learn from the LM loss only")
-    g.add_argument("--lora-lr", type=float, default=0.0,
-                   help="learning rate of the LoRA weights with --train-loras (default: --adapter-lr; --lr is the gates')")
+                        "the experts then learn from the LM loss only (--no-local-gate-loss: the cross-entropy's "
+                        "gradient also reaches every earlier layer through the hidden states)")
+    g.add_argument("--lora-lr", type=float, default=5e-4,
+                   help="learning rate of the LoRA experts when they train (the authors' script's; --lr is the gates')")
     g.add_argument("--top-k", type=int, default=2)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--checkpoint-every", type=int, default=20)
@@ -928,8 +941,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.composite_rows < 0:
         parser.error("--composite-rows must be >= 0")
-    if args.lora_lr < 0:
-        parser.error("--lora-lr must be >= 0")
+    if args.lora_lr <= 0:
+        parser.error("--lora-lr must be > 0")
+    if args.train_loras and args.add_adapter:
+        parser.error("--train-loras cannot go with --add-adapter: only the newcomer's gate rows learn there")
+    if args.train_loras is None:
+        args.train_loras = not args.add_adapter
     return args
 
 

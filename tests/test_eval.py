@@ -320,7 +320,9 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
         for layer in changed.meteora_layers().values():
             layer.lora_B.normal_(0, 1.0)
     changed.save_pretrained(tmp_path / "changed")
-    (tmp_path / "changed" / "train_run.json").write_text((trained / "run" / "train_run.json").read_text())  # its tasks' data
+    run = json.loads((trained / "run" / "train_run.json").read_text())  # its tasks' data
+    run["experts_trained"] = False  # first as a gates-only run: its experts are its adapters
+    (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
 
     def outputs(model, baseline):
         out = tmp_path / f"eval_{len(list(tmp_path.iterdir()))}"
@@ -341,11 +343,13 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
     assert outputs(tmp_path / "changed", "experts") == outputs(tmp_path / "changed", "adapter")  # gates-only run
     # A checkpoint trained with --train-loras (train_run.json says so): its default oracle is the
     # adapters its experts started from, as train_run.json names them; `experts` forces its own.
-    run = json.loads((trained / "run" / "train_run.json").read_text())
-    run["args"]["train_loras"] = True
+    run["experts_trained"] = True
     (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
     assert outputs(tmp_path / "changed", "adapter") == oracle
     assert outputs(tmp_path / "changed", "experts") != oracle
+    del run["experts_trained"]  # a run written before that key: the --train-loras flag says it
+    assert not run["args"]["train_loras"] or outputs(tmp_path / "changed", "adapter") == oracle
+    run["args"]["train_loras"] = True
     run["adapters"] = {name: str(tmp_path / "gone" / name) for name in run["adapters"]}
     (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
     with pytest.raises(meteora_eval.CheckpointError, match=r"experts were trained .* are gone .*: no PEFT adapter folder for count"):

@@ -43,7 +43,9 @@ def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_di
                                   {n: trained / "adapters" / n for n in model.adapter_names})
     name = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(model.meteora_layers()[name].gate.weight, fresh.meteora_layers()[name].gate.weight)
-    torch.testing.assert_close(model.meteora_layers()[name].lora_A, fresh.meteora_layers()[name].lora_A)
+    # the default trains the LoRA experts too (at --lora-lr 5e-4: 24 Adam steps move a weight < 0.012)
+    moved = (model.meteora_layers()[name].lora_A - fresh.meteora_layers()[name].lora_A).abs().max()
+    assert 1e-4 < moved < 0.012 and run_info_args(run)["train_loras"]
     # the gate loss falls and the gates learn the tasks
     history = read_log(run)
     assert [h["step"] for h in history] == list(range(1, 25))
@@ -96,12 +98,18 @@ def test_add_adapter_keeps_old_routing(trained, tiny_base, task_dir, tmp_path):
                       "--tasks", f"again={task_dir / 'upper'}", "--steps", "6", "--lr", "2e-2"))
     grown = meteora.load(tmp_path / "grown", base_model=meteora.load_base_model(tiny_base)[0])
     assert grown.adapter_names == ["count", "reverse", "upper", "again"]
+    fresh = meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
+                                  {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]})
+    assert not run_info_args(tmp_path / "grown")["train_loras"]  # --add-adapter: the experts stay as they were
+    grown_run = json.loads((tmp_path / "grown" / train.RUN_NAME).read_text())
+    assert grown_run["experts_trained"]  # ... which the default run had trained: eval's oracle needs to know
+    assert set(grown_run["adapters"]) == {"count", "reverse", "upper", "again"}
     for name, layer in grown.meteora_layers().items():
         before = old.meteora_layers()[name]
         assert torch.equal(layer.gate.weight[:3], before.gate.weight)  # old rows untouched
         assert layer.gate.weight[3].abs().sum() > 0  # the newcomer's row learned
         torch.testing.assert_close(layer.lora_A[:3], before.lora_A)
-        torch.testing.assert_close(layer.lora_A[3], layer.lora_A[2])  # the same adapter, embedded again
+        torch.testing.assert_close(layer.lora_A[3], fresh.meteora_layers()[name].lora_A[2])  # upper's adapter, as saved
     assert set(json.loads((tmp_path / "grown" / "report.json").read_text())["gate_accuracy"]) == {
         "count", "reverse", "upper", "again"}
 
@@ -114,6 +122,10 @@ def test_bad_task_file_is_a_one_line_error(tiny_base, tmp_path, capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "bad.jsonl:2: field 'prompt' is a int" in message and "\n" not in message
+
+
+def run_info_args(run) -> dict:
+    return json.loads((run / train.RUN_NAME).read_text())["args"]
 
 
 def _train_cmd(tiny_base, task_dir, trained, out, *extra):
@@ -223,9 +235,10 @@ def test_union_adapter_sees_the_gates_composite_rows(tiny_base, task_dir, tmp_pa
 
 
 def test_train_loras_at_their_own_learning_rate(trained, tiny_base, task_dir, tmp_path):
-    """--train-loras: the LoRA weights learn at --lora-lr (default --adapter-lr), the gates at --lr."""
+    """--train-loras: the LoRA weights learn at --lora-lr (default 5e-4), the gates at --lr."""
     base = meteora.load_base_model(tiny_base)[0]
-    start = meteora.load(trained / "run", base_model=base).meteora_state_dict()  # the same adapters embedded
+    start = meteora.from_adapters(base, {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]}
+                                  ).meteora_state_dict()  # the adapters embedded, as the runs start
 
     def moved(*flags):
         out = tmp_path / "_".join(flags).replace("-", "")
@@ -237,9 +250,34 @@ def test_train_loras_at_their_own_learning_rate(trained, tiny_base, task_dir, tm
 
     frozen, slow, fast = moved("--lora-lr", "1e-9"), moved(), moved("--lora-lr", "1e-2")
     assert frozen < 1e-6  # Adam's steps are ~lr in size
-    assert 1e-5 < slow < 4e-3 < 1e-2 < fast  # --adapter-lr 1e-3 by default: 4 Adam steps move a weight < 2.5e-3
+    assert 1e-5 < slow < 4e-3 < 1e-2 < fast  # --lora-lr 5e-4 by default: 4 Adam steps move a weight < 2.5e-3
+    for bad in ("-1", "0"):
+        with pytest.raises(SystemExit):
+            train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--lora-lr", bad))
+
+
+def test_default_trains_the_experts_and_no_train_loras_freezes_them(trained, tiny_base, task_dir, tmp_path, capsys):
+    """The default (the authors' script, local gate loss) trains the LoRA experts with the gates;
+    --no-train-loras trains the gates alone (the experts stay the adapters bit for bit); the run
+    records which; --train-loras with --add-adapter is a one-line error."""
+    start = meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
+                                  {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]}).meteora_state_dict()
+
+    def run(name, *flags):
+        out = tmp_path / name
+        train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "3", "--warmup", "0", *flags))
+        state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
+        lora = max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith(("lora_A", "lora_B")))
+        return lora, json.loads((out / train.RUN_NAME).read_text())["args"]
+
+    lora, args = run("default")
+    assert lora > 1e-5 and args["train_loras"] and args["local_gate_loss"] and args["lora_lr"] == 5e-4
+    lora, args = run("gates_only", "--no-train-loras", "--no-local-gate-loss")
+    assert lora == 0.0 and not args["train_loras"] and not args["local_gate_loss"]
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        train.main(_train_cmd(tiny_base, task_dir, trained, tmp_path / "bad", "--lora-lr", "-1"))
+        train.main(["gates", "--from", str(trained / "run"), "--add-adapter", "x=DIR", "--train-loras"])
+    assert "--train-loras cannot go with --add-adapter" in capsys.readouterr().err
 
 
 def test_torchrun_bf16_base_with_fp32_gates(trained, tiny_base, task_dir, tmp_path):
