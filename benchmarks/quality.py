@@ -96,7 +96,7 @@ def run(args) -> None:
     base = inst_base(args.base, out / "base_inst") if args.prompt_format == "inst" else args.base
     data_dir = ["--data-dir", args.data_dir] if args.data_dir else []
     common = ["--base", base, "--adapters-dir", str(adapters), "--max-length", str(args.max_length),
-              "--batch-size", str(args.batch_size), *data_dir]
+              "--batch-size", str(args.batch_size), "--seed", str(args.seed), *data_dir]
     rows = ["--rows-per-task", str(args.rows_per_task)]
     joint = ["--joint-adapters"] if args.joint_adapters else []
 
@@ -268,6 +268,9 @@ def main() -> None:
                         "--train-loras the experts learn from the LM loss only")
     p.add_argument("--lora-lr", type=float, default=5e-4,
                    help="the LoRA experts' learning rate with --train-loras (the authors' script: 5e-4)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="meteora.train's seed for every training (adapters, mixed LoRA, gates): the flow is "
+                        "deterministic on one machine, so another training of it needs another seed")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows-per-task", type=int, default=600)
     p.add_argument("--max-length", type=int, default=256)

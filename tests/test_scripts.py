@@ -92,6 +92,8 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     "--composite-check", "3", "--composite-no-base"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
+    run_args = json.loads((out / "meteora" / "train_run.json").read_text())["args"]
+    assert not run_args["train_loras"] and not run_args["local_gate_loss"]  # this flow's gates-only default
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
     assert Path(config["base_model"]) == (out / "base_inst").resolve()  # every stage on the [INST] base
     assert json.loads((out / "eval_phase" / "summary.json").read_text())["systems"][-1] == "answer-adapter"
@@ -131,13 +133,14 @@ def test_quality_train_loras_keeps_the_adapters_as_oracle(tiny_base, task_dir, t
                     str(tiny_base), "--data-dir", str(task_dir), "--tasks", "count,upper", "--adapter-steps", "2",
                     "--mixed-batch-size", "8", "--steps", "2", "--batch-size", "4", "--rows-per-task", "8",
                     "--max-length", "64", "--limit", "2", "--composite", "", "--composite-rows", "4",
-                    "--train-loras", "--lora-lr", "1e-2", "--local-gate-loss", "--stop-after", "eval"],
+                    "--train-loras", "--lora-lr", "1e-2", "--local-gate-loss", "--stop-after", "eval", "--seed", "3"],
                    check=True, capture_output=True)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed_matched", "upper"]
     mixed = json.loads((out / "adapters" / "mixed_matched" / "meteora_adapter.json").read_text())
     assert mixed["steps"] == (2 * 2 * 4 + 2 * 4) // 8  # the adapters' rows and the gate stage's
     run = json.loads((out / "meteora" / "train_run.json").read_text())
     assert run["args"]["train_loras"] and run["args"]["lora_lr"] == 1e-2 and run["args"]["local_gate_loss"]
+    assert run["args"]["seed"] == 3  # --seed reaches every training of the flow
     trained = meteora.load(out / "meteora").meteora_state_dict()
     embedded = meteora.from_adapters(meteora.load_base_model(str(tiny_base))[0],
                                      {t: out / "adapters" / t for t in ("count", "upper")}).meteora_state_dict()
