@@ -910,7 +910,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="add this many composite rows to the gate data: 2-5 numbered questions of different "
                         "tasks in one prompt, each question's and answer line's tokens labelled with its task; "
                         "to a union task's adapter (NAME=a+b+...) the same rows of its tasks")
-    g.add_argument("--train-loras", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--train-loras", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="train the LoRA experts with the gates, as the authors' script does (default: on, but off "
                         "with --add-adapter; --no-train-loras: the gates alone, the experts as the adapters were)")
     g.add_argument("--local-gate-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -933,6 +933,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    args.train_loras = getattr(args, "train_loras", None)  # unset: decided below
     args.base_given = any(a == "--base" or a.startswith("--base=") for a in (argv or []))
     if args.add_adapter and not args.from_ckpt:
         parser.error("--add-adapter needs --from CKPT")
