@@ -29,8 +29,8 @@ from . import data as data_mod
 from . import metrics, viz
 from ._files import atomic_write as _atomic_write
 from .model import CheckpointError, LabelHook, MeteoRAModel, PrefillHook, PromptVote, load
-from .train import (RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, format_prompt, span_labels,
-                    stop_tokens)
+from .train import (RUN_NAME, collate, composite_spans, composite_tokens, encode_composite, experts_trained, format_prompt,
+                    read_run, span_labels, stop_tokens)
 
 log = logging.getLogger("meteora")
 
@@ -254,22 +254,19 @@ def per_task_adapters(paths: dict[str, Path], where: str, model: MeteoRAModel, f
     were trained further (``meteora.train --train-loras``). ``where`` names their origin in the error."""
     from .model import from_adapters
 
-    missing = [n for n in model.adapter_names if n not in paths or not (Path(paths[n]) / "adapter_config.json").is_file()]
+    folders = {n: Path(paths[n]) for n in model.adapter_names if n in paths}
+    missing = [n for n in model.adapter_names if n not in folders or not (folders[n] / "adapter_config.json").is_file()]
     if missing:
         raise CheckpointError(f"{where}: no PEFT adapter folder for {', '.join(missing)}")
-    return from_adapters(fresh_base(), {n: Path(paths[n]) for n in model.adapter_names}, top_k=1).eval()
+    return from_adapters(fresh_base(), folders, top_k=1).eval()
 
 
 def trained_experts_sources(ckpt) -> dict | None:
     """{task: PEFT folder} the checkpoint's experts started from, when its train_run.json says that
     they were trained further (``--train-loras``); None for a gates-only checkpoint (its experts
     are the adapters, so forcing one is the oracle) or one without train_run.json."""
-    run_file = Path(ckpt) / RUN_NAME
-    if not run_file.is_file():
-        return None
-    run = json.loads(run_file.read_text())
-    trained = run.get("experts_trained", run.get("args", {}).get("train_loras"))  # older runs: the flag only
-    return dict(run.get("adapters") or {}) if trained else None
+    run = read_run(ckpt)
+    return dict(run.get("adapters") or {}) if experts_trained(run) else None
 
 
 def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
@@ -287,11 +284,10 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
     for spec in specs:
         kind, _, path = spec.partition("=")
         if kind == "adapter":  # each task's own adapter alone: MeteoRA with every other expert masked
-            sources = None if path else trained_experts_sources(args.model)
             if path:
                 experts = per_task_adapters({n: Path(path) / n for n in model.adapter_names},
                                             f"--baseline adapter={path}", model, fresh_base)
-            elif sources is not None:  # the experts moved (--train-loras): the oracle is what they started from
+            elif (sources := trained_experts_sources(args.model)) is not None:  # the experts moved (--train-loras): the oracle is what they started from
                 log.info("adapter: the checkpoint's experts were trained (--train-loras); the oracle is the "
                          "adapters they started from (train_run.json; --baseline adapter=DIR for others)")
                 experts = per_task_adapters(sources, f"adapter: the checkpoint's experts were trained (--train-loras) "

@@ -54,6 +54,12 @@ LOG_NAME = "train_log.jsonl"
 RUN_NAME = "train_run.json"
 
 
+def experts_trained(run: dict) -> bool:
+    """Whether a run's train_run.json says its LoRA experts moved away from the adapters they were
+    embedded from (runs written before the ``experts_trained`` key: their --train-loras flag)."""
+    return bool(run.get("experts_trained", run.get("args", {}).get("train_loras", False)))
+
+
 # -- processes ----------------------------------------------------------------------------------
 @dataclass
 class Dist:
@@ -749,13 +755,10 @@ def train_gates(args, tasks: Sequence[Task], adapter_paths: dict[str, Path], ctx
         model.save_pretrained(out, state_dict=state)
         # A grown checkpoint (--from) keeps what its experts came from: the source run's adapters and
         # whether they were trained further (eval's per-task oracle reads both).
-        source = {}
-        if args.from_ckpt and (Path(args.from_ckpt) / RUN_NAME).is_file():
-            source = json.loads((Path(args.from_ckpt) / RUN_NAME).read_text())
-        trained_before = source.get("experts_trained", source.get("args", {}).get("train_loras", False))
+        source = read_run(args.from_ckpt) if args.from_ckpt else {}
         run = {"tasks": [{"name": t.name, "source": t.source} for t in tasks],
                "adapters": {**source.get("adapters", {}), **{n: str(p) for n, p in adapter_paths.items()}},
-               "experts_trained": bool(args.train_loras or trained_before), "data_dir": args.data_dir,
+               "experts_trained": args.train_loras or experts_trained(source), "data_dir": args.data_dir,
                "base": str(args.base if not args.from_ckpt else _ckpt_base(args)), "world_size": ctx.world,
                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                "first": history[0] if history else None, "last": history[-1] if history else None}
@@ -951,18 +954,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def read_run(ckpt) -> dict:
+    """A checkpoint's train_run.json ({} when it has none)."""
+    run_file = Path(ckpt) / RUN_NAME
+    return json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
 def task_list(args) -> list[str]:
     """Task specs in adapter order; with --from, the checkpoint's tasks first, then the new ones."""
     specs = [s for s in args.tasks.split(",") if s.strip()]
     if args.from_ckpt:
         ckpt = Path(args.from_ckpt)
         config = json.loads((ckpt / "meteora_config.json").read_text())
-        run_file = ckpt / RUN_NAME
-        sources = {}
-        if run_file.is_file():
-            run = json.loads(run_file.read_text())
-            sources = {t["name"]: t["source"] for t in run.get("tasks", [])}
-            args.data_dir = args.data_dir or run.get("data_dir")
+        run = read_run(ckpt)
+        sources = {t["name"]: t["source"] for t in run.get("tasks", [])}
+        args.data_dir = args.data_dir or run.get("data_dir")
         old = [f"{n}={sources[n].split(':', 1)[1]}" if sources.get(n, "").startswith("bigbench:")
                else (f"{n}={sources[n]}" if n in sources else n) for n in config["adapters"]]
         explicit = {data_mod.parse_task_spec(s)[0]: s for s in specs} if args.tasks_given else {}

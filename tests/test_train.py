@@ -98,10 +98,9 @@ def test_add_adapter_keeps_old_routing(trained, tiny_base, task_dir, tmp_path):
                       "--tasks", f"again={task_dir / 'upper'}", "--steps", "6", "--lr", "2e-2"))
     grown = meteora.load(tmp_path / "grown", base_model=meteora.load_base_model(tiny_base)[0])
     assert grown.adapter_names == ["count", "reverse", "upper", "again"]
-    fresh = meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
-                                  {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]})
-    assert not run_info_args(tmp_path / "grown")["train_loras"]  # --add-adapter: the experts stay as they were
+    fresh = _embedded(trained, tiny_base)
     grown_run = json.loads((tmp_path / "grown" / train.RUN_NAME).read_text())
+    assert not grown_run["args"]["train_loras"]  # --add-adapter: the experts stay as they were
     assert grown_run["experts_trained"]  # ... which the default run had trained: eval's oracle needs to know
     assert set(grown_run["adapters"]) == {"count", "reverse", "upper", "again"}
     for name, layer in grown.meteora_layers().items():
@@ -126,6 +125,12 @@ def test_bad_task_file_is_a_one_line_error(tiny_base, tmp_path, capsys):
 
 def run_info_args(run) -> dict:
     return json.loads((run / train.RUN_NAME).read_text())["args"]
+
+
+def _embedded(trained, tiny_base) -> meteora.MeteoRAModel:
+    """The fixture's three adapters embedded as experts, untrained: where every gate run starts."""
+    return meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
+                                 {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]})
 
 
 def _train_cmd(tiny_base, task_dir, trained, out, *extra):
@@ -236,9 +241,7 @@ def test_union_adapter_sees_the_gates_composite_rows(tiny_base, task_dir, tmp_pa
 
 def test_train_loras_at_their_own_learning_rate(trained, tiny_base, task_dir, tmp_path):
     """--train-loras: the LoRA weights learn at --lora-lr (default 5e-4), the gates at --lr."""
-    base = meteora.load_base_model(tiny_base)[0]
-    start = meteora.from_adapters(base, {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]}
-                                  ).meteora_state_dict()  # the adapters embedded, as the runs start
+    start = _embedded(trained, tiny_base).meteora_state_dict()
 
     def moved(*flags):
         out = tmp_path / "_".join(flags).replace("-", "")
@@ -260,15 +263,14 @@ def test_default_trains_the_experts_and_no_train_loras_freezes_them(trained, tin
     """The default (the authors' script, local gate loss) trains the LoRA experts with the gates;
     --no-train-loras trains the gates alone (the experts stay the adapters bit for bit); the run
     records which; --train-loras with --add-adapter is a one-line error."""
-    start = meteora.from_adapters(meteora.load_base_model(tiny_base)[0],
-                                  {n: trained / "adapters" / n for n in ["count", "reverse", "upper"]}).meteora_state_dict()
+    start = _embedded(trained, tiny_base).meteora_state_dict()
 
     def run(name, *flags):
         out = tmp_path / name
         train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "3", "--warmup", "0", *flags))
         state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
         lora = max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith(("lora_A", "lora_B")))
-        return lora, json.loads((out / train.RUN_NAME).read_text())["args"]
+        return lora, run_info_args(out)
 
     lora, args = run("default")
     assert lora > 1e-5 and args["train_loras"] and args["local_gate_loss"] and args["lora_lr"] == 5e-4
