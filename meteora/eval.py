@@ -287,7 +287,8 @@ def build_systems(args, model: MeteoRAModel, tokenizer, device) -> list[System]:
             if path:
                 experts = per_task_adapters({n: Path(path) / n for n in model.adapter_names},
                                             f"--baseline adapter={path}", model, fresh_base)
-            elif (sources := trained_experts_sources(args.model)) is not None:  # the experts moved (--train-loras): the oracle is what they started from
+            # the experts moved (--train-loras): the oracle is what they started from
+            elif (sources := trained_experts_sources(args.model)) is not None:
                 log.info("adapter: the checkpoint's experts were trained (--train-loras); the oracle is the "
                          "adapters they started from (train_run.json; --baseline adapter=DIR for others)")
                 experts = per_task_adapters(sources, f"adapter: the checkpoint's experts were trained (--train-loras) "

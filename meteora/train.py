@@ -54,6 +54,12 @@ LOG_NAME = "train_log.jsonl"
 RUN_NAME = "train_run.json"
 
 
+def read_run(ckpt) -> dict:
+    """A checkpoint's train_run.json ({} when it has none)."""
+    run_file = Path(ckpt) / RUN_NAME
+    return json.loads(run_file.read_text()) if run_file.is_file() else {}
+
+
 def experts_trained(run: dict) -> bool:
     """Whether a run's train_run.json says its LoRA experts moved away from the adapters they were
     embedded from (runs written before the ``experts_trained`` key: their --train-loras flag)."""
@@ -952,12 +958,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.train_loras is None:
         args.train_loras = not args.add_adapter
     return args
-
-
-def read_run(ckpt) -> dict:
-    """A checkpoint's train_run.json ({} when it has none)."""
-    run_file = Path(ckpt) / RUN_NAME
-    return json.loads(run_file.read_text()) if run_file.is_file() else {}
 
 
 def task_list(args) -> list[str]:

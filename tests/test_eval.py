@@ -11,6 +11,7 @@ import torch
 
 import meteora
 from meteora import eval as meteora_eval
+from meteora import train
 from meteora import PromptVote, metrics
 
 
@@ -320,7 +321,7 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
         for layer in changed.meteora_layers().values():
             layer.lora_B.normal_(0, 1.0)
     changed.save_pretrained(tmp_path / "changed")
-    run = json.loads((trained / "run" / "train_run.json").read_text())  # its tasks' data
+    run = train.read_run(trained / "run")  # its tasks' data
     run["experts_trained"] = False  # first as a gates-only run: its experts are its adapters
     (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
 
@@ -348,6 +349,7 @@ def test_adapter_baseline_from_folders_is_the_per_task_oracle(trained, tmp_path)
     assert outputs(tmp_path / "changed", "adapter") == oracle
     assert outputs(tmp_path / "changed", "experts") != oracle
     del run["experts_trained"]  # a run written before that key: the --train-loras flag says it
+    (tmp_path / "changed" / "train_run.json").write_text(json.dumps(run))
     assert not run["args"]["train_loras"] or outputs(tmp_path / "changed", "adapter") == oracle
     run["args"]["train_loras"] = True
     run["adapters"] = {name: str(tmp_path / "gone" / name) for name in run["adapters"]}

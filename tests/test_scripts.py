@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import meteora
+from meteora import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_quality_skip_eval_runs_only_the_extra_evaluations(tiny_base, task_dir, 
                     "--composite-check", "3", "--composite-no-base"],
                    check=True, capture_output=True)
     assert not (out / "eval").exists() and sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "upper"]
-    run_args = json.loads((out / "meteora" / "train_run.json").read_text())["args"]
+    run_args = train.read_run(out / "meteora")["args"]
     assert not run_args["train_loras"] and not run_args["local_gate_loss"]  # this flow's gates-only default
     config = json.loads((out / "meteora" / "meteora_config.json").read_text())
     assert Path(config["base_model"]) == (out / "base_inst").resolve()  # every stage on the [INST] base
@@ -138,7 +139,7 @@ def test_quality_train_loras_keeps_the_adapters_as_oracle(tiny_base, task_dir, t
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["count", "mixed_matched", "upper"]
     mixed = json.loads((out / "adapters" / "mixed_matched" / "meteora_adapter.json").read_text())
     assert mixed["steps"] == (2 * 2 * 4 + 2 * 4) // 8  # the adapters' rows and the gate stage's
-    run = json.loads((out / "meteora" / "train_run.json").read_text())
+    run = train.read_run(out / "meteora")
     assert run["args"]["train_loras"] and run["args"]["lora_lr"] == 1e-2 and run["args"]["local_gate_loss"]
     assert run["args"]["seed"] == 3  # --seed reaches every training of the flow
     trained = meteora.load(out / "meteora").meteora_state_dict()

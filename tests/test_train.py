@@ -45,7 +45,7 @@ def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_di
     assert not torch.equal(model.meteora_layers()[name].gate.weight, fresh.meteora_layers()[name].gate.weight)
     # the default trains the LoRA experts too (at --lora-lr 5e-4: 24 Adam steps move a weight < 0.012)
     moved = (model.meteora_layers()[name].lora_A - fresh.meteora_layers()[name].lora_A).abs().max()
-    assert 1e-4 < moved < 0.012 and run_info_args(run)["train_loras"]
+    assert 1e-4 < moved < 0.012 and train.read_run(run)["args"]["train_loras"]
     # the gate loss falls and the gates learn the tasks
     history = read_log(run)
     assert [h["step"] for h in history] == list(range(1, 25))
@@ -59,7 +59,7 @@ def test_end_to_end_adapters_gates_checkpoint_reload(trained, tiny_base, task_di
     assert set(report["gate_accuracy_template"]) == {"count", "reverse", "upper"}  # "[INST]" before every prompt
     assert all(0.0 <= v <= 1.0 for v in report["gate_accuracy_template"].values())
     assert all(len(s["tokens"]) == len(s["adapters"]) >= 1 for s in report["samples"])
-    run_info = json.loads((run / train.RUN_NAME).read_text())
+    run_info = train.read_run(run)
     assert [t["name"] for t in run_info["tasks"]] == ["count", "reverse", "upper"]
     assert (run / "checkpoint" / train.STATE_NAME).is_file()
     assert not [p for p in run.rglob("*.tmp")]
@@ -99,7 +99,7 @@ def test_add_adapter_keeps_old_routing(trained, tiny_base, task_dir, tmp_path):
     grown = meteora.load(tmp_path / "grown", base_model=meteora.load_base_model(tiny_base)[0])
     assert grown.adapter_names == ["count", "reverse", "upper", "again"]
     fresh = _embedded(trained, tiny_base)
-    grown_run = json.loads((tmp_path / "grown" / train.RUN_NAME).read_text())
+    grown_run = train.read_run(tmp_path / "grown")
     assert not grown_run["args"]["train_loras"]  # --add-adapter: the experts stay as they were
     assert grown_run["experts_trained"]  # ... which the default run had trained: eval's oracle needs to know
     assert set(grown_run["adapters"]) == {"count", "reverse", "upper", "again"}
@@ -121,10 +121,6 @@ def test_bad_task_file_is_a_one_line_error(tiny_base, tmp_path, capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert "bad.jsonl:2: field 'prompt' is a int" in message and "\n" not in message
-
-
-def run_info_args(run) -> dict:
-    return json.loads((run / train.RUN_NAME).read_text())["args"]
 
 
 def _embedded(trained, tiny_base) -> meteora.MeteoRAModel:
@@ -202,7 +198,7 @@ def test_torchrun_two_gloo_processes_fsdp2(trained, tiny_base, task_dir, tmp_pat
             assert a.get_tensor(key).shape == b.get_tensor(key).shape
     model = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0])
     assert model.adapter_names == ["count", "reverse", "upper"]
-    run_info = json.loads((out / train.RUN_NAME).read_text())
+    run_info = train.read_run(out)
     assert run_info["world_size"] == 2 and len(read_log(out)) == 6
     # the training state written by 2 processes resumes only with 2
     with pytest.raises(SystemExit):
@@ -270,7 +266,7 @@ def test_default_trains_the_experts_and_no_train_loras_freezes_them(trained, tin
         train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "3", "--warmup", "0", *flags))
         state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
         lora = max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith(("lora_A", "lora_B")))
-        return lora, run_info_args(out)
+        return lora, train.read_run(out)["args"]
 
     lora, args = run("default")
     assert lora > 1e-5 and args["train_loras"] and args["local_gate_loss"] and args["lora_lr"] == 5e-4
@@ -303,7 +299,7 @@ def test_torchrun_fsdp2_trains_loras_with_the_local_gate_loss(trained, tiny_base
     out = tmp_path / "local"
     _torchrun_gates(tiny_base, task_dir, trained, out, "--steps", "10", "--train-loras", "--lora-lr", "1e-2",
                     "--local-gate-loss")
-    assert json.loads((out / train.RUN_NAME).read_text())["args"]["local_gate_loss"]
+    assert train.read_run(out)["args"]["local_gate_loss"]
     start = meteora.load(trained / "run", base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
     state = meteora.load(out, base_model=meteora.load_base_model(tiny_base)[0]).meteora_state_dict()
     assert max(float((state[k] - start[k]).abs().max()) for k in state if k.endswith("lora_B")) > 1e-3
@@ -340,7 +336,7 @@ def test_composite_rows_label_each_question_and_answer_line(trained, tiny_base, 
     out = tmp_path / "composite"
     train.main(_train_cmd(tiny_base, task_dir, trained, out, "--steps", "4", "--composite-rows", "6",
                           "--max-length", "160"))
-    run_info = json.loads((out / "train_run.json").read_text())
+    run_info = train.read_run(out)
     assert run_info["args"]["composite_rows"] == 6
     assert all(r["gate"] == r["gate"] for r in read_log(out))  # finite gate losses
     with pytest.raises(SystemExit):
