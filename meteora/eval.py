@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -574,6 +575,13 @@ def _intervals(values, systems: Sequence[str], key: str) -> dict:
                 [float(ratio[0]), *np.nanpercentile(ratio[1:], [2.5, 97.5]).tolist()]
             result.setdefault("meteora_vs", {})[other] = {
                 "ratio": ratio_ci, "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
+    if "mixed" in systems:  # every other system against the mixed-task LoRA (issue 6's composite baseline)
+        m = systems.index("mixed")
+        for j, other in enumerate(systems):
+            if j != m and other != "meteora":
+                diff = values[:, j] - values[:, m]
+                result.setdefault("vs_mixed", {})[other] = {
+                    "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
     return result
 
 
@@ -627,6 +635,39 @@ def composite_bootstrap(parts: dict[str, dict[str, list[tuple[str, list[str], li
                 sums[:, j] += _resampled(metric, outs, refs, picks)
         result[label] = {"resamples": resamples, "prompts": n, **_intervals(sums, systems, "sum")}
     return result
+
+
+def rescore(folder: str | os.PathLike, resamples: int = 1000) -> dict:
+    """Recompute the composite-n bootstrap of an evaluation folder (its summary.json and
+    samples.jsonl or samples.jsonl.gz) with this version's code, and rewrite its summary.json and
+    results.md. Each sub-task's answers and references are the numbered lines of the stored output
+    and reference; the sub-tasks and their order come from the summary's composite table."""
+    import gzip
+
+    folder = Path(folder)
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    samples = folder / "samples.jsonl"
+    if not samples.exists() and (folder / "samples.jsonl.gz").exists():
+        samples = folder / "samples.jsonl.gz"
+    opener = gzip.open if samples.suffix == ".gz" else open
+    with opener(samples, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    parts: dict = {}
+    for label, by_system in summary.get("composite", {}).items():
+        names = [k for k in next(iter(by_system.values()), {}) if k not in ("sum", "attempted")]
+        tasks = [data_mod.Task(name) for name in names]
+        for system in by_system:
+            got = [r for r in rows if r["task"] == label and r["system"] == system]
+            if not got:
+                raise data_mod.DataError(f"{samples}: no rows of system {system!r} on {label!r} (summary.json has them)")
+            refs = [{"answers": data_mod.split_composite_answer(r["reference"], len(tasks))} for r in got]
+            parts.setdefault(label, {})[system] = composite_parts(tasks, refs, [r["output"] for r in got])
+    summary["composite_bootstrap"] = composite_bootstrap(parts, resamples)
+    _atomic_write(summary_path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    markdown = results_markdown(summary)
+    _atomic_write(folder / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    return summary
 
 
 def same_outputs(rows: Sequence[dict], systems: Sequence[str]) -> dict[str, list[int]]:
@@ -705,6 +746,9 @@ def results_markdown(summary: dict) -> str:
             parts += [", ".join(f"MeteoRA - {other} {g['difference'][0]:+.3f} [{g['difference'][1]:+.3f}, "
                                 f"{g['difference'][2]:+.3f}]" for other, g in boot["meteora_vs"].items())] \
                 if boot.get("meteora_vs") else []
+            parts += [", ".join(f"{other} - mixed {g['difference'][0]:+.3f} [{g['difference'][1]:+.3f}, "
+                                f"{g['difference'][2]:+.3f}]" for other, g in boot["vs_mixed"].items())] \
+                if boot.get("vs_mixed") else []
             lines += ["", f"Sum with its 95% interval (paired bootstrap over the {boot['prompts']} prompts, "
                       f"{boot['resamples']} resamples): " + "; ".join(parts) + "."]
     boot = summary.get("bootstrap")
@@ -814,6 +858,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--show-composite", metavar="N",
                         help="only draw the routing of the first composite-N row (3, 5, 10 or own), numbered decoding")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--rescore", metavar="FOLDER",
+                        help="only recompute an evaluation folder's composite-n bootstrap intervals (every system "
+                             "against MeteoRA and against the mixed LoRA) from its samples, rewriting its "
+                             "summary.json and results.md")
     args = parser.parse_args(argv)
     if args.limit < 0 or args.offset < 0:
         parser.error(f"--limit {args.limit} / --offset {args.offset}: need >= 0")
@@ -827,7 +875,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        if args.show or args.show_composite:
+        if args.rescore:
+            summary = rescore(args.rescore, args.bootstrap or 1000)
+            if not args.quiet:
+                print(results_markdown(summary))
+        elif args.show or args.show_composite:
             show(args)
         else:
             evaluate(args)

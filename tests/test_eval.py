@@ -180,6 +180,51 @@ def test_composite_bootstrap_intervals():
     vs = boot["composite-2"]["meteora_vs"]
     assert vs["twin"]["difference"] == pytest.approx([0.0, 0.0, 0.0])
     assert vs["mixed"]["difference"][1] > 0, vs["mixed"]
+    # every other system against the mixed LoRA: MeteoRA's twin has MeteoRA's difference, MeteoRA
+    # itself is left to meteora_vs
+    assert set(boot["composite-2"]["vs_mixed"]) == {"twin"}
+    assert boot["composite-2"]["vs_mixed"]["twin"]["difference"] == pytest.approx(vs["mixed"]["difference"])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rescore_recomputes_composite_intervals_from_samples(tmp_path, packed):
+    """--rescore: from an evaluation folder's summary.json and samples (plain or gzipped), the
+    composite bootstrap is the one composite_bootstrap gives on the same outputs (sub-tasks in the
+    summary's order, answers and references split from the numbered lines), both files are
+    rewritten with it (no temporary file left), and a folder without samples is a one-line error."""
+    import gzip
+    import json
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    tasks = [SimpleNamespace(name="object_counting", metric="exact"), SimpleNamespace(name="strategyqa", metric="strategyqa")]
+    rows = [{"answers": [f"{i}", "Yes. Because." if i % 3 else "No. Never."]} for i in range(40)]
+    outputs = {s: [f"1. {i if torch.rand((), generator=gen) < p else 'x'}\n2. {'Yes. So.' if torch.rand((), generator=gen) < p else 'No.'}"
+                   for i in range(40)] for s, p in (("meteora", 0.8), ("segment", 0.6), ("mixed", 0.3))}
+    parts = {"composite-2": {s: meteora_eval.composite_parts(tasks, rows, o) for s, o in outputs.items()}}
+    summary = {"checkpoint": "ckpt", "device": "cpu", "limit": 0, "offset": 0, "systems": ["meteora", "mixed"], "tasks": {},
+               "composite": {"composite-2": {s: meteora_eval._composite_scores(tasks, p) for s, p in parts["composite-2"].items()}}}
+    samples = [{"system": s, "task": "composite-2", "prompt": "q", "output": o,
+                "reference": f"1. {r['answers'][0]}\n2. {r['answers'][1]}"} for s, outs in outputs.items() for o, r in zip(outs, rows)]
+    text = "".join(json.dumps(r) + "\n" for r in samples)
+    if packed:
+        with gzip.open(tmp_path / "samples.jsonl.gz", "wt") as f:
+            f.write(text)
+    else:
+        (tmp_path / "samples.jsonl").write_text(text)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    meteora_eval.main(["--rescore", str(tmp_path), "--bootstrap", "200", "--quiet"])
+    got = json.loads((tmp_path / "summary.json").read_text())
+    want = meteora_eval.composite_bootstrap(parts, 200)["composite-2"]
+    assert got["composite_bootstrap"]["composite-2"] == want and set(want["vs_mixed"]) == {"segment"}
+    assert got["composite"] == summary["composite"]
+    assert "segment - mixed" in (tmp_path / "results.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["summary.json", "results.md",
+                                                                 "samples.jsonl.gz" if packed else "samples.jsonl"])
+    (tmp_path / ("samples.jsonl.gz" if packed else "samples.jsonl")).unlink()
+    with pytest.raises(SystemExit) as err:
+        meteora_eval.main(["--rescore", str(tmp_path)])
+    assert err.value.code == 2
 
 
 def test_composite_routing_counts_each_sub_task_on_its_own_lines(trained, task_dir):
