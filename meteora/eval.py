@@ -5,6 +5,7 @@ per-task adapters (oracle), the base model and a mixed-task LoRA; draw the routi
     python -m meteora.eval --model CKPT --tasks a,b --baseline adapter --baseline base
     python -m meteora.eval --model CKPT --baseline mixed=DIR --composite 3
     python -m meteora.eval --model CKPT --show "Q: How many legs do 3 cats have?"
+    python -m meteora.eval --rescore CKPT/eval              # the composite intervals again, from samples
 
 Writes, in --out (default CKPT/eval): samples.jsonl (every generation), summary.json, results.md
 (task x system, with means; composite-n per sub-task and their sum), and with --show routing.html,
