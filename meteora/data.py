@@ -12,6 +12,7 @@ A task without a test split gets 20% of its rows as test (seed 42). Caps: 100k t
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -110,10 +111,12 @@ class Task:
 
 # -- JSONL ---------------------------------------------------------------------------------------
 def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("prompt", "response")) -> list[dict]:
-    """Rows of a JSONL file; a malformed row raises DataError naming the file and line."""
+    """Rows of a JSONL file (gzipped when its name ends in .gz); a malformed row raises DataError
+    naming the file and line."""
     path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

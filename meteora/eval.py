@@ -563,8 +563,10 @@ def _intervals(values, systems: Sequence[str], key: str) -> dict:
     system with theirs (the ratio is None where the other system scores 0 on the full sample)."""
     import numpy as np
 
-    result = {key: {s: [float(values[0, j]), *np.percentile(values[1:, j], [2.5, 97.5]).tolist()]
-                    for j, s in enumerate(systems)}}
+    def interval(v) -> list[float]:  # the full sample's value, then the resamples' 95% interval
+        return [float(v[0]), *np.percentile(v[1:], [2.5, 97.5]).tolist()]
+
+    result = {key: {s: interval(values[:, j]) for j, s in enumerate(systems)}}
     if "meteora" in systems:
         m = systems.index("meteora")
         for j, other in enumerate(systems):
@@ -574,15 +576,12 @@ def _intervals(values, systems: Sequence[str], key: str) -> dict:
             diff = values[:, m] - values[:, j]
             ratio_ci = [None] * 3 if np.isnan(ratio[0]) else \
                 [float(ratio[0]), *np.nanpercentile(ratio[1:], [2.5, 97.5]).tolist()]
-            result.setdefault("meteora_vs", {})[other] = {
-                "ratio": ratio_ci, "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
+            result.setdefault("meteora_vs", {})[other] = {"ratio": ratio_ci, "difference": interval(diff)}
     if "mixed" in systems:  # every other system against the mixed-task LoRA (issue 6's composite baseline)
         m = systems.index("mixed")
         for j, other in enumerate(systems):
             if j != m and other != "meteora":
-                diff = values[:, j] - values[:, m]
-                result.setdefault("vs_mixed", {})[other] = {
-                    "difference": [float(diff[0]), *np.percentile(diff[1:], [2.5, 97.5]).tolist()]}
+                result.setdefault("vs_mixed", {})[other] = {"difference": interval(values[:, j] - values[:, m])}
     return result
 
 
@@ -643,23 +642,21 @@ def rescore(folder: str | os.PathLike, resamples: int = 1000) -> dict:
     samples.jsonl or samples.jsonl.gz) with this version's code, and rewrite its summary.json and
     results.md. Each sub-task's answers and references are the numbered lines of the stored output
     and reference; the sub-tasks and their order come from the summary's composite table."""
-    import gzip
-
     folder = Path(folder)
     summary_path = folder / "summary.json"
     summary = json.loads(summary_path.read_text())
     samples = folder / "samples.jsonl"
     if not samples.exists() and (folder / "samples.jsonl.gz").exists():
         samples = folder / "samples.jsonl.gz"
-    opener = gzip.open if samples.suffix == ".gz" else open
-    with opener(samples, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for r in data_mod.read_jsonl(samples, required=("system", "task", "output", "reference")):
+        rows.setdefault((r["task"], r["system"]), []).append(r)
     parts: dict = {}
     for label, by_system in summary.get("composite", {}).items():
         names = [k for k in next(iter(by_system.values()), {}) if k not in ("sum", "attempted")]
         tasks = [data_mod.Task(name) for name in names]
         for system in by_system:
-            got = [r for r in rows if r["task"] == label and r["system"] == system]
+            got = rows.get((label, system))
             if not got:
                 raise data_mod.DataError(f"{samples}: no rows of system {system!r} on {label!r} (summary.json has them)")
             refs = [{"answers": data_mod.split_composite_answer(r["reference"], len(tasks))} for r in got]
@@ -744,11 +741,10 @@ def results_markdown(summary: dict) -> str:
         boot = summary.get("composite_bootstrap", {}).get(label)
         if boot:
             parts = [", ".join(f"{s} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for s, v in boot["sum"].items())]
-            parts += [", ".join(f"MeteoRA - {other} {g['difference'][0]:+.3f} [{g['difference'][1]:+.3f}, "
-                                f"{g['difference'][2]:+.3f}]" for other, g in boot["meteora_vs"].items())] \
+            diff = lambda a, b, d: f"{a} - {b} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731
+            parts += [", ".join(diff("MeteoRA", other, g["difference"]) for other, g in boot["meteora_vs"].items())] \
                 if boot.get("meteora_vs") else []
-            parts += [", ".join(f"{other} - mixed {g['difference'][0]:+.3f} [{g['difference'][1]:+.3f}, "
-                                f"{g['difference'][2]:+.3f}]" for other, g in boot["vs_mixed"].items())] \
+            parts += [", ".join(diff(other, "mixed", g["difference"]) for other, g in boot["vs_mixed"].items())] \
                 if boot.get("vs_mixed") else []
             lines += ["", f"Sum with its 95% interval (paired bootstrap over the {boot['prompts']} prompts, "
                       f"{boot['resamples']} resamples): " + "; ".join(parts) + "."]
