@@ -63,6 +63,37 @@ def wide_gate_up(linears, left: bool = True, names=frozenset()):
     return out
 
 
+def layer_setup():
+    """(generator, LLaMA-3-8B layer shapes, a "hot" input direction per d_in) as the layer benchmarks
+    here start from."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = parse_shapes(LLAMA3_8B)
+    hot = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
+    return gen, shapes, hot
+
+
+def replay_alternated(graphs: dict, rounds: int):
+    """Each graph replayed in bursts of 10, the graphs in turn (in reverse order every other round):
+    ({name: us per replay, one per round}, ClockLog's summary: each one's SM clock and power while it
+    replayed)."""
+    torch.cuda.synchronize()
+    times = {name: [] for name in graphs}
+    order = list(graphs.items())
+
+    def burst(graph):
+        def run():
+            for _ in range(10):
+                graph.replay()
+        return run
+
+    with ClockLog(period_ms=20) as clocks:
+        for i in range(rounds):
+            for name, graph in (order if i % 2 == 0 else order[::-1]):
+                with clocks.window(name):
+                    times[name].append(event_ms(burst(graph)) / 10 * 1e3)
+    return times, clocks.summary()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
@@ -84,20 +115,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("ab_layer: needs a CUDA GPU", file=sys.stderr)
         return 2
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = parse_shapes(LLAMA3_8B)
-    hot = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
+    gen, shapes, hot = layer_setup()
     var = args.env
 
     def setting(value: str) -> None:
         if var:
             os.environ[var] = value
-
-    def burst(graph):
-        def run():
-            for _ in range(10):
-                graph.replay()
-        return run
 
     if var:
         layout_a, layout_b = f"{var}=0", f"{var}=1"
@@ -134,15 +157,7 @@ def main(argv=None) -> int:
                 graphs["B"] = capture(lambda: run_ours_layer(variant_b, xs, 2, x_cats=x_cats))
                 setting("0")
                 same = all(torch.equal(a, b) for a, b in zip(out_a, out_b))
-                torch.cuda.synchronize()
-                times = {name: [] for name in graphs}
-                order = list(graphs.items())
-                with ClockLog(period_ms=20) as clocks:  # each variant's SM clock and power while it replays
-                    for i in range(args.rounds):
-                        for name, graph in (order if i % 2 == 0 else order[::-1]):
-                            with clocks.window(name):
-                                times[name].append(event_ms(burst(graph)) / 10 * 1e3)
-                c = clocks.summary()
+                times, c = replay_alternated(graphs, args.rounds)
 
                 def ratio(num, den):
                     r = sorted(n / d for n, d in zip(times[num], times[den]))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU box (device tool): build the extension against the torch there, run the CUDA tests,
-# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark, (AB_ARGS) ab_layer.py, (FUSED=1) the
-# fused-expand prototype and (E2E=1) the whole-model benchmark. Logs go to $OUT.
+# compute-sanitizer on a representative subset, (BENCH=1) the layer benchmark, (AB_ARGS) ab_layer.py, (FLOOR=1)
+# dense_floor.py, (FUSED=1) the fused-expand prototype and (E2E=1) the whole-model benchmark. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1 METEORA_REQUIRE_EXTENSION=1
@@ -46,6 +46,9 @@ if [ "${BENCH:-0}" = 1 ]; then
 fi
 if [ -n "${AB_ARGS:-}" ]; then  # benchmarks/ab_layer.py, e.g. AB_ARGS="--env METEORA_FUSED_EXPAND"
   python3 benchmarks/ab_layer.py ${AB_ARGS} 2>&1 | tee "$OUT/ab_layer.log" | tail -20
+fi
+if [ "${FLOOR:-0}" = 1 ]; then  # benchmarks/dense_floor.py: the dense design's bare GEMMs against base and ours
+  python3 benchmarks/dense_floor.py ${FLOOR_ARGS:-} 2>&1 | tee "$OUT/dense_floor.log" | tail -10
 fi
 if [ "${FUSED:-0}" = 1 ]; then  # the fused-expand prototype (benchmarks/fused_expand; carry .whl/cutlass)
   OUT="$OUT" bash scripts/gpu_fused_expand.sh ${FUSED_ARGS:-1024 4096} 2>&1 | tail -${FUSED_TAIL:-20}

@@ -457,3 +457,43 @@ def test_moe_fwd_writes_the_alternated_ratio(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| uniform | layer | 1024 | ours | 1.187 | 1.150-1.220 |" in text
     assert text.count("1.187") == 1 and json.loads((tmp_path / "results.json").read_text())["rows"][1]["paired_rounds"] == 20
+
+
+def test_dense_floor_runs_the_dense_designs_gemms(monkeypatch):
+    """benchmarks/dense_floor.py: the concat floor runs per group one routing GEMM over every
+    member's padded [gate; A_all] rows and per linear one GEMM over K = d_in + N r; the stacked floor
+    per group one GEMM over [W0s; gates; A_alls] and per linear the expand over K = N r into its
+    columns of that output."""
+    from types import SimpleNamespace
+
+    from benchmarks import dense_floor
+
+    gen = torch.Generator().manual_seed(0)
+
+    def lin(name, d_in, d_out, experts, rank):
+        return SimpleNamespace(name=name, d_in=d_in, d_out=d_out, gate=torch.zeros(experts, d_in),
+                               a=torch.zeros(experts, rank, d_in))
+
+    linears = [lin("q_proj", 16, 16, 3, 2), lin("k_proj", 16, 8, 3, 2), lin("o_proj", 16, 16, 5, 1),
+               lin("down_proj", 24, 16, 3, 2)]
+    xs = {16: torch.randn(5, 16, generator=gen), 24: torch.randn(5, 24, generator=gen)}
+    run_concat, run_stacked = dense_floor.dense_work(linears, xs, gen)
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(dense_floor.F, "linear", lambda x, w: (seen.append((tuple(x.shape), tuple(w.shape))),
+                                                             real_linear(x, w))[1])
+    run_concat()
+    # q / k: 3 + 6 = 9 rows -> 16 each; o: 5 + 5 -> 16; down: 9 -> 16
+    assert seen == [((5, 16), (32, 16)), ((5, 22), (16, 22)), ((5, 22), (8, 22)),
+                    ((5, 16), (16, 16)), ((5, 21), (16, 21)),
+                    ((5, 24), (16, 24)), ((5, 30), (16, 30))]
+    seen.clear()
+    added = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda y, h, b: (added.append((tuple(y.shape), tuple(h.shape),
+                                                                                tuple(b.shape))),
+                                                                  real_addmm(y, h, b))[1])
+    run_stacked()
+    assert seen == [((5, 16), (32 + 24, 16)), ((5, 16), (16 + 16, 16)), ((5, 24), (16 + 16, 24))]
+    assert added == [((5, 16), (5, 6), (6, 16)), ((5, 8), (5, 6), (6, 8)), ((5, 16), (5, 5), (5, 16)),
+                     ((5, 16), (5, 6), (6, 16))]
