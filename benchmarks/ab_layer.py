@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_clock import ClockLog  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
-    LLAMA3_8B, Linear, capture, event_ms, left_first, make_inputs, pack_groups, parse_shapes, run_base,
-    given_inputs, run_ours_layer, stack_layout)
+    LLAMA3_8B, capture, event_ms, given_inputs, layer_linears, left_first, make_inputs, parse_shapes, run_base,
+    run_ours_layer)
 from meteora.layer import column_layout  # noqa: E402
 
 
@@ -94,6 +94,19 @@ def replay_alternated(graphs: dict, rounds: int):
     return times, clocks.summary()
 
 
+def round_ratios(times: dict, num: str, den: str) -> tuple[float, float, float]:
+    """replay_alternated's times: num's over den's per round, (median, lowest, highest)."""
+    r = sorted(n / d for n, d in zip(times[num], times[den]))
+    return r[len(r) // 2], r[0], r[-1]
+
+
+def layer_args(ap: argparse.ArgumentParser, tokens: str, routing: str) -> None:
+    """--tokens, --routing and --rounds, as the alternating layer benchmarks take them."""
+    ap.add_argument("--tokens", default=tokens)
+    ap.add_argument("--routing", default=routing)
+    ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = ap.add_mutually_exclusive_group(required=True)
@@ -108,9 +121,7 @@ def main(argv=None) -> int:
     which.add_argument("--left-gate", action="store_true",
                        help="A: gate / up as [W0 | B_all], each with its own copy of x; B: gate as [B_all | W0] "
                             "(the default: one [H_gate | x | H_up] for both)")
-    ap.add_argument("--tokens", default="128,1024,4096")
-    ap.add_argument("--routing", default="uniform,concentrated")
-    ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
+    layer_args(ap, "128,1024,4096", "uniform,concentrated")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("ab_layer: needs a CUDA GPU", file=sys.stderr)
@@ -133,12 +144,8 @@ def main(argv=None) -> int:
         layout_b = "the default (gate as [B_all | W0], up as [W0 | B_all])"
     print(f"{torch.cuda.get_device_name()}; A: {layout_a}, B: {layout_b}")
     for routing in args.routing.split(","):
-        unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
         columns = "narrow" if args.wide_gate_up or args.left_gate else "wide"
-        linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None, columns)
-                   for n, di, do in shapes]
-        pack_groups(linears)
-        stack_layout(linears)
+        linears = layer_linears(shapes, routing, gen, hot, columns=columns)
         variant_b = wide_gate_up(linears) if args.wide_gate_up or args.left_gate else linears
         if args.wide_linears:
             variant_b = wide_gate_up(linears, names=set(args.wide_linears.split(",")))
@@ -159,11 +166,7 @@ def main(argv=None) -> int:
                 same = all(torch.equal(a, b) for a, b in zip(out_a, out_b))
                 times, c = replay_alternated(graphs, args.rounds)
 
-                def ratio(num, den):
-                    r = sorted(n / d for n, d in zip(times[num], times[den]))
-                    return r[len(r) // 2], r[0], r[-1]
-
-                ra, rb, rab = ratio("A", "base"), ratio("B", "base"), ratio("B", "A")
+                ra, rb, rab = (round_ratios(times, *pair) for pair in (("A", "base"), ("B", "base"), ("B", "A")))
                 print(f"{routing:12} T={tokens:5}: base {statistics.median(times['base']):8.1f} us  "
                       f"A {statistics.median(times['A']):8.1f} x{ra[0]:.3f}  B {statistics.median(times['B']):8.1f} "
                       f"x{rb[0]:.3f}  B/A {rab[0]:.3f} [{rab[1]:.3f}-{rab[2]:.3f}]  B's outputs = A's: {same}"

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ab_layer import layer_setup, replay_alternated  # noqa: E402
+from benchmarks.ab_layer import layer_args, layer_setup, replay_alternated, round_ratios  # noqa: E402
 from benchmarks.moe_fwd import (  # noqa: E402
-    Linear, capture, given_inputs, make_inputs, pack_groups, run_base, run_ours_layer, stack_layout)
+    capture, given_inputs, layer_linears, make_inputs, run_base, run_ours_layer)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
@@ -90,9 +90,7 @@ def dense_work(linears, xs, gen):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="1024,4096")
-    ap.add_argument("--routing", default="uniform")
-    ap.add_argument("--rounds", type=int, default=20, help="alternations (10 replays each per timing)")
+    layer_args(ap, "1024,4096", "uniform")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("dense_floor: needs a CUDA GPU", file=sys.stderr)
@@ -101,11 +99,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}; N = 28, r = 8, top-2, bf16; ratios: median of {args.rounds} rounds "
           "alternated with base")
     for routing in args.routing.split(","):
-        unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if routing == "concentrated" else None
-        linears = [Linear(n, di, do, 28, 8, torch.bfloat16, gen, unit[di] if unit else None, "wide")
-                   for n, di, do in shapes]
-        pack_groups(linears)
-        stack_layout(linears)
+        linears = layer_linears(shapes, routing, gen, hot)
         with torch.no_grad():
             for tokens in [int(t) for t in args.tokens.split(",")]:
                 xs = make_inputs(linears, tokens, routing, torch.bfloat16, gen, hot)
@@ -120,8 +114,8 @@ def main(argv=None) -> int:
                 times, c = replay_alternated(graphs, args.rounds)
                 cells = []
                 for name in ("ours", "concat", "stacked"):
-                    r = sorted(a / b for a, b in zip(times[name], times["base"]))
-                    cells.append(f"{name} {statistics.median(times[name]):8.1f} us x{r[len(r) // 2]:.3f}")
+                    cells.append(f"{name} {statistics.median(times[name]):8.1f} us "
+                                 f"x{round_ratios(times, name, 'base')[0]:.3f}")
                 clock = " / ".join(f"{c[n]['clock_mhz']:.0f}" for n in graphs if n in c)
                 print(f"{routing:12} T={tokens:5}: base {statistics.median(times['base']):8.1f} us  " + "  ".join(cells)
                       + (f"  SM MHz base / ours / concat / stacked {clock}" if clock else ""), flush=True)

@@ -178,6 +178,20 @@ def pack_groups(linears) -> None:
         left_first(members)
 
 
+def layer_linears(shapes, routing, gen, hot_dirs, experts=28, rank=8, dtype=torch.bfloat16, columns="wide",
+                  wide=frozenset(), stacked=None) -> list:
+    """One Linear per (name, d_in, d_out) of ``shapes``, packed as MeteoRALinear groups and stacked
+    (stack_layout's ``stacked``); with ``routing`` "concentrated", experts 0 and 1 answer each d_in's
+    direction of ``hot_dirs`` (make_inputs then sends 90% of the tokens there). ``wide``: names whose B
+    goes beside W0 whatever their shape (--wide-linears)."""
+    hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
+    linears = [Linear(n, di, do, experts, rank, dtype, gen, hot[di] if hot else None, columns, n in wide)
+               for n, di, do in shapes]
+    pack_groups(linears)
+    stack_layout(linears, stacked)
+    return linears
+
+
 def left_first(members) -> None:
     """The first of two adjacent members in the [W0 | B_all] layout gets [B_all | W0] instead, as
     LinearGroup does (MeteoRALinear._left: gate / up then read one [H_gate | x | H_up])."""
@@ -524,12 +538,8 @@ def main(argv=None) -> int:
                    top_k=args.top_k, dtype=args.dtype, shapes=args.shapes, expert_columns=args.expert_columns,
                    wide_linears=args.wide_linears, rows=[])
     for routing in args.routing.split(","):
-        hot = {d: v / v.norm() * 3.0 for d, v in hot_dirs.items()} if routing == "concentrated" else None
-        wide = {n for n in args.wide_linears.split(",") if n}
-        linears = [Linear(n, di, do, args.experts, args.rank, dtype, gen, hot[di] if hot else None, args.expert_columns,
-                          n in wide) for n, di, do in shapes]
-        pack_groups(linears)
-        stack_layout(linears, stacked_linears(args.stacked_linears))
+        linears = layer_linears(shapes, routing, gen, hot_dirs, args.experts, args.rank, dtype, args.expert_columns,
+                                {n for n in args.wide_linears.split(",") if n}, stacked_linears(args.stacked_linears))
         if authors_fn is not None:
             for lin in linears:
                 prepare_authors(lin, authors_fn)

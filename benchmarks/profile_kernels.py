@@ -24,8 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.moe_fwd import (  # noqa: E402
-    LLAMA3_8B, Linear, capture, given_inputs, make_inputs, pack_groups, parse_shapes, run_base, run_ours, run_ours_layer,
-    stack_layout)
+    LLAMA3_8B, Linear, capture, given_inputs, layer_linears, make_inputs, parse_shapes, run_base, run_ours,
+    run_ours_layer)
 from meteora._files import atomic_write  # noqa: E402
 
 
@@ -141,11 +141,7 @@ def layer_timelines(args) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = parse_shapes(args.shapes if args.shapes != DEFAULT_SHAPES else LLAMA3_8B)
     hot = {d: torch.randn(d, generator=gen, device="cuda") for d in {s[1] for s in shapes}}
-    hot_unit = {d: v / v.norm() * 3.0 for d, v in hot.items()} if args.routing == "concentrated" else None
-    linears = [Linear(n, di, do, args.experts, args.rank, torch.bfloat16, gen, hot_unit[di] if hot_unit else None)
-               for n, di, do in shapes]
-    pack_groups(linears)
-    stack_layout(linears)
+    linears = layer_linears(shapes, args.routing, gen, hot, args.experts, args.rank)
     trace = Path(args.trace) if args.trace else None
     if trace:
         trace.mkdir(parents=True, exist_ok=True)

@@ -741,7 +741,9 @@ def results_markdown(summary: dict) -> str:
         boot = summary.get("composite_bootstrap", {}).get(label)
         if boot:
             parts = [", ".join(f"{s} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for s, v in boot["sum"].items())]
-            diff = lambda a, b, d: f"{a} - {b} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731
+            def diff(a, b, d) -> str:
+                return f"{a} - {b} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
             parts += [", ".join(diff("MeteoRA", other, g["difference"]) for other, g in boot["meteora_vs"].items())] \
                 if boot.get("meteora_vs") else []
             parts += [", ".join(diff(other, "mixed", g["difference"]) for other, g in boot["vs_mixed"].items())] \
